@@ -1,0 +1,163 @@
+"""SimAM is exact: the paper's derivation, the official tensor form, gradients, refusals."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from lambda_search import SimAM, build_model, set_e_lambda, simam
+
+
+def energy(w, b, t, others, lam):
+    """Eq. 2: the energy of target neuron t against the other neurons of its channel."""
+    return np.mean((-1 - (w * others + b)) ** 2) + (1 - (w * t + b)) ** 2 + lam * w**2
+
+
+def reference(x: torch.Tensor, lam: float) -> torch.Tensor:
+    """X * sigmoid(1/E), E from Eq. 5 with mu and sigma^2 over the whole channel (float64)."""
+    x = x.double()
+    m = x.shape[2] * x.shape[3]
+    mu = x.mean(dim=(2, 3), keepdim=True)
+    var = ((x - mu) ** 2).sum(dim=(2, 3), keepdim=True) / (m - 1)
+    e = 4 * (var + lam) / ((x - mu) ** 2 + 2 * var + 2 * lam)
+    return x * torch.sigmoid(1 / e)
+
+
+@pytest.mark.parametrize("lam", [1e-4, 0.1, 1.0])
+def test_closed_form_minimises_eq2(lam):
+    """Minimise Eq. 2 numerically per neuron; Eq. 3-5 must give the minimiser and its energy.
+
+    Eq. 3 as printed has a minus sign that Eq. 2 does not support: the minimiser is
+    w = +2(t - mu)/D (confirmed by the authors, ZjjConan/SimAM issue #11). The energy
+    Eq. 5, the only thing SimAM computes, does not depend on that sign.
+    """
+    rng = np.random.default_rng(7)
+    for channel in rng.normal(loc=0.3, scale=1.5, size=(3, 12)):
+        for i, t in enumerate(channel):
+            others = np.delete(channel, i)
+            mu_t = others.mean()
+            var_t = ((others - mu_t) ** 2).mean()  # over the M-1 other neurons
+            result = minimize(
+                lambda p: energy(p[0], p[1], t, others, lam), [0.0, 0.0],
+                method="BFGS", options={"gtol": 1e-12},
+            )
+            w_num, b_num = result.x
+            denom = (t - mu_t) ** 2 + 2 * var_t + 2 * lam
+            w_t = 2 * (t - mu_t) / denom  # Eq. 3 without the printed minus sign
+            b_t = -0.5 * (t + mu_t) * w_t  # Eq. 4
+            e_t = 4 * (var_t + lam) / denom  # Eq. 5 with the exact mu_t, sigma_t
+            assert w_num == pytest.approx(w_t, rel=1e-6, abs=1e-8)
+            assert b_num == pytest.approx(b_t, rel=1e-6, abs=1e-8)
+            assert result.fun == pytest.approx(e_t, rel=1e-9)
+            assert energy(w_t, b_t, t, others, lam) == pytest.approx(e_t, rel=1e-12)
+            # the printed sign is not a minimiser whenever t != mu_t
+            assert energy(-w_t, -0.5 * (t + mu_t) * -w_t, t, others, lam) > e_t
+
+
+@pytest.mark.parametrize("lam", [1e-6, 1e-4, 1e-1])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 2, 1), (3, 2, 8, 8)])
+def test_module_is_x_times_sigmoid_inverse_energy(shape, lam):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 + 0.5
+    expected = reference(x, lam)
+    torch.testing.assert_close(SimAM(lam).double()(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(simam(x.float(), lam), expected.float(), rtol=2e-6, atol=2e-6)
+
+
+def test_public_copies_with_wrong_formulas_fail_the_reference():
+    """The two wrong variants found in public copies are far from the reference on this data,
+    so the test above would catch either."""
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    lam = 0.1
+    expected = reference(x, lam)
+    d = (x - x.mean(dim=(2, 3), keepdim=True)) ** 2
+    v = d.sum(dim=(2, 3), keepdim=True) / 15
+    lambda_outside = x * torch.sigmoid(d / (4 * v + lam) + 0.5)
+    summed = x * torch.sigmoid(d / (4 * (d.sum(dim=(2, 3), keepdim=True) + lam)) + 0.5)
+    for wrong in (lambda_outside, summed):
+        assert (wrong - expected).abs().max() > 1e-3
+
+
+def test_gradcheck_float64():
+    x = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    for lam in (1e-4, 0.1):
+        layer = SimAM(lam).double()
+        assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-7)
+        assert torch.autograd.gradgradcheck(layer, (x,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [1e-12, 1e-8, 1e-4])
+def test_constant_channels_stay_finite(lam):
+    x = torch.randn(2, 4, 6, 6)
+    x[:, 0] = 0.0  # a dead channel after ReLU
+    x[:, 1] = 3.0
+    x.requires_grad_(True)
+    out = SimAM(lam)(x)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(out[:, 1], torch.full_like(out[:, 1], 3.0 * (1 / (1 + math.exp(-0.5)))))
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1e-4, float("nan"), float("inf"), float("-inf"), None, "1e-4", True, [1e-4]])
+def test_refuses_lambda_that_is_not_a_finite_positive_number(bad):
+    with pytest.raises(ValueError, match=r"e_lambda must be a finite number > 0, got e_lambda=") as info:
+        SimAM(bad)
+    assert repr(bad) in str(info.value)
+    with pytest.raises(ValueError, match="e_lambda"):
+        simam(torch.randn(1, 1, 2, 2), bad)
+    with pytest.raises(ValueError, match="e_lambda"):
+        set_e_lambda(SimAM(), bad)
+    with pytest.raises(ValueError, match="e_lambda"):
+        build_model("resnet20", 10, e_lambda=bad)
+
+
+def test_refuses_inputs_too_small_for_simam():
+    with pytest.raises(ValueError, match=r"too small for SimAM.*1x1"):
+        SimAM()(torch.randn(2, 3, 1, 1))
+    with pytest.raises(ValueError, match="4-D"):
+        SimAM()(torch.randn(3, 4, 4))
+    SimAM()(torch.randn(2, 3, 1, 2))  # two neurons per channel is enough
+
+
+def test_autocast_keeps_statistics_in_float32():
+    """Channels with a large mean and a small spread: bfloat16 statistics lose them."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 8, 8, 8, generator=g) * 0.05 + 4.0).bfloat16()
+    lam = 1e-4
+    expected = reference(x, lam)  # float64 from the same bfloat16 values
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = SimAM(lam)(x)
+    assert out.dtype == torch.bfloat16
+    ours = (out.double() - expected).abs().max().item()
+    # the same formula run in bfloat16 throughout
+    d = (x - x.mean(dim=(2, 3), keepdim=True)) ** 2
+    v = d.sum(dim=(2, 3), keepdim=True) / 63
+    naive = (x * torch.sigmoid(d / (4 * (v + lam)) + 0.5)).double()
+    naive_err = (naive - expected).abs().max().item()
+    rounding = expected.abs().max().item() * 2**-8  # one bfloat16 rounding of the output
+    assert ours <= rounding
+    assert naive_err > 4 * rounding
+
+
+def test_lambda_is_a_non_persistent_buffer_changed_in_place():
+    layer = SimAM(1e-4)
+    assert len(list(layer.parameters())) == 0
+    assert layer.state_dict() == {}
+    assert dict(layer.named_buffers())["e_lambda"].item() == pytest.approx(1e-4)
+    storage = layer.e_lambda.data_ptr()
+    model = build_model("resnet20", 10, e_lambda=1e-4)
+    assert set_e_lambda(model, 0.1) == 9  # one SimAM per residual block
+    assert all(m.e_lambda.item() == pytest.approx(0.1) for m in model.modules() if isinstance(m, SimAM))
+    layer.set_e_lambda(0.5)
+    assert layer.e_lambda.data_ptr() == storage and layer.e_lambda.item() == 0.5
+    assert "e_lambda=0.5" in repr(layer)
+
+
+def test_functional_form_takes_one_lambda_per_sample():
+    """A lambda tensor broadcasts over (N, C, 1, 1): stacked models, each with its own lambda."""
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    lams = [1e-6, 1e-3, 1.0]
+    out = simam(x, torch.tensor(lams, dtype=torch.float64).view(3, 1, 1, 1))
+    for i, lam in enumerate(lams):
+        torch.testing.assert_close(out[i : i + 1], reference(x[i : i + 1], lam), rtol=1e-12, atol=1e-12)
