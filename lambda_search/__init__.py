@@ -1,12 +1,34 @@
 """lambda_search: choose SimAM's lambda by cross-validation, and trust the answer."""
 
+from ._augment import center_crop, normalize, random_crop_flip, random_resized_crop
+from ._data import DATASETS, Augmentation, ImageData, dataset_fingerprint, load_dataset
+from ._folds import Fold, derive_seed, folds_fingerprint, make_folds
 from ._checkpoint import load_official_checkpoint, map_official_state_dict
 from ._models import MODEL_NAMES, BasicBlock, ResNet, build_model
 from ._simam import SimAM, check_e_lambda, set_e_lambda, simam
+from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, train_fold
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DATASETS",
+    "Augmentation",
+    "Engine",
+    "EpochMetrics",
+    "Fold",
+    "FoldResult",
+    "ImageData",
+    "TrainConfig",
+    "center_crop",
+    "dataset_fingerprint",
+    "derive_seed",
+    "folds_fingerprint",
+    "load_dataset",
+    "make_folds",
+    "normalize",
+    "random_crop_flip",
+    "random_resized_crop",
+    "train_fold",
     "MODEL_NAMES",
     "BasicBlock",
     "ResNet",

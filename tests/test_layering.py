@@ -8,8 +8,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lambda_search"
 # config -> data and folds -> model -> train -> objective -> study -> report -> CLI
-LAYERS = ["_simam", "_models", "_checkpoint", "cli"]
-OPTUNA_FREE = {"_simam", "_models", "_checkpoint"}
+LAYERS = ["_data", "_augment", "_folds", "_simam", "_models", "_checkpoint", "_train", "cli"]
+OPTUNA_FREE = set(LAYERS[: LAYERS.index("_train") + 1])
 
 
 def imports_of(path):
