@@ -1,10 +1,18 @@
-# The test command of the README: its own virtual environment, the project with its
-# test extra, then the tests. .ci/run calls exactly this.
+# The two set-up commands of the README. Each makes its own virtual environment in .venv and
+# installs the project into it; .ci/run calls `make test`.
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: test
-test:
+.PHONY: test quickstart install
+
+install:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -e '.[test]'
+
+# the tests
+test: install
 	$(VENV)/bin/python -m pytest
+
+# the main job: the quickstart lambda search on scikit-learn's bundled digits (about 3 min on 2 CPU cores)
+quickstart: install
+	$(VENV)/bin/lambda-search search studies/quickstart.toml

@@ -1,5 +1,6 @@
 """lambda_search: choose SimAM's lambda by cross-validation, and trust the answer."""
 
+from ._config import ConfigError, config_diff, load_config, parse_override, resolve_config
 from ._augment import center_crop, normalize, random_crop_flip, random_resized_crop
 from ._data import DATASETS, Augmentation, ImageData, dataset_fingerprint, load_dataset
 from ._folds import Fold, derive_seed, folds_fingerprint, make_folds
@@ -7,10 +8,47 @@ from ._checkpoint import load_official_checkpoint, map_official_state_dict
 from ._models import MODEL_NAMES, BasicBlock, ResNet, build_model
 from ._simam import SimAM, check_e_lambda, set_e_lambda, simam
 from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, train_fold
+from ._objective import Plan, Point, PointOutcome, grid_points, make_plan, run_point, summarize
+from ._storage import StorageError, Store, open_store, redact
+from ._study import (STORAGE_ENV, PointStatus, StudyError, StudyStatus, baseline_study_name, create_or_resume,
+                     load_study_config, resume_config, run_search, run_worker, stop_on_signals, study_status)
+from ._report import export_csv, folds_frame, results_frame, status_table
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfigError",
+    "config_diff",
+    "load_config",
+    "parse_override",
+    "resolve_config",
+    "Plan",
+    "Point",
+    "PointOutcome",
+    "grid_points",
+    "make_plan",
+    "run_point",
+    "summarize",
+    "StorageError",
+    "Store",
+    "open_store",
+    "redact",
+    "STORAGE_ENV",
+    "PointStatus",
+    "StudyError",
+    "StudyStatus",
+    "baseline_study_name",
+    "create_or_resume",
+    "load_study_config",
+    "resume_config",
+    "run_search",
+    "run_worker",
+    "stop_on_signals",
+    "study_status",
+    "export_csv",
+    "folds_frame",
+    "results_frame",
+    "status_table",
     "DATASETS",
     "Augmentation",
     "Engine",

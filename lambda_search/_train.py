@@ -264,6 +264,7 @@ def train_fold(
     engine: Engine | None = None,
     callback: Callable[[EpochMetrics], bool | None] | None = None,
     checkpoint: str | os.PathLike | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> FoldResult:
     """Train ``model`` with SimAM(``e_lambda``) (or without, ``attention="none"``) on
     ``fold.train`` and evaluate the final model on ``fold.val``.
@@ -275,7 +276,9 @@ def train_fold(
     returning True stops the fold (status "stopped", checkpoint written). With
     ``checkpoint``, state is saved every ``config.checkpoint_every_epochs`` epochs and
     ``config.checkpoint_every_seconds`` seconds, and a call finds it and resumes: the result
-    equals an uninterrupted run's on the CPU.
+    equals an uninterrupted run's on the CPU. ``should_stop()`` is asked after every step
+    (a signal handler's flag, say): when it answers True the fold saves its checkpoint at that
+    step and returns "stopped".
 
     Example, one fold of the bundled digits (about 10 s on 2 CPU cores)::
 
@@ -385,12 +388,16 @@ def train_fold(
             epoch_loss += loss.double()
             epoch_steps += 1
             iteration += 1
-            seconds_due = (config.checkpoint_every_seconds is not None
+            seconds_due = (path is not None and config.checkpoint_every_seconds is not None
                            and time.monotonic() - last_save >= config.checkpoint_every_seconds)
-            if path is not None and seconds_due and iteration % steps_per_epoch:
+            interrupted = should_stop is not None and iteration < total and should_stop()
+            if (seconds_due or interrupted) and iteration % steps_per_epoch:
                 if first_bad.item() >= 0:
                     break
-                save()
+                if path is not None:
+                    save()
+                if interrupted:
+                    return result("stopped")
         # end of an epoch, or of the budget
         bad = first_bad.item()
         if bad >= 0:
@@ -406,6 +413,7 @@ def train_fold(
         epoch_loss.zero_()
         epoch_steps = 0
         stop = bool(callback(metrics)) if callback is not None else False
+        stop = stop or (should_stop is not None and iteration < total and bool(should_stop()))
         if path is not None and (stop or iteration >= total or epoch_number % config.checkpoint_every_epochs == 0):
             save()
         if stop and iteration < total:

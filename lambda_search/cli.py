@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import signal
 import sys
 
-from . import MODEL_NAMES, __version__, build_model
+from . import (MODEL_NAMES, STORAGE_ENV, ConfigError, StorageError, StudyError, __version__, build_model,
+               export_csv, load_config, open_store, resume_config, run_search, run_worker, status_table,
+               stop_on_signals, study_status)
+
+USER_ERRORS = (ConfigError, StorageError, StudyError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,6 +44,96 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _progress():
+    """Per-epoch progress, on a terminal only: one line, rewritten."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(text: str) -> None:
+        sys.stderr.write("\r" + text[:150].ljust(150) + "\r")
+        sys.stderr.flush()
+    return show
+
+
+def _interrupted(stop) -> int:
+    print("interrupted: finished folds and checkpoints are kept; run the same command again to resume",
+          file=sys.stderr)
+    return 128 + int(stop.signal)
+
+
+def _finish(status, stop) -> int:
+    print(status_table(status))
+    if stop():
+        return _interrupted(stop)
+    if not status.finished:
+        print(f"{status.total - status.complete} points are not complete; resume with: lambda-search resume "
+              f"--storage {status.storage} --study {status.name}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    overrides = list(args.set)
+    if args.storage is not None:
+        overrides.append(f"study.storage={json.dumps(args.storage)}")
+    if args.study is not None:
+        overrides.append(f"study.name={json.dumps(args.study)}")
+    config = load_config(args.config, overrides)
+    with stop_on_signals() as stop:
+        _, status = run_search(config, workers=args.workers, log=_say, progress=_progress(), should_stop=stop)
+    return _finish(status, stop)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    config = resume_config(args.storage, args.study, args.set)
+    with stop_on_signals() as stop:
+        _, status = run_search(config, workers=args.workers, log=_say, progress=_progress(), should_stop=stop,
+                               resume_only=True)
+    return _finish(status, stop)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    url = args.storage or os.environ.get(STORAGE_ENV)
+    if not url:
+        raise StorageError(f"worker needs --storage URL (or the {STORAGE_ENV} environment variable)")
+    store = open_store(url)
+    label = f"[{args.label}] " if args.label else ""
+    with stop_on_signals() as stop:
+        run_worker(store, args.study, overrides=args.set, device=args.device, threads=args.threads, label=label,
+                   log=_say, progress=_progress(), should_stop=stop, n_workers=args.workers_total or 1)
+    return _interrupted(stop) if stop() else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = study_status(open_store(args.storage), args.study)
+    if args.json:
+        print(json.dumps(status.to_dict(), indent=1))
+    else:
+        print(f"study {status.name!r} in {status.storage}")
+        print(status_table(status))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    status = study_status(open_store(args.storage), args.study)
+    try:
+        points, folds = export_csv(status, args.output)
+    except OSError as exc:
+        raise StorageError(f"cannot write {args.output!r}: {exc.strerror}") from None
+    print(f"wrote {points} ({len(status.points)} points) and {folds}")
+    return 0
+
+
+def _study_args(p: argparse.ArgumentParser, storage_required: bool = True) -> None:
+    p.add_argument("--storage", required=storage_required, metavar="URL",
+                   help="sqlite:///FILE, postgresql://USER:PASSWORD@HOST/DB or journal:FILE")
+    p.add_argument("--study", required=True, metavar="NAME")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lambda-search", description=__doc__)
     parser.add_argument("--version", action="version", version=f"lambda-search {__version__}")
@@ -44,9 +141,48 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the networks and their parameter counts")
     models.add_argument("--num-classes", type=_positive_int, default=100)
     models.set_defaults(run=_models)
+
+    search = commands.add_parser("search", help="run (or resume) the lambda search of a study config")
+    search.add_argument("config", help="a study config (TOML), e.g. studies/quickstart.toml")
+    search.add_argument("--storage", metavar="URL", help="default: sqlite:///<config folder>/<study>.db")
+    search.add_argument("--study", metavar="NAME", help="default: study.name, or the config's file name")
+    search.add_argument("--workers", type=_positive_int, help="worker processes (default: search.workers)")
+    search.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (a TOML value, or a plain string)")
+    search.set_defaults(run=_search)
+
+    resume = commands.add_parser("resume", help="continue a study from its database alone")
+    _study_args(resume)
+    resume.add_argument("--workers", type=_positive_int)
+    resume.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="change where or how fast it runs (train.device, data.root, ...)")
+    resume.set_defaults(run=_resume)
+
+    worker = commands.add_parser("worker", help="join a running study from another process, GPU or machine")
+    _study_args(worker, storage_required=False)
+    worker.add_argument("--device", help="torch device for this worker (default: train.device)")
+    worker.add_argument("--threads", type=_positive_int, help="CPU threads for this worker")
+    worker.add_argument("--label", default="", help="a prefix for this worker's lines")
+    worker.add_argument("--workers-total", type=int, default=0, help=argparse.SUPPRESS)
+    worker.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    worker.set_defaults(run=_worker)
+
+    status = commands.add_parser("status", help="the points of a study: state, folds done, mean +- std")
+    _study_args(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=_status)
+
+    export = commands.add_parser("export", help="write the per-point and per-fold tables as CSV")
+    _study_args(export)
+    export.add_argument("-o", "--output", required=True, metavar="FILE.csv")
+    export.set_defaults(run=_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except USER_ERRORS as exc:
+        sys.stderr.write(f"lambda-search {args.command}: error: {exc}\n")
+        return 2

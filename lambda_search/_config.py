@@ -1,0 +1,244 @@
+"""Study configs: TOML with sections [study], [search], [data], [model], [train].
+
+This module checks the shape of a config (known sections and keys, value types) and fills
+defaults; what a value means (a model name, a data set, a learning rate) is checked where it
+is used, by the study layer, before anything is stored. ``--set section.key=value``
+overrides are read as TOML values, or as plain strings when they are not one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import re
+import tomllib
+from pathlib import Path
+
+__all__ = ["ConfigError", "load_config", "resolve_config", "parse_override", "config_diff",
+           "IDENTITY_EXEMPT", "study_name_ok"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key, the value and the rule."""
+
+
+def _real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+
+
+def study_name_ok(name) -> bool:
+    return isinstance(name, str) and bool(_NAME.match(name))
+
+
+# key -> (default, check, what is allowed); check(value) -> bool. None as a default means
+# "not set"; TOML has no null, so a key that is not set is simply absent from the file.
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "study": {
+        "name": (None, study_name_ok, "a name of letters, digits, '_', '.', '-' (at most 100)"),
+        "storage": (None, lambda v: isinstance(v, str) and v != "", "a storage URL string"),
+        "checkpoint_dir": (None, lambda v: isinstance(v, str) and v != "", "a folder path string"),
+    },
+    "search": {
+        "lambdas": (None, lambda v: isinstance(v, list) and len(v) > 0 and all(_real(x) for x in v),
+                    "a non-empty list of numbers > 0"),
+        "repeats": (1, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        "baseline": (False, lambda v: isinstance(v, bool), "true or false"),
+        "workers": (1, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    },
+    "data": {
+        "dataset": (None, lambda v: isinstance(v, str), "a data set name string"),
+        "root": (None, lambda v: isinstance(v, str) and v != "", "a folder path string"),
+        "folds": (5, lambda v: _int(v) and v >= 2, "an integer >= 2"),
+        "holdout": (None, lambda v: _real(v) and 0 < v < 1, "a validation fraction in (0, 1)"),
+        "seed": (0, lambda v: _int(v) and 0 <= v < 2**31, "an integer in [0, 2**31)"),
+        "download": (False, lambda v: isinstance(v, bool), "true or false"),
+        "options": ({}, lambda v: isinstance(v, dict), "a table of data set options"),
+    },
+    "model": {
+        "name": ("resnet20", lambda v: isinstance(v, str), "a model name string"),
+        "shortcut": ("B", lambda v: v in ("A", "B"), "'A' or 'B'"),
+    },
+    "train": {
+        "iterations": (None, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        "epochs": (None, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        "batch_size": (128, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        "lr": (0.1, lambda v: _real(v) and math.isfinite(v) and v > 0, "a finite number > 0"),
+        "momentum": (0.9, lambda v: _real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+        "weight_decay": (5e-4, lambda v: _real(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+        "nesterov": (False, lambda v: isinstance(v, bool), "true or false"),
+        "schedule": ("step", lambda v: v in ("step", "cosine"), "'step' or 'cosine'"),
+        "milestones": ([0.5, 0.75], lambda v: isinstance(v, list) and all(_real(x) and 0 < x < 1 for x in v)
+                       and v == sorted(set(v)), "increasing fractions of the budget in (0, 1)"),
+        "gamma": (0.1, lambda v: _real(v) and math.isfinite(v) and v > 0, "a finite number > 0"),
+        "device": ("cpu", lambda v: isinstance(v, str) and v != "", "a torch device such as 'cpu' or 'cuda'"),
+        "amp": (None, lambda v: isinstance(v, bool), "true or false (not set: on for CUDA)"),
+        "channels_last": (None, lambda v: isinstance(v, bool), "true or false (not set: on for CUDA)"),
+        "compile": (False, lambda v: isinstance(v, bool), "true or false"),
+        "eval_every": (1, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        "checkpoint_every_epochs": (1, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        "checkpoint_every_seconds": (120.0, lambda v: _real(v) and math.isfinite(v) and v >= 0,
+                                     "a finite number of seconds >= 0"),
+    },
+}
+
+# Keys that say where and how fast a study runs, not what it computes: they may differ when
+# a study is resumed or joined by a worker on another machine.
+IDENTITY_EXEMPT = frozenset({
+    "study.storage", "study.checkpoint_dir", "search.workers", "data.root", "data.download",
+    "train.device", "train.compile",
+    "train.checkpoint_every_epochs", "train.checkpoint_every_seconds",
+})
+
+
+def _fmt(v) -> str:
+    return repr(v) if not isinstance(v, bool) else str(v).lower()
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """``section.key=value`` -> (section, key, value); value as TOML, else a plain string."""
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError(f"--set takes section.key=value, got {text!r}")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set takes section.key=value (e.g. train.epochs=2), got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    if len(parts) > 2:  # a nested table such as data.options.num_samples
+        for key in reversed(parts[2:]):
+            value = {key: value}
+    return parts[0], parts[1], value
+
+
+def _check(config: dict, origin: str) -> dict:
+    if not isinstance(config, dict):
+        raise ConfigError(f"{origin}: a config is a TOML table")
+    unknown = sorted(set(config) - set(SCHEMA))
+    if unknown:
+        raise ConfigError(f"{origin}: unknown section [{unknown[0]}]; valid sections: "
+                          + ", ".join(f"[{s}]" for s in SCHEMA))
+    out = {}
+    for section, keys in SCHEMA.items():
+        given = config.get(section, {})
+        if not isinstance(given, dict):
+            raise ConfigError(f"{origin}: {section} must be a table [{section}], got {_fmt(given)}")
+        bad = sorted(set(given) - set(keys))
+        if bad:
+            raise ConfigError(f"{origin}: unknown key {section}.{bad[0]}; valid keys in [{section}]: "
+                              + ", ".join(keys))
+        out[section] = {}
+        for key, (default, ok, allowed) in keys.items():
+            if given.get(key) is not None:  # None: not set (a stored config says so)
+                value = given[key]
+                if not ok(value):
+                    raise ConfigError(f"{origin}: {section}.{key} must be {allowed}, got {section}.{key}={_fmt(value)}")
+                out[section][key] = copy.deepcopy(value)
+            else:
+                out[section][key] = copy.deepcopy(default)
+    return out
+
+
+def _semantic(config: dict, origin: str) -> dict:
+    lambdas = config["search"]["lambdas"]
+    if lambdas is None:
+        raise ConfigError(f"{origin}: search.lambdas is required (a non-empty list of numbers > 0)")
+    for v in lambdas:
+        if not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"{origin}: every lambda must be a finite number > 0, got search.lambdas "
+                              f"entry {_fmt(v)}")
+    floats = [float(v) for v in lambdas]
+    if len(set(floats)) != len(floats):
+        dup = next(v for v in floats if floats.count(v) > 1)
+        raise ConfigError(f"{origin}: search.lambdas must not repeat a value, got {dup!r} twice")
+    config["search"]["lambdas"] = floats
+    if config["data"]["dataset"] is None:
+        raise ConfigError(f"{origin}: data.dataset is required (e.g. 'cifar100', 'digits')")
+    train = config["train"]
+    if (train["iterations"] is None) == (train["epochs"] is None):
+        raise ConfigError(f"{origin}: give exactly one budget, train.iterations or train.epochs; got "
+                          f"iterations={_fmt(train['iterations'])}, epochs={_fmt(train['epochs'])}")
+    train["milestones"] = [float(m) for m in train["milestones"]]
+    for key in ("lr", "momentum", "weight_decay", "gamma", "checkpoint_every_seconds"):
+        train[key] = float(train[key])
+    if config["data"]["holdout"] is not None:
+        config["data"]["holdout"] = float(config["data"]["holdout"])
+    return config
+
+
+def _merge(base: dict, section: str, key: str, value) -> None:
+    target = base.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"--set {section}.{key}: {section} is not a table")
+    if isinstance(value, dict) and isinstance(target.get(key), dict):
+        for k, v in value.items():
+            _merge(target, key, k, v)
+    else:
+        target[key] = value
+
+
+def resolve_config(raw: dict, overrides=(), origin: str = "config", name: str | None = None) -> dict:
+    """Apply ``overrides`` (``section.key=value`` strings) to ``raw``, check it and fill in
+    defaults; ``name`` is the study name when the config does not give one."""
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        section, key, value = parse_override(text)
+        _merge(raw, section, key, value)
+    config = _semantic(_check(raw, origin), origin)
+    if config["study"]["name"] is None:
+        if name is None or not study_name_ok(name):
+            raise ConfigError(f"{origin}: study.name is required, got none")
+        config["study"]["name"] = name
+    return config
+
+
+def load_config(path, overrides=()) -> dict:
+    """Read, override, check and complete a study config file. Defaults: the study is named
+    after the file; it is stored in SQLite beside the file (``<name>.db``) with checkpoints
+    in ``<name>.ckpt``."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {str(p)!r} is a folder; give a .toml file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read ({exc.__class__.__name__})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
+    stem = p.stem if study_name_ok(p.stem) else None
+    config = resolve_config(raw, overrides, origin=str(p), name=stem)
+    study = config["study"]
+    if study["storage"] is None:
+        study["storage"] = f"sqlite:///{(p.parent / (study['name'] + '.db')).as_posix()}"
+    if study["checkpoint_dir"] is None:
+        study["checkpoint_dir"] = (p.parent / f"{study['name']}.ckpt").as_posix()
+    return config
+
+
+def _flatten(config: dict, prefix="") -> dict:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and (prefix or k in SCHEMA) and not (prefix and k == "options"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(stored: dict, given: dict, exempt=IDENTITY_EXEMPT) -> list[tuple[str, object, object]]:
+    """(key, stored value, given value) for every key that differs, except ``exempt`` ones."""
+    a, b = _flatten(stored), _flatten(given)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in exempt and a.get(k) != b.get(k)]

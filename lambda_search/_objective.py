@@ -1,0 +1,212 @@
+"""The trial objective: one grid point (a lambda, or the baseline network, and a repeat)
+cross-validated over the folds of its repeat.
+
+A plan turns a checked config into everything a worker needs (data, folds, the training
+protocol, the grid of points), and fails with a ConfigError naming the key before anything
+is stored. No Optuna here: the study layer stores what this layer computes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ._config import ConfigError
+from ._data import ImageData, dataset_fingerprint, load_dataset
+from ._folds import Fold, derive_seed, folds_fingerprint, make_folds
+from ._models import MODEL_NAMES
+from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, train_fold
+
+__all__ = ["Point", "Plan", "PointOutcome", "grid_points", "fold_names", "make_plan", "summarize", "run_point",
+           "train_config"]
+
+STD_DDOF = 1  # the standard deviation over folds is the sample one (n - 1)
+
+
+@dataclass(frozen=True)
+class Point:
+    """A grid point: SimAM with ``e_lambda``, or the baseline network (``e_lambda=None``)."""
+
+    e_lambda: float | None
+    repeat: int = 0
+
+    @property
+    def baseline(self) -> bool:
+        return self.e_lambda is None
+
+    @property
+    def attention(self) -> str:
+        return "none" if self.baseline else "simam"
+
+    @property
+    def key(self) -> str:
+        what = "baseline" if self.baseline else f"e_lambda={self.e_lambda!r}"
+        return f"{what}/repeat={self.repeat}"
+
+    @property
+    def slug(self) -> str:  # a folder name
+        return ("baseline" if self.baseline else f"lambda-{self.e_lambda!r}") + f"-r{self.repeat}"
+
+    def label(self) -> str:
+        what = "baseline (no SimAM)" if self.baseline else f"lambda={self.e_lambda:.0e}"
+        return what if self.repeat == 0 else f"{what} repeat {self.repeat}"
+
+
+def train_config(train: dict, device: str | None = None) -> TrainConfig:
+    """The [train] section as a TrainConfig; ``device`` overrides train.device."""
+    kwargs = dict(train)
+    kwargs["milestones"] = tuple(kwargs["milestones"])
+    if device is not None:
+        kwargs["device"] = device
+    try:
+        return TrainConfig(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(f"train: {exc}") from None
+
+
+@dataclass
+class Plan:
+    config: dict
+    data: ImageData
+    folds: list[Fold]
+    train: TrainConfig
+    fingerprint: str  # of the data set and the fold assignment
+    points: list[Point]
+
+    def folds_of(self, repeat: int) -> list[Fold]:
+        return [f for f in self.folds if f.repeat == repeat]
+
+    def train_seed(self, fold: Fold) -> int:
+        """The seed of the initial weights, batch order and augmentation of ``fold``: the
+        same for every lambda (and the baseline), so points compare fold by fold."""
+        return derive_seed(self.config["data"]["seed"], 17, fold.repeat, fold.index)
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.folds_of(0))
+
+
+def grid_points(config: dict) -> list[Point]:
+    """The grid of a resolved config: repeat by repeat, its lambdas in the config's order,
+    then the baseline network when ``search.baseline`` is on."""
+    points = []
+    for r in range(config["search"]["repeats"]):
+        points += [Point(v, r) for v in config["search"]["lambdas"]]
+        if config["search"]["baseline"]:
+            points.append(Point(None, r))
+    return points
+
+
+def fold_names(config: dict, repeat: int = 0) -> list[str]:
+    """The names of one repeat's folds (as ``Fold.name``), from the config alone."""
+    n = 1 if config["data"]["holdout"] is not None else config["data"]["folds"]
+    return [f"r{repeat}f{i}" for i in range(n)]
+
+
+def make_plan(config: dict, device: str | None = None) -> Plan:
+    """Load the data, make the folds and check every value of a resolved config."""
+    data_cfg, model_cfg, search = config["data"], config["model"], config["search"]
+    if model_cfg["name"] not in MODEL_NAMES:
+        raise ConfigError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got model.name={model_cfg['name']!r}")
+    train = train_config(config["train"], device)
+    root = data_cfg["root"]
+    try:
+        data = load_dataset(data_cfg["dataset"], root=root, split="train", download=data_cfg["download"],
+                            **data_cfg["options"])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"data: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"data: cannot read data set {data_cfg['dataset']!r} from root={root!r} ({exc})") from None
+    try:
+        folds = make_folds(data.labels.numpy(), n_splits=data_cfg["folds"], seed=data_cfg["seed"],
+                           repeats=search["repeats"], holdout=data_cfg["holdout"])
+    except ValueError as exc:
+        raise ConfigError(f"data: {exc} (data.folds / data.holdout)") from None
+    smallest = min(len(f.train) for f in folds)
+    if train.batch_size > smallest:
+        raise ConfigError(f"train.batch_size must be <= the smallest fold's {smallest} training images, "
+                          f"got train.batch_size={train.batch_size}")
+    if model_cfg["name"] == "resnet18" and data.input_size < 32:
+        raise ConfigError(f"model.name='resnet18' needs images of at least 32 px, the data set has {data.input_size} px")
+    fingerprint = folds_fingerprint(folds, dataset_fingerprint(data))
+    return Plan(config, data, folds, train, fingerprint, grid_points(config))
+
+
+def summarize(accuracies: list[float]) -> dict:
+    """Mean, sample standard deviation (ddof=1), and standard error of the mean."""
+    n = len(accuracies)
+    mean = math.fsum(accuracies) / n
+    if n > STD_DDOF:
+        std = math.sqrt(math.fsum((a - mean) ** 2 for a in accuracies) / (n - STD_DDOF))
+        sem = std / math.sqrt(n)
+    else:
+        std = sem = None
+    return dict(mean=mean, std=std, std_ddof=STD_DDOF, sem=sem, n=n)
+
+
+def fold_record(result: FoldResult) -> dict:
+    return dict(status=result.status, val_accuracy=result.val_accuracy, val_loss=result.val_loss,
+                seconds=round(result.seconds, 3), iterations=result.iterations, seed=result.seed,
+                diverged_at_step=result.diverged_at_step, resumed_from_iteration=result.resumed_from_iteration)
+
+
+@dataclass
+class PointOutcome:
+    """``status``: "completed" (``summary`` holds mean and std), "diverged" (``reason`` says
+    where) or "stopped" (interrupted; finished folds and the checkpoint are kept)."""
+
+    status: str
+    folds: dict[str, dict] = field(default_factory=dict)  # fold name -> fold_record
+    summary: dict | None = None
+    reason: str | None = None
+
+
+def checkpoint_folder(checkpoint_dir, point: Point) -> Path | None:
+    return None if checkpoint_dir is None else Path(checkpoint_dir) / point.slug
+
+
+def remove_checkpoints(checkpoint_dir, point: Point) -> None:
+    folder = checkpoint_folder(checkpoint_dir, point)
+    if folder is not None and folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
+              engine: Engine | None = None, checkpoint_dir: str | os.PathLike | None = None,
+              on_fold: Callable[[Fold, dict, dict], None] | None = None,
+              on_epoch: Callable[[Fold, EpochMetrics], None] | None = None,
+              should_stop: Callable[[], bool] | None = None) -> PointOutcome:
+    """Train ``point`` on every fold of its repeat that ``done`` (fold name -> record) does
+    not hold yet, in fold order, and summarise. A fold with a checkpoint resumes from it.
+    ``on_fold(fold, record, all_records)`` runs as each fold finishes."""
+    records = dict(done or {})
+    for name, record in records.items():
+        if record["status"] == "diverged":
+            return PointOutcome("diverged", records, reason=_diverged(name, record))
+    model = plan.config["model"]
+    folder = checkpoint_folder(checkpoint_dir, point)
+    for fold in plan.folds_of(point.repeat):
+        if fold.name in records:
+            continue
+        result = train_fold(
+            plan.data, fold, point.e_lambda, plan.train, model=model["name"], attention=point.attention,
+            shortcut=model["shortcut"], seed=plan.train_seed(fold), engine=engine,
+            callback=(lambda m, fold=fold: on_epoch(fold, m)) if on_epoch is not None else None,
+            checkpoint=folder / f"{fold.name}.pt" if folder is not None else None, should_stop=should_stop)
+        if result.status == "stopped":
+            return PointOutcome("stopped", records, reason=f"interrupted in fold {fold.name}")
+        records[fold.name] = fold_record(result)
+        if on_fold is not None:
+            on_fold(fold, records[fold.name], records)
+        if result.status == "diverged":
+            return PointOutcome("diverged", records, reason=_diverged(fold.name, records[fold.name]))
+    accuracies = [records[f.name]["val_accuracy"] for f in plan.folds_of(point.repeat)]
+    return PointOutcome("completed", records, summary=summarize(accuracies))
+
+
+def _diverged(fold: str, record: dict) -> str:
+    return f"diverged: the training loss became NaN or infinite at step {record['diverged_at_step']} of fold {fold}"

@@ -1,0 +1,288 @@
+"""Where a study lives: an Optuna storage, plus the locks that make every grid point run
+exactly once.
+
+Optuna's own ways of handing out work (GridSampler, enqueue_trial, heartbeats) are not safe
+with several workers on SQLite, so lambda_search serialises the handing out itself:
+
+- a storage-wide *claim lock*, held while a worker looks at the trials and creates its
+  trial (and while a study is created): no two workers can take the same point;
+- a *lease* per RUNNING trial, held by the worker that runs it for as long as it lives. The
+  operating system (a file lock) or the database server (a PostgreSQL advisory lock) drops
+  a lease the moment its process dies, however it dies, so a dead worker's trial is known
+  dead at once, with no clocks and no grace period, and its point is run again.
+
+SQLite and journal files use ``flock`` files in ``<database>.locks/`` beside the database
+(one machine, or a file system with working locks); PostgreSQL uses advisory locks, so
+workers on many machines share one study. A storage password is never shown: every
+message uses ``redact(url)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+__all__ = ["StorageError", "Store", "open_store", "redact"]
+
+SQLITE_TIMEOUT_S = 600  # SQLite's own lock timeout: generous, writers queue instead of failing
+_PG_NAMESPACE = 0x51AA << 32  # advisory lock keys of lambda_search: namespace | trial id
+_PG_CLAIM_KEY = _PG_NAMESPACE | 0xFFFFFFFF
+
+
+class StorageError(ValueError):
+    """A storage that cannot be used; the message shows the URL without its password."""
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    return re.sub(r"(://[^/@:]*:)[^@/]*@", r"\1***@", str(url))
+
+
+def _scrub(text: str, url: str) -> str:
+    """Remove ``url``'s password from ``text`` (a driver's message may quote the URL)."""
+    text = str(text).replace(url, redact(url))
+    m = re.search(r"://[^/@:]*:([^@/]*)@", url)
+    if m and m.group(1):
+        text = text.replace(m.group(1), "***")
+    return redact(text).splitlines()[0] if text else text
+
+
+# ---------------------------------------------------------------- locks
+
+
+class _FileLease:
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    def release(self, forget: bool = True) -> None:
+        if self.fd is None:
+            return
+        if forget:
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)  # closing drops the lock
+        self.fd = None
+
+
+class FileLocks:
+    """flock files in ``<base>.locks/``; the kernel drops them when a process dies."""
+
+    def __init__(self, base: Path):
+        self.dir = base.with_name(base.name + ".locks")
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        self.dir.mkdir(exist_ok=True)
+        fd = os.open(self.dir / "claim.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def lease(self, trial_id: int) -> _FileLease:
+        path = self.dir / f"trial-{trial_id}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RuntimeError(f"the lease of trial {trial_id} is held by another process") from None
+        return _FileLease(fd, path)
+
+    def alive(self, trial_id: int) -> bool:
+        """Whether a live process holds the lease of ``trial_id``; creates nothing."""
+        try:
+            fd = os.open(self.dir / f"trial-{trial_id}.lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # also drops the lock, if we took it
+        return False
+
+
+class _PgLease:
+    def __init__(self, conn):
+        self.conn = conn
+
+    def release(self, forget: bool = True) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()  # ends the session, which drops its advisory locks
+            self.conn = None
+
+
+class PgLocks:
+    """PostgreSQL session advisory locks; the server drops them when a connection dies.
+    Each lease has its own connection (advisory locks are re-entrant within a session)."""
+
+    def __init__(self, url: str):
+        import sqlalchemy
+
+        self._sa = sqlalchemy
+        self.engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                               isolation_level="AUTOCOMMIT")
+
+    def _connect(self):
+        return self.engine.connect()
+
+    def _call(self, conn, fn: str, key: int):
+        return conn.execute(self._sa.text(f"SELECT {fn}(:k)"), {"k": key}).scalar()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        conn = self._connect()
+        try:
+            self._call(conn, "pg_advisory_lock", _PG_CLAIM_KEY)
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                self._call(conn, "pg_advisory_unlock", _PG_CLAIM_KEY)
+            conn.close()
+
+    def lease(self, trial_id: int) -> _PgLease:
+        conn = self._connect()
+        if not self._call(conn, "pg_try_advisory_lock", _PG_NAMESPACE | trial_id):
+            conn.close()
+            raise RuntimeError(f"the lease of trial {trial_id} is held by another process")
+        return _PgLease(conn)
+
+    def alive(self, trial_id: int) -> bool:
+        with self._connect() as conn:
+            if self._call(conn, "pg_try_advisory_lock", _PG_NAMESPACE | trial_id):
+                self._call(conn, "pg_advisory_unlock", _PG_NAMESPACE | trial_id)
+                return False
+            return True
+
+
+# ---------------------------------------------------------------- storages
+
+
+@dataclass
+class Store:
+    url: str  # as given (may hold a password: never print it, print ``shown``)
+    kind: str  # "sqlite", "postgresql" or "journal"
+    storage: optuna.storages.BaseStorage
+    locks: FileLocks | PgLocks
+    path: Path | None = None  # the database or journal file
+
+    @property
+    def shown(self) -> str:
+        return redact(self.url)
+
+    def study_names(self) -> list[str]:
+        return sorted(s.study_name for s in self.storage.get_all_studies())
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _sqlite_path(url: str) -> Path:
+    rest = url[len("sqlite:///"):]
+    if not rest or rest.startswith("?"):
+        raise StorageError(f"storage URL {redact(url)!r} has no file path; use sqlite:///path/to/study.db")
+    return Path(rest.split("?", 1)[0])
+
+
+def _check_optuna_sqlite(path: Path, url: str, tables: bool = True) -> None:
+    """Refuse a file that is not an Optuna SQLite database, without writing to it."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise StorageError(f"storage {redact(url)!r}: cannot read {str(path)!r} ({exc.strerror})") from None
+    if header != _SQLITE_HEADER:
+        raise StorageError(f"storage {redact(url)!r}: {str(path)!r} is not an SQLite database")
+    if not tables:
+        return
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=SQLITE_TIMEOUT_S)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"storage {redact(url)!r}: {str(path)!r} is not a readable SQLite database ({exc})") from None
+    if not {"studies", "trials", "alembic_version"} <= tables:
+        raise StorageError(f"storage {redact(url)!r}: {str(path)!r} is an SQLite database but not an Optuna storage")
+
+
+def _rdb(url: str, create: bool, **engine_kwargs) -> optuna.storages.RDBStorage:
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs or None, skip_table_creation=not create)
+    except Exception as exc:  # connection refused, bad credentials, an old schema...
+        raise StorageError(f"cannot open storage {redact(url)!r}: {_scrub(exc, url)}") from None
+
+
+def open_store(url: str, create: bool = False) -> Store:
+    """Open the storage at ``url`` (``sqlite:///FILE``, ``postgresql://...``, or
+    ``journal:FILE`` for Optuna's journal file). Unless ``create``, the database must exist;
+    nothing is written to a storage that is refused."""
+    if not isinstance(url, str) or not url:
+        raise StorageError("a storage URL is required, such as sqlite:///studies/quickstart.db")
+    if url.startswith("sqlite:///"):
+        path = _sqlite_path(url)
+        if path.exists() and not path.is_file():
+            raise StorageError(f"storage {redact(url)!r}: {str(path)!r} is not a file")
+        if not create:
+            if not path.exists():
+                raise StorageError(f"storage {redact(url)!r}: no database file {str(path)!r}; "
+                                   "`lambda-search search CONFIG` creates one")
+            _check_optuna_sqlite(path, url)
+            return Store(url, "sqlite", _rdb(url, False, connect_args={"timeout": SQLITE_TIMEOUT_S}), FileLocks(path), path)
+        if path.exists() and path.stat().st_size:
+            _check_optuna_sqlite(path, url, tables=False)  # refuse a foreign file before making anything beside it
+        elif not path.parent.is_dir():
+            raise StorageError(f"storage {redact(url)!r}: folder {str(path.parent)!r} does not exist")
+        elif not os.access(path.parent, os.W_OK):
+            raise StorageError(f"storage {redact(url)!r}: folder {str(path.parent)!r} is not writable")
+        locks = FileLocks(path)
+        with locks.exclusive():  # several processes creating one new file at once
+            if path.exists() and path.stat().st_size:
+                _check_optuna_sqlite(path, url)
+            storage = _rdb(url, True, connect_args={"timeout": SQLITE_TIMEOUT_S})
+        return Store(url, "sqlite", storage, locks, path)
+    if re.match(r"^postgres(ql)?(\+\w+)?://", url):
+        sa_url = re.sub(r"^postgres(ql)?://", "postgresql+psycopg://", url)
+        if sa_url.startswith("postgresql+psycopg://"):
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise StorageError("PostgreSQL storage needs the psycopg driver: pip install 'lambda-search[postgres]'") from None
+        storage = _rdb(sa_url, create, pool_pre_ping=True)
+        try:
+            locks = PgLocks(sa_url)
+            locks.alive(0)  # a round trip: the server answers advisory locks
+        except Exception as exc:
+            raise StorageError(f"cannot use storage {redact(url)!r}: {_scrub(exc, sa_url)}") from None
+        return Store(url, "postgresql", storage, locks)
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:"):].removeprefix("//"))
+        if not str(path) or str(path) == ".":
+            raise StorageError(f"storage URL {url!r} has no file path; use journal:path/to/study.log")
+        if path.exists() and not path.is_file():
+            raise StorageError(f"storage {url!r}: {str(path)!r} is not a file")
+        if not path.exists():
+            if not create:
+                raise StorageError(f"storage {url!r}: no journal file {str(path)!r}; `lambda-search search CONFIG` creates one")
+            if not path.parent.is_dir():
+                raise StorageError(f"storage {url!r}: folder {str(path.parent)!r} does not exist")
+        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        try:
+            storage = optuna.storages.JournalStorage(backend)
+        except Exception as exc:
+            raise StorageError(f"storage {url!r}: {str(path)!r} is not an Optuna journal ({exc.__class__.__name__})") from None
+        return Store(url, "journal", storage, FileLocks(path), path)
+    scheme = url.split(":", 1)[0] if ":" in url else url
+    raise StorageError(f"unsupported storage URL scheme {scheme!r} in {redact(url)!r}; use sqlite:///FILE, "
+                       "postgresql://USER:PASSWORD@HOST/DB or journal:FILE")

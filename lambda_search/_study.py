@@ -1,0 +1,584 @@
+"""The lambda search as an Optuna study: every grid point exactly once.
+
+A trial is one grid point (a lambda and a repeat) cross-validated over the folds of its
+repeat: the Optuna parameter ``e_lambda``, the value the mean validation accuracy (a
+fraction), user attributes with the per-fold results, written as each fold finishes. The
+baseline network (no SimAM), when asked for, lives in a companion study
+``<name>:baseline``, so that the main study holds only SimAM trials and
+``study.best_params`` is always a lambda.
+
+A worker claims a point under the storage's claim lock and holds a lease on its trial while
+it runs (see ``_storage``). A point is done when it has a COMPLETE trial, or a FAILED one
+whose reason is "diverged" (divergence is a result, not an accident: it is not retried). A
+trial that FAILED for any other reason (interrupted, its worker died, an error) gives its
+point back to the grid; the next attempt keeps the folds it had finished and resumes the
+fold in flight from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import torch
+from optuna.distributions import FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from ._config import IDENTITY_EXEMPT, ConfigError, config_diff, resolve_config
+from ._objective import Plan, Point, fold_names, grid_points, make_plan, remove_checkpoints, run_point
+from ._storage import Store, StorageError, open_store, redact
+from ._train import Engine
+
+__all__ = ["StudyError", "PointStatus", "StudyStatus", "baseline_study_name", "create_or_resume", "load_study_config",
+           "study_status", "run_worker", "run_search", "resume_config", "stop_on_signals", "STORAGE_ENV"]
+
+CONFIG_ATTR = "lambda_search:config"
+FINGERPRINT_ATTR = "lambda_search:fingerprint"
+VERSIONS_ATTR = "lambda_search:versions"
+POINT_ATTR = "lambda_search:point"
+REASON_ATTR = "lambda_search:fail_reason"
+STORAGE_ENV = "LAMBDA_SEARCH_STORAGE"  # how a parent hands a storage URL to its workers (never argv)
+
+
+class StudyError(ValueError):
+    """A study that cannot be used as asked (unknown, conflicting, not lambda_search's)."""
+
+
+def baseline_study_name(name: str) -> str:
+    return f"{name}:baseline"
+
+
+def _versions() -> dict:
+    from . import __version__
+
+    return {"lambda_search": __version__, "torch": torch.__version__, "optuna": optuna.__version__,
+            "python": sys.version.split()[0]}
+
+
+def _study_id(store: Store, name: str) -> int | None:
+    try:
+        return store.storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+# ---------------------------------------------------------------- creating and resuming
+
+
+def _absolute(config: dict) -> dict:
+    """The config as stored: paths absolute (``resume`` works from any folder), the storage
+    URL without its password."""
+    config = json.loads(json.dumps(config))
+    config["study"]["storage"] = redact(config["study"]["storage"])  # never store a password
+    for section, key in (("data", "root"), ("study", "checkpoint_dir")):
+        if config[section][key] is not None:
+            config[section][key] = str(Path(config[section][key]).expanduser().resolve())
+    return config
+
+
+def load_study_config(store: Store, name: str) -> dict:
+    """The resolved config stored in study ``name``."""
+    sid = _study_id(store, name)
+    if sid is None:
+        names = [n for n in store.study_names() if not n.endswith(":baseline")]
+        there = ", ".join(repr(n) for n in names) if names else "none"
+        raise StudyError(f"no study named {name!r} in {store.shown}; studies there: {there}")
+    attrs = store.storage.get_study_user_attrs(sid)
+    if CONFIG_ATTR not in attrs:
+        raise StudyError(f"study {name!r} in {store.shown} was not made by lambda_search (it has no stored config)")
+    return attrs[CONFIG_ATTR]
+
+
+def create_or_resume(store: Store, config: dict, plan: Plan) -> str:
+    """Create study ``config.study.name`` with its config, fingerprint and versions, or check
+    that the stored study has the same config and data. Returns "created" or "resumed"."""
+    name = config["study"]["name"]
+    stored_config = _absolute(config)
+    with store.locks.exclusive():
+        sid = _study_id(store, name)
+        if sid is None:
+            _quiet_optuna()
+            sid = store.storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], name)
+            created = "created"
+        else:
+            created = "resumed"
+        attrs = store.storage.get_study_user_attrs(sid)
+        if CONFIG_ATTR not in attrs:
+            if store.storage.get_all_trials(sid, deepcopy=False):
+                raise StudyError(f"study {name!r} in {store.shown} was not made by lambda_search; choose another study.name")
+            store.storage.set_study_user_attr(sid, FINGERPRINT_ATTR, plan.fingerprint)
+            store.storage.set_study_user_attr(sid, VERSIONS_ATTR, _versions())
+            store.storage.set_study_user_attr(sid, CONFIG_ATTR, stored_config)  # last: marks the study complete
+            return "created"
+        _check_same(name, attrs, stored_config, plan)
+        return created
+
+
+def _check_same(name: str, attrs: dict, config: dict, plan: Plan) -> None:
+    diff = config_diff(attrs[CONFIG_ATTR], config)
+    if diff:
+        parts = [f"{k} (stored {_show(a)}, given {_show(b)})" for k, a, b in diff[:4]]
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise StudyError(f"config conflicts with study {name!r}: " + "; ".join(parts) + more
+                         + "; use another study.name, or resume with the stored config (lambda-search resume)")
+    if attrs.get(FINGERPRINT_ATTR) != plan.fingerprint:
+        raise StudyError(f"the data set or its folds differ from those study {name!r} was made with "
+                         f"(fingerprint {str(attrs.get(FINGERPRINT_ATTR))[:12]} stored, {plan.fingerprint[:12]} now)")
+
+
+def _show(v) -> str:
+    return json.dumps(v) if not isinstance(v, str) else repr(v)
+
+
+# ---------------------------------------------------------------- the state of every point
+
+
+@dataclass
+class PointStatus:
+    """``state``: "complete", "running", "diverged", "interrupted" (tried, to be resumed:
+    ``folds`` holds what it finished) or "pending" (never tried)."""
+
+    point: Point
+    state: str
+    folds: dict = field(default_factory=dict)  # fold name -> fold record (finished folds)
+    fold_names: list = field(default_factory=list)
+    mean: float | None = None
+    std: float | None = None
+    sem: float | None = None
+    trial_number: int | None = None
+    attempts: int = 0
+    reason: str | None = None
+    duplicates: int = 0  # COMPLETE trials beyond the first: always 0 unless something is badly wrong
+
+    @property
+    def folds_done(self) -> int:
+        return sum(1 for r in self.folds.values() if r.get("status") == "completed")
+
+    def to_dict(self) -> dict:
+        return {"e_lambda": self.point.e_lambda, "repeat": self.point.repeat, "baseline": self.point.baseline,
+                "state": self.state, "folds_done": self.folds_done, "folds": len(self.fold_names),
+                "mean": self.mean, "std": self.std, "sem": self.sem,
+                "fold_accuracies": [self.folds.get(n, {}).get("val_accuracy") for n in self.fold_names],
+                "fold_seconds": [self.folds.get(n, {}).get("seconds") for n in self.fold_names],
+                "trial": self.trial_number, "attempts": self.attempts, "reason": self.reason}
+
+
+@dataclass
+class StudyStatus:
+    name: str
+    config: dict
+    points: list[PointStatus]
+    storage: str  # redacted URL
+
+    @property
+    def total(self) -> int:
+        return len(self.points)
+
+    @property
+    def complete(self) -> int:
+        return sum(p.state == "complete" for p in self.points)
+
+    @property
+    def finished(self) -> bool:
+        return all(p.state in ("complete", "diverged") for p in self.points)
+
+    def to_dict(self) -> dict:
+        return {"study": self.name, "storage": self.storage, "total": self.total, "complete": self.complete,
+                "diverged": sum(p.state == "diverged" for p in self.points),
+                "points": [p.to_dict() for p in self.points]}
+
+
+def _all_trials(store: Store, name: str) -> list[tuple[str, FrozenTrial]]:
+    out = []
+    for study in (name, baseline_study_name(name)):
+        sid = _study_id(store, study)
+        if sid is not None:
+            out += [(study, t) for t in store.storage.get_all_trials(sid, deepcopy=False)]
+    return out
+
+
+def _point_status(point: Point, names: list[str], trials: list[FrozenTrial], alive: Callable[[int], bool]) -> PointStatus:
+    status = PointStatus(point, "pending", fold_names=names, attempts=len(trials))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        t = complete[0]
+        a = t.user_attrs
+        status.state, status.trial_number, status.folds = "complete", t.number, dict(a.get("fold_results", {}))
+        status.mean, status.std, status.sem = a.get("mean", t.value), a.get("std"), a.get("sem")
+        status.duplicates = len(complete) - 1
+        return status
+    for t in trials:
+        reason = t.system_attrs.get(REASON_ATTR, "")
+        if t.state == TrialState.FAIL and reason.startswith("diverged"):
+            status.state, status.trial_number, status.reason = "diverged", t.number, reason
+            status.folds = dict(t.user_attrs.get("fold_results", {}))
+            return status
+    # finished folds of earlier attempts are kept (the newest record of a fold wins)
+    for t in sorted(trials, key=lambda t: t.number):
+        for fold, record in t.user_attrs.get("fold_results", {}).items():
+            if record.get("status") in ("completed", "diverged"):
+                status.folds[fold] = record
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    if any(alive(t._trial_id) for t in running):
+        status.state, status.trial_number = "running", running[-1].number
+    elif trials:
+        status.state = "interrupted"
+        last = max(trials, key=lambda t: t.number)
+        status.trial_number = last.number
+        status.reason = last.system_attrs.get(REASON_ATTR) or ("worker gone" if last.state == TrialState.RUNNING else None)
+    return status
+
+
+def _live_trials(store: Store, name: str):
+    """(trials, ids of live RUNNING trials), consistent: liveness is checked before the
+    trials are read again. A worker writes COMPLETE before it drops its lease, so a trial
+    still RUNNING in the second read whose lease was already gone is really dead; checking
+    after the read could see a trial that finished in between as dead."""
+    first = _all_trials(store, name)
+    candidates = [t._trial_id for _, t in first if t.state == TrialState.RUNNING]
+    live = {tid for tid in candidates if store.locks.alive(tid)}
+    return (_all_trials(store, name) if candidates else first), live
+
+
+def _statuses(store: Store, name: str, config: dict, trials=None, live=None) -> list[PointStatus]:
+    if trials is None:
+        trials, live = _live_trials(store, name)
+    by_key: dict[str, list[FrozenTrial]] = {}
+    for _, t in trials:
+        key = t.system_attrs.get(POINT_ATTR)
+        if key is not None:
+            by_key.setdefault(key, []).append(t)
+    return [_point_status(p, fold_names(config, p.repeat), by_key.get(p.key, []), live.__contains__)
+            for p in grid_points(config)]
+
+
+def study_status(store: Store, name: str) -> StudyStatus:
+    """Every grid point of study ``name``: its state, finished folds, mean and std. Reads only."""
+    config = load_study_config(store, name)
+    return StudyStatus(name, config, _statuses(store, name, config), store.shown)
+
+
+# ---------------------------------------------------------------- claiming a point
+
+
+@dataclass
+class Claim:
+    trial_id: int
+    number: int
+    point: Point
+    study: str
+    done: dict  # fold name -> record, finished by earlier attempts
+    lease: object
+
+
+def _fail(store: Store, trial_id: int, reason: str) -> None:
+    storage = store.storage
+    try:
+        storage.set_trial_system_attr(trial_id, REASON_ATTR, reason[:500])
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+        pass  # finished meanwhile
+
+
+def _claim(store: Store, name: str, config: dict, label: str) -> Claim | str:
+    """Under the claim lock: fail the trials of dead workers, then take the first point that
+    is neither done nor running. Returns a Claim, "wait" (the rest is running elsewhere) or
+    "done"."""
+    storage = store.storage
+    with store.locks.exclusive():  # no lease is taken while we hold it: leases only go away
+        trials, live = _live_trials(store, name)
+        dead = [t._trial_id for _, t in trials if t.state == TrialState.RUNNING and t._trial_id not in live]
+        for trial_id in dead:
+            _fail(store, trial_id, "worker lost: its process ended before the trial finished")
+        if dead:
+            trials = _all_trials(store, name)
+        statuses = _statuses(store, name, config, trials, live)
+        free = [s for s in statuses if s.state in ("pending", "interrupted")]
+        if not free:
+            return "wait" if any(s.state == "running" for s in statuses) else "done"
+        s = free[0]
+        point = s.point
+        study = baseline_study_name(name) if point.baseline else name
+        sid = _study_id(store, study)
+        if sid is None:
+            _quiet_optuna()
+            sid = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], study)
+            storage.set_study_user_attr(sid, "lambda_search:baseline_of", name)
+        lambdas = config["search"]["lambdas"]
+        params, dists = {}, {}
+        if not point.baseline:
+            params["e_lambda"] = point.e_lambda
+            dists["e_lambda"] = FloatDistribution(min(lambdas), max(lambdas), log=True)
+        if config["search"]["repeats"] > 1:
+            params["repeat"] = point.repeat
+            dists["repeat"] = IntDistribution(0, config["search"]["repeats"] - 1)
+        template = create_trial(
+            state=TrialState.RUNNING, params=params, distributions=dists,
+            system_attrs={POINT_ATTR: point.key, "lambda_search:worker": f"{socket.gethostname()}:{os.getpid()}"},
+            user_attrs={"e_lambda": point.e_lambda, "repeat": point.repeat, "attention": point.attention,
+                        "fold_names": s.fold_names, "fold_results": s.folds,
+                        "fold_accuracies": [s.folds.get(n, {}).get("val_accuracy") for n in s.fold_names]})
+        trial_id = storage.create_new_trial(sid, template)
+        lease = store.locks.lease(trial_id)
+        number = storage.get_trial(trial_id).number
+        return Claim(trial_id, number, point, study, dict(s.folds), lease)
+
+
+# ---------------------------------------------------------------- workers
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _run_claim(store: Store, plan: Plan, claim: Claim, engine: Engine, *, checkpoint_dir, log, progress,
+               should_stop, stats: dict, label: str, n_workers: int) -> str:
+    storage, tid, point = store.storage, claim.trial_id, claim.point
+    names = fold_names(plan.config, point.repeat)
+    epochs = None
+
+    def on_fold(fold, record, records):
+        storage.set_trial_user_attr(tid, "fold_results", records)
+        storage.set_trial_user_attr(tid, "fold_accuracies", [records.get(n, {}).get("val_accuracy") for n in names])
+        stats["folds"] += 1
+        stats["seconds"] += record["seconds"]
+        total_folds = len(plan.points) * len(names)
+        done_folds = sum(s.folds_done for s in _statuses(store, plan.config["study"]["name"], plan.config))
+        eta = (total_folds - done_folds) * stats["seconds"] / stats["folds"] / max(1, n_workers)
+        acc = record["val_accuracy"]
+        shown = f"val acc {acc:.4f}" if acc is not None else record["status"]
+        log(f"{label}{point.label()} fold {fold.name}: {shown} in {record['seconds']:.1f} s | "
+            f"{done_folds}/{total_folds} folds done, ETA {_eta(eta)}")
+
+    def on_epoch(fold, m):
+        nonlocal epochs
+        if progress is None:
+            return
+        if epochs is None:
+            epochs = math.ceil(plan.train.total_iterations(len(fold.train)) / (len(fold.train) // plan.train.batch_size))
+        val = f" val {m.val_accuracy:.4f}" if m.val_accuracy is not None else ""
+        progress(f"{label}{point.label()} fold {fold.name} epoch {m.epoch}/{epochs} loss {m.train_loss:.4f}{val}")
+
+    reused = [n for n in names if n in claim.done]
+    log(f"{label}{'baseline ' if point.baseline else ''}trial {claim.number}: {point.label()}" + (f" (keeps finished folds {', '.join(reused)})" if reused else ""))
+    try:
+        outcome = run_point(plan, point, claim.done, engine=engine, checkpoint_dir=checkpoint_dir,
+                            on_fold=on_fold, on_epoch=on_epoch, should_stop=should_stop)
+        if outcome.status == "completed":
+            summary = outcome.summary
+            for key, value in (("mean", summary["mean"]), ("std", summary["std"]), ("std_ddof", summary["std_ddof"]),
+                               ("sem", summary["sem"]),
+                               ("fold_seconds", [outcome.folds[n]["seconds"] for n in names]),
+                               ("seeds", [outcome.folds[n]["seed"] for n in names])):
+                storage.set_trial_user_attr(tid, key, value)
+            storage.set_trial_state_values(tid, TrialState.COMPLETE, [summary["mean"]])
+            remove_checkpoints(checkpoint_dir, point)
+            std = f" +- {summary['std']:.4f}" if summary["std"] is not None else ""
+            log(f"{label}trial {claim.number} complete: {point.label()} mean val acc {summary['mean']:.4f}{std}")
+        elif outcome.status == "diverged":
+            storage.set_trial_user_attr(tid, "failure", outcome.reason)
+            _fail(store, tid, outcome.reason)
+            remove_checkpoints(checkpoint_dir, point)
+            log(f"{label}trial {claim.number} FAILED: {point.label()} {outcome.reason}")
+        else:
+            _fail(store, tid, "interrupted")
+            log(f"{label}trial {claim.number} interrupted: {point.label()}; finished folds and checkpoint kept")
+        return outcome.status
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log(f"{label}trial {claim.number} was declared lost by another worker; its folds are kept for the re-run")
+        return "lost"
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            _fail(store, tid, f"error: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        claim.lease.release()
+
+
+def _worker_config(store: Store, name: str, overrides=()) -> dict:
+    config = load_study_config(store, name)
+    if overrides:
+        keys = [o.split("=", 1)[0].strip() for o in overrides]
+        bad = [k for k in keys if k not in IDENTITY_EXEMPT]
+        if bad:
+            raise ConfigError(f"--set {bad[0]}: a stored study's config can only change where and how fast it runs: "
+                              + ", ".join(sorted(IDENTITY_EXEMPT)))
+        config = resolve_config(config, overrides, origin=f"study {name!r}")
+    return config
+
+
+def run_worker(store: Store, name: str, *, overrides=(), device: str | None = None, threads: int | None = None,
+               label: str = "", log: Callable[[str], None] = print, progress: Callable[[str], None] | None = None,
+               should_stop: Callable[[], bool] | None = None, poll_seconds: float = 2.0, n_workers: int = 1,
+               plan: Plan | None = None) -> dict:
+    """Claim and run points of study ``name`` until every point is complete (or diverged),
+    waiting while the last ones run elsewhere (to take them over if their workers die).
+    Returns counts: {"completed", "diverged", "interrupted", "lost"}."""
+    should_stop = should_stop or (lambda: False)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if plan is None:
+        config = _worker_config(store, name, overrides)
+        plan = make_plan(config, device)
+        stored = store.storage.get_study_user_attrs(store.storage.get_study_id_from_name(name))
+        if stored.get(FINGERPRINT_ATTR) != plan.fingerprint:
+            raise StudyError(f"the data set or its folds differ from those study {name!r} was made with; "
+                             "check data.root (--set data.root=...)")
+    config = plan.config
+    checkpoint_dir = config["study"]["checkpoint_dir"]
+    counts = {"completed": 0, "diverged": 0, "interrupted": 0, "lost": 0}
+    stats = {"folds": 0, "seconds": 0.0}
+    engines: dict[str, Engine] = {}
+    while not should_stop():
+        claim = _claim(store, name, config, label)
+        if claim == "done":
+            break
+        if claim == "wait":
+            deadline = time.monotonic() + poll_seconds
+            while time.monotonic() < deadline and not should_stop():
+                time.sleep(0.1)
+            continue
+        attention = claim.point.attention
+        if attention not in engines:
+            t = plan.train
+            engines[attention] = Engine(config["model"]["name"], plan.data.num_classes, attention,
+                                        config["model"]["shortcut"], t.device, t.compile, t.amp, t.channels_last)
+        status = _run_claim(store, plan, claim, engines[attention], checkpoint_dir=checkpoint_dir, log=log,
+                            progress=progress, should_stop=should_stop, stats=stats, label=label, n_workers=n_workers)
+        counts["interrupted" if status == "stopped" else status] += 1
+        if status == "stopped":
+            break
+    return counts
+
+
+class _Stop:
+    """A flag set by SIGINT or SIGTERM; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Within the block, SIGINT and SIGTERM ask for a clean stop: the fold in flight saves
+    its checkpoint, the trial is marked interrupted and the process can exit."""
+    stop = _Stop()
+    previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------- the search
+
+
+def _devices(device: str, workers: int) -> list[str]:
+    if device == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return [f"cuda:{i % torch.cuda.device_count()}" for i in range(workers)]
+    return [device] * workers
+
+
+def _spawn(name: str, url: str, label: str, device: str, threads: int, workers: int, overrides) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "lambda_search", "worker", "--study", name, "--label", label,
+           "--device", device, "--threads", str(threads), "--workers-total", str(workers)]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, STORAGE_ENV: url}
+    return subprocess.Popen(cmd, env=env)
+
+
+def resume_config(url: str, name: str, overrides=()) -> dict:
+    """The config stored in study ``name`` at ``url``, with execution ``overrides``."""
+    store = open_store(url)
+    config = _worker_config(store, name, overrides)
+    config["study"]["storage"] = url
+    return config
+
+
+def run_search(config: dict, *, workers: int | None = None, log: Callable[[str], None] = print,
+               progress: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
+               resume_only: bool = False) -> tuple[str, StudyStatus]:
+    """Create (or resume) the study of ``config`` and run it to the end with ``workers``
+    processes (default ``search.workers``). Everything is checked before anything is
+    stored. Returns ("created"|"resumed", final status); a finished study trains nothing."""
+    should_stop = should_stop or (lambda: False)
+    plan = make_plan(config)  # data, folds and every value checked first
+    name = config["study"]["name"]
+    store = open_store(config["study"]["storage"], create=not resume_only)
+    how = create_or_resume(store, config, plan)
+    plan.config = _absolute(config)
+    status = study_status(store, name)
+    log(f"study {name!r} {how} in {store.shown}: {status.complete} of {status.total} points complete")
+    if status.finished:
+        return how, status
+    workers = workers or config["search"]["workers"]
+    if workers == 1:
+        run_worker(store, name, plan=plan, log=log, progress=progress, should_stop=should_stop)
+    else:
+        _run_processes(store, name, plan.config, workers, log, should_stop)
+    return how, study_status(store, name)
+
+
+def _run_processes(store: Store, name: str, config: dict, workers: int, log, should_stop) -> None:
+    overrides = [f"{k}={json.dumps(config[k.split('.')[0]][k.split('.')[1]])}"
+                 for k in ("data.root", "study.checkpoint_dir") if config[k.split('.')[0]][k.split('.')[1]] is not None]
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    devices = _devices(config["train"]["device"], workers)
+    procs = {i: _spawn(name, store.url, f"w{i}", devices[i], threads, workers, overrides) for i in range(workers)}
+    respawns = 3 * workers
+    log(f"started {workers} worker processes ({threads} threads each)")
+    stopping = False
+    try:
+        while procs:
+            time.sleep(0.2)
+            if should_stop() and not stopping:
+                stopping = True
+                for p in procs.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        p.send_signal(signal.SIGTERM)
+            for i, p in list(procs.items()):
+                rc = p.poll()
+                if rc is None:
+                    continue
+                del procs[i]
+                if rc > 0 and not stopping:
+                    log(f"worker w{i} exited with code {rc}")
+                if rc < 0 and not stopping and respawns > 0 and not study_status(store, name).finished:
+                    respawns -= 1
+                    log(f"worker w{i} died ({signal.Signals(-rc).name}); starting a new one")
+                    procs[i] = _spawn(name, store.url, f"w{i}", devices[i], threads, workers, overrides)
+    finally:
+        for p in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            with contextlib.suppress(Exception):
+                p.wait(timeout=60)

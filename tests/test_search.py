@@ -1,0 +1,265 @@
+"""The lambda search: each grid point exactly once, resumable, with the right numbers."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+
+import optuna
+import pytest
+import torch
+
+import lambda_search as ls
+from lambda_search.cli import main
+
+from conftest import SCRIPT, write_config
+
+
+def trials_of(url, name):
+    """{point key: [FrozenTrial, ...]} over the study and its baseline companion."""
+    if url.startswith("journal:"):
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url[len("journal:"):]))
+    else:
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+    out = {}
+    for study in (name, ls.baseline_study_name(name)):
+        try:
+            trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+        except KeyError:
+            continue
+        for t in trials:
+            out.setdefault(t.system_attrs.get("lambda_search:point"), []).append(t)
+    return out
+
+
+def assert_exactly_once(url, name, config):
+    by_point = trials_of(url, name)
+    keys = [p.key for p in ls.grid_points(config)]
+    assert sorted(k for k in by_point) == sorted(keys), by_point.keys()
+    for key in keys:
+        states = [t.state for t in by_point[key]]
+        assert states.count(optuna.trial.TrialState.COMPLETE) == 1, (key, states)
+        assert optuna.trial.TrialState.RUNNING not in states, (key, states)
+    return {k: next(t for t in v if t.state == optuna.trial.TrialState.COMPLETE) for k, v in by_point.items()}
+
+
+def test_search_stores_one_trial_per_point_with_the_fold_results(tiny_config):
+    config = ls.load_config(tiny_config(baseline="true"))
+    how, status = ls.run_search(config, log=lambda s: None)
+    assert how == "created" and status.finished and status.complete == 3
+    url, name = config["study"]["storage"], config["study"]["name"]
+    done = assert_exactly_once(url, name, config)
+
+    study = optuna.load_study(study_name=name, storage=url)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert sorted(t.params["e_lambda"] for t in study.trials) == [1e-4, 1e-1]
+    assert isinstance(study.trials[0].distributions["e_lambda"], optuna.distributions.FloatDistribution)
+    assert study.best_params["e_lambda"] in (1e-4, 1e-1)  # the baseline lives in its own study
+    assert study.user_attrs["lambda_search:config"]["search"]["lambdas"] == [1e-4, 1e-1]
+    assert set(study.user_attrs["lambda_search:versions"]) >= {"lambda_search", "torch", "optuna"}
+
+    seeds = set()
+    for key, trial in done.items():
+        a = trial.user_attrs
+        accs = a["fold_accuracies"]
+        assert len(accs) == 2 and all(0 <= x <= 1 for x in accs)
+        assert trial.value == pytest.approx(sum(accs) / 2) == a["mean"]
+        assert a["std_ddof"] == 1 and a["std"] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))
+        assert a["sem"] == pytest.approx(a["std"] / math.sqrt(2))
+        assert a["repeat"] == 0 and len(a["fold_seconds"]) == 2
+        seeds.add(tuple(a["seeds"]))
+    assert len(seeds) == 1  # every point trains from the same seeds: a paired comparison
+    assert done["baseline/repeat=0"].user_attrs["attention"] == "none"
+
+
+def test_a_trials_accuracies_are_train_folds_own(tiny_config):
+    config = ls.load_config(tiny_config(lambdas="[1e-3]"))
+    ls.run_search(config, log=lambda s: None)
+    trial = assert_exactly_once(config["study"]["storage"], "tiny", config)["e_lambda=0.001/repeat=0"]
+    plan = ls.make_plan(config)
+    for fold, accuracy in zip(plan.folds, trial.user_attrs["fold_accuracies"]):
+        result = ls.train_fold(plan.data, fold, 1e-3, plan.train, seed=plan.train_seed(fold))
+        assert result.val_accuracy == accuracy
+
+
+def test_rerunning_a_finished_study_trains_nothing(tiny_config, capsys):
+    path = tiny_config(lambdas="[1e-2]")
+    assert main(["search", str(path)]) == 0
+    db = path.with_suffix(".db")
+    before = db.read_bytes()
+    assert main(["search", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 1 points complete" in out and out.count("trial 0 complete") == 1
+    assert db.read_bytes() == before
+
+
+def test_a_conflicting_resume_is_refused_and_changes_nothing(tiny_config, capsys):
+    path = tiny_config(lambdas="[1e-2]")
+    assert main(["search", str(path)]) == 0
+    db = path.with_suffix(".db")
+    before = db.read_bytes()
+    capsys.readouterr()
+    assert main(["search", str(path), "--set", "train.epochs=3", "--set", "train.lr=0.2"]) == 2
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and out == ""
+    assert "config conflicts with study 'tiny': train.epochs (stored 2, given 3); train.lr" in err
+    assert db.read_bytes() == before
+    # where and how fast may change
+    assert main(["search", str(path), "--set", "train.checkpoint_every_seconds=5"]) == 0
+
+
+def test_status_and_export(tiny_config, tmp_path, capsys):
+    path = tiny_config(baseline="true")
+    assert main(["search", str(path)]) == 0
+    url = f"sqlite:///{path.with_suffix('.db')}"
+    capsys.readouterr()
+    assert main(["status", "--storage", url, "--study", "tiny", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["total"], status["complete"]) == (3, 3)
+    assert {k for k in status["points"][0]} >= {"e_lambda", "repeat", "state", "folds_done", "mean", "std"}
+    assert [p["e_lambda"] for p in status["points"]] == [1e-4, 1e-1, None]
+    assert main(["export", "--storage", url, "--study", "tiny", "-o", str(tmp_path / "out.csv")]) == 0
+    import pandas as pd
+
+    points = pd.read_csv(tmp_path / "out.csv")
+    folds = pd.read_csv(tmp_path / "out.folds.csv")
+    assert list(points.columns[:6]) == ["param_e_lambda", "param_repeat", "baseline", "state", "split0_val_accuracy",
+                                        "split1_val_accuracy"]
+    assert sorted(points["rank_val_accuracy"]) in ([1, 2, 3], [1, 1, 3], [1, 2, 2], [1, 1, 1])
+    assert len(folds) == 6 and set(folds["status"]) == {"completed"}
+    assert points["mean_val_accuracy"].tolist() == pytest.approx(
+        folds.groupby(["e_lambda", "baseline"], dropna=False, sort=False)["val_accuracy"].mean().tolist())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["status", "--storage", "sqlite:///{tmp}/none.db", "--study", "x"], "no database file"),
+    (["status", "--storage", "sqlite:///{tmp}/junk.db", "--study", "x"], "is not an SQLite database"),
+    (["status", "--storage", "sqlite:///{tmp}/tiny.db", "--study", "nope"], "no study named 'nope'"),
+    (["status", "--storage", "mysql://u:hunter2@h/db", "--study", "x"], "unsupported storage URL scheme 'mysql'"),
+    (["resume", "--storage", "sqlite:///{tmp}/tiny.db", "--study", "tiny", "--set", "train.epochs=9"],
+     "a stored study's config can only change where and how fast it runs"),
+    (["search", "{tmp}/tiny.toml", "--set", "model.name=resnet21"], "model.name must be one of resnet20"),
+    (["search", "{tmp}/tiny.toml", "--set", "data.dataset=mnist"], "unknown data set name='mnist'"),
+    (["search", "{tmp}/tiny.toml", "--set", "data.folds=40"], "n_splits must be <= the smallest class count"),
+    (["search", "{tmp}/tiny.toml", "--storage", "sqlite:///{tmp}/no/such/dir.db"], "does not exist"),
+])
+def test_bad_storage_and_study_input(tiny_config, tmp_path, capsys, args, message):
+    path = tiny_config(lambdas="[1e-2]", epochs=1)
+    assert main(["search", str(path)]) == 0
+    (tmp_path / "junk.db").write_text("not a database")
+    db = path.with_suffix(".db").read_bytes()
+    capsys.readouterr()
+    assert main([a.format(tmp=tmp_path) for a in args]) == 2
+    out, err = capsys.readouterr()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert "hunter2" not in err
+    assert path.with_suffix(".db").read_bytes() == db
+    assert not (tmp_path / "none.db").exists()
+
+
+# ---------------------------------------------------------------- processes that die
+
+
+def _poll(predicate, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _slow_config(folder, name="slow"):
+    # 16 px, 96 training images per fold, 8 epochs: a few seconds per fold on one thread
+    path = write_config(folder, name=name, samples=192, epochs=8)
+    path.write_text(path.read_text().replace("image_size = 8", "image_size = 16").replace(
+        "[train]\n", "[train]\ncheckpoint_every_epochs = 1\n"))
+    return path
+
+
+def _accuracies(url, name, config):
+    return {k: t.user_attrs["fold_accuracies"] for k, t in assert_exactly_once(url, name, config).items()}
+
+
+def _run(args, env, **kw):
+    return subprocess.run([str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The slow config's accuracies from an uninterrupted run (a subprocess, one thread)."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    path = _slow_config(folder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    result = _run(["search", str(path)], env)
+    assert result.returncode == 0, result.stderr
+    config = ls.load_config(path)
+    return config, _accuracies(config["study"]["storage"], "slow", config)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_a_search_killed_mid_fold_resumes_to_the_uninterrupted_result(uninterrupted, tmp_path, cli_env, how):
+    config, expected = uninterrupted
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = _slow_config(run_dir)
+    url = f"sqlite:///{run_dir / 'slow.db'}"
+    proc = subprocess.Popen([str(SCRIPT), "search", str(path)], env=cli_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = run_dir / "slow.ckpt" / "lambda-0.0001-r0" / "r0f1.pt"
+
+    def one_fold_and_a_checkpoint():
+        if not ckpt.exists():
+            return False
+        by_point = trials_of(url, "slow")
+        return any(t.user_attrs.get("fold_results") for t in by_point.get("e_lambda=0.0001/repeat=0", []))
+
+    assert _poll(one_fold_and_a_checkpoint), proc.communicate()
+    proc.send_signal(how)
+    out, err = proc.communicate(timeout=120)
+    if how == signal.SIGTERM:
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "interrupted" in err and "Traceback" not in err
+        (first,) = trials_of(url, "slow")["e_lambda=0.0001/repeat=0"]
+        assert first.state == optuna.trial.TrialState.FAIL
+        assert first.system_attrs["lambda_search:fail_reason"] == "interrupted"
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    killed = trials_of(url, "slow")["e_lambda=0.0001/repeat=0"][0]
+    kept = killed.user_attrs["fold_results"]["r0f0"]
+
+    result = _run(["resume", "--storage", url, "--study", "slow"], cli_env)
+    assert result.returncode == 0, result.stderr
+    assert "keeps finished folds r0f0" in result.stdout
+    assert _accuracies(url, "slow", config) == expected
+    final = assert_exactly_once(url, "slow", config)["e_lambda=0.0001/repeat=0"]
+    assert final.user_attrs["fold_results"]["r0f0"] == kept  # not retrained
+    assert final.user_attrs["fold_results"]["r0f1"]["resumed_from_iteration"] > 0
+    assert not (run_dir / "slow.ckpt" / "lambda-0.0001-r0").exists()  # cleaned up once complete
+
+
+def test_concurrent_searches_and_workers_run_each_point_once(tiny_config, tmp_path, cli_env):
+    """Two `search --workers 2` at once on a new SQLite file: two creators, four workers."""
+    path = tiny_config(lambdas="[1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 0.3]", baseline="true")
+    procs = [subprocess.Popen([str(SCRIPT), "search", str(path), "--workers", "2"], env=cli_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    config = ls.load_config(path)
+    url = config["study"]["storage"]
+    assert_exactly_once(url, "tiny", config)
+    assert sum(len(v) for v in trials_of(url, "tiny").values()) == 8  # no failed attempts either
+    workers = {t.system_attrs["lambda_search:worker"] for v in trials_of(url, "tiny").values() for t in v}
+    assert len(workers) >= 2
+
+
+def test_a_journal_file_storage(tiny_config, tmp_path, capsys):
+    path = tiny_config(baseline="true")
+    url = f"journal:{tmp_path / 'tiny.log'}"
+    assert main(["search", str(path), "--storage", url]) == 0
+    assert_exactly_once(url, "tiny", ls.load_config(path))
+    capsys.readouterr()
+    assert main(["status", "--storage", url, "--study", "tiny"]) == 0
+    assert "3 of 3 points complete" in capsys.readouterr().out
