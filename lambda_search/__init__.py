@@ -13,6 +13,8 @@ from ._storage import StorageError, Store, open_store, redact
 from ._study import (STORAGE_ENV, PointStatus, StudyError, StudyStatus, baseline_study_name, create_or_resume,
                      load_study_config, resume_config, run_search, run_worker, stop_on_signals, study_status)
 from ._report import export_csv, folds_frame, results_frame, status_table
+from ._select import LambdaStats, corrected_t_test, format_selection, lambda_stats, select
+from ._plot import default_plot_path, draw_figure4, figure4_data, plot_figure4, plot_title
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,16 @@ __all__ = [
     "folds_frame",
     "results_frame",
     "status_table",
+    "LambdaStats",
+    "corrected_t_test",
+    "format_selection",
+    "lambda_stats",
+    "select",
+    "default_plot_path",
+    "draw_figure4",
+    "figure4_data",
+    "plot_figure4",
+    "plot_title",
     "DATASETS",
     "Augmentation",
     "Engine",

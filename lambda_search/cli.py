@@ -9,8 +9,8 @@ import signal
 import sys
 
 from . import (MODEL_NAMES, STORAGE_ENV, ConfigError, StorageError, StudyError, __version__, build_model,
-               export_csv, load_config, open_store, resume_config, run_search, run_worker, status_table,
-               stop_on_signals, study_status)
+               default_plot_path, export_csv, format_selection, load_config, open_store, plot_figure4,
+               resume_config, run_search, run_worker, select, status_table, stop_on_signals, study_status)
 
 USER_ERRORS = (ConfigError, StorageError, StudyError)
 
@@ -65,6 +65,13 @@ def _interrupted(stop) -> int:
     return 128 + int(stop.signal)
 
 
+def _write_plot(status, path, prefer="larger"):
+    try:
+        return plot_figure4(status, path, prefer)
+    except OSError as exc:
+        raise StorageError(f"cannot write the plot {str(path)!r}: {exc.strerror or exc}") from None
+
+
 def _finish(status, stop) -> int:
     print(status_table(status))
     if stop():
@@ -73,6 +80,9 @@ def _finish(status, stop) -> int:
         print(f"{status.total - status.complete} points are not complete; resume with: lambda-search resume "
               f"--storage {status.storage} --study {status.name}", file=sys.stderr)
         return 1
+    print()
+    print(format_selection(select(status)))
+    print(f"\nFigure 4: {_write_plot(status, default_plot_path(status))}")
     return 0
 
 
@@ -128,6 +138,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    status = study_status(open_store(args.storage), args.study)
+    print(f"wrote {_write_plot(status, args.output, args.prefer)}")
+    return 0
+
+
+def _select(args: argparse.Namespace) -> int:
+    selection = select(study_status(open_store(args.storage), args.study), args.prefer)
+    print(json.dumps(selection, indent=1) if args.json else format_selection(selection))
+    return 0
+
+
 def _study_args(p: argparse.ArgumentParser, storage_required: bool = True) -> None:
     p.add_argument("--storage", required=storage_required, metavar="URL",
                    help="sqlite:///FILE, postgresql://USER:PASSWORD@HOST/DB or journal:FILE")
@@ -176,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     _study_args(export)
     export.add_argument("-o", "--output", required=True, metavar="FILE.csv")
     export.set_defaults(run=_export)
+
+    prefer_help = ("which end of the one-standard-error candidates to take: 'larger' lambda (SimAM nearer to off, "
+                   "the default) or 'smaller'")
+    plot = commands.add_parser("plot", help="draw Figure 4: accuracy against lambda (PNG, SVG or PDF)")
+    _study_args(plot)
+    plot.add_argument("-o", "--output", required=True, metavar="FILE.png")
+    plot.add_argument("--prefer", choices=("larger", "smaller"), default="larger", help=prefer_help)
+    plot.set_defaults(run=_plot)
+
+    sel = commands.add_parser("select", help="choose lambda: best mean, one-SE rule, paired t-tests")
+    _study_args(sel)
+    sel.add_argument("--prefer", choices=("larger", "smaller"), default="larger", help=prefer_help)
+    sel.add_argument("--json", action="store_true")
+    sel.set_defaults(run=_select)
     return parser
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "lambda_search"
 # config -> data and folds -> model -> train -> objective -> study -> report -> CLI
 LAYERS = ["_config", "_data", "_augment", "_folds", "_simam", "_models", "_checkpoint", "_train", "_objective",
-          "_storage", "_study", "_report", "cli"]
+          "_storage", "_study", "_report", "_select", "_plot", "cli"]
 OPTUNA_FREE = set(LAYERS[: LAYERS.index("_objective") + 1])
 
 

@@ -1,0 +1,150 @@
+"""The paper's Figure 4: cross-validated accuracy against lambda on a log axis.
+
+``figure4_data`` computes everything the picture shows (a pure function, tested);
+``draw_figure4`` only draws it, with matplotlib, imported when called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ._config import ConfigError
+from ._select import lambda_stats, select
+from ._study import StudyStatus
+
+__all__ = ["figure4_data", "draw_figure4", "plot_figure4", "plot_title", "default_plot_path", "PLOT_FORMATS"]
+
+PLOT_FORMATS = (".png", ".svg", ".pdf")
+_DATASETS = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "digits": "digits (8x8)", "synthetic": "synthetic data"}
+_MODELS = {"resnet20": "ResNet-20", "resnet32": "ResNet-32", "resnet44": "ResNet-44", "resnet56": "ResNet-56",
+           "resnet110": "ResNet-110", "resnet18": "ResNet-18"}
+
+
+def plot_title(config: dict) -> str:
+    """In the paper's style: "Cross-validation accuracy on CIFAR-100, ResNet-20"."""
+    data = config["data"]
+    if data["dataset"] == "imagefolder":
+        res = data["options"].get("resolution", 112)
+        root = Path(data["root"] or "images")
+        name = root.parent.name if root.name in ("train", "val") else root.name
+        dataset = f"{name or 'image folder'} at {res} px"
+    else:
+        dataset = _DATASETS.get(data["dataset"], data["dataset"])
+    model = _MODELS.get(config["model"]["name"], config["model"]["name"])
+    return f"Cross-validation accuracy on {dataset}, {model}"
+
+
+def figure4_data(status: StudyStatus, prefer: str = "larger") -> dict:
+    """What Figure 4 shows, in percent: per lambda (ascending) its mean, std (ddof=1), fold
+    accuracies and whether it is finished; the baseline's mean and std (or None); the
+    chosen lambda (one-standard-error rule, ``prefer``) and the best-mean lambda; labels."""
+    stats = lambda_stats(status)
+    sel = select(status, prefer)
+    points = []
+    for s in sorted((s for s in stats if not s.baseline), key=lambda s: s.e_lambda):
+        points.append({
+            "e_lambda": s.e_lambda, "state": s.state,
+            "mean": None if s.mean is None else 100 * s.mean,
+            "std": None if s.std is None else 100 * s.std,
+            "folds": [100 * a for _, a in sorted(s.folds.items())],
+            "folds_done": len(s.folds), "n_folds": s.n_folds,
+        })
+    base = next((s for s in stats if s.baseline), None)
+    baseline = None
+    if base is not None and base.mean is not None:
+        baseline = {"mean": 100 * base.mean, "std": None if base.std is None else 100 * base.std,
+                    "state": base.state, "folds_done": len(base.folds), "n_folds": base.n_folds}
+    n = max((p["n_folds"] for p in points), default=0)
+    return {
+        "title": plot_title(status.config),
+        "xlabel": "lambda (log scale, decreasing)",
+        "ylabel": "validation accuracy (%)",
+        "bar_label": f"mean +- std over {n} folds (ddof=1)",
+        "points": points,
+        "baseline": baseline,
+        "chosen": sel["one_se"]["e_lambda"] if sel["one_se"] else None,
+        "best": sel["best"]["e_lambda"] if sel["best"] else None,
+        "prefer": prefer,
+        "finished": all(p["state"] in ("complete", "diverged") for p in points),
+    }
+
+
+def draw_figure4(data: dict, path) -> Path:
+    """Draw ``figure4_data`` to ``path`` (.png, .svg or .pdf)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=150)
+    try:
+        pts = data["points"]
+        if data["baseline"] is not None:
+            b = data["baseline"]
+            label = "baseline (no SimAM)" + (" mean +- std" if b["std"] is not None else " mean")
+            if b["state"] != "complete":
+                label += f", {b['folds_done']}/{b['n_folds']} folds"
+            ax.axhline(b["mean"], color="0.35", lw=1, ls="--", label=label)
+            if b["std"] is not None:
+                ax.axhspan(b["mean"] - b["std"], b["mean"] + b["std"], color="0.5", alpha=0.15, lw=0)
+        for p in pts:
+            if p["folds"]:
+                ax.scatter([p["e_lambda"]] * len(p["folds"]), p["folds"], s=10, color="tab:blue", alpha=0.25,
+                           lw=0, zorder=2)
+        done = [p for p in pts if p["state"] == "complete"]
+        partial = [p for p in pts if p["state"] == "running" and p["mean"] is not None]
+        if done:
+            ax.errorbar([p["e_lambda"] for p in done], [p["mean"] for p in done],
+                        yerr=[p["std"] or 0 for p in done], fmt="o-", color="tab:blue", capsize=4, lw=1.5,
+                        zorder=3, label=f"SimAM, {data['bar_label']}")
+        if partial:
+            ax.errorbar([p["e_lambda"] for p in partial], [p["mean"] for p in partial],
+                        yerr=[p["std"] or 0 for p in partial], fmt="o", mfc="white", color="tab:blue", capsize=4,
+                        zorder=3, label="unfinished (folds so far)")
+            for p in partial:
+                ax.annotate(f"{p['folds_done']}/{p['n_folds']}", (p["e_lambda"], p["mean"]), textcoords="offset points",
+                            xytext=(6, -10), fontsize=7, color="tab:blue")
+        ymin, ymax = ax.get_ylim()
+        for p in pts:
+            if p["state"] in ("pending", "diverged") or (p["state"] == "running" and p["mean"] is None):
+                ax.annotate("diverged" if p["state"] == "diverged" else "pending", (p["e_lambda"], ymin),
+                            textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, color="tab:red",
+                            rotation=90)
+        if data["chosen"] is not None:
+            chosen = next(p for p in pts if p["e_lambda"] == data["chosen"])
+            ax.axvline(chosen["e_lambda"], color="tab:orange", lw=1, ls=":", zorder=1)
+            ax.plot([chosen["e_lambda"]], [chosen["mean"]], marker="*", ms=14, color="tab:orange", zorder=4, ls="none",
+                    label=f"chosen: lambda = {chosen['e_lambda']:.0e} (one-SE rule, {data['prefer']})")
+        ax.set_xscale("log")
+        if pts:
+            xs = [p["e_lambda"] for p in pts]
+            ax.set_xlim(min(xs) / 2.5, max(xs) * 2.5)
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{x:.0e}" for x in xs], fontsize=8)
+            ax.minorticks_off()
+            ax.invert_xaxis()  # as the paper: from 1e-1 on the left down to the smallest lambda
+        title = data["title"] + ("" if data["finished"] else " (still running)")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(data["xlabel"])
+        ax.set_ylabel(data["ylabel"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def default_plot_path(status: StudyStatus) -> Path:
+    """Where a search leaves its plot: beside its checkpoints, ``<study>.png``."""
+    return Path(status.config["study"]["checkpoint_dir"]).with_suffix(".png")
+
+
+def plot_figure4(status: StudyStatus, path, prefer: str = "larger") -> Path:
+    """Write Figure 4 of ``status`` to ``path``; the format follows the extension."""
+    path = Path(path)
+    if path.suffix.lower() not in PLOT_FORMATS:
+        raise ConfigError(f"the plot file must end in .png, .svg or .pdf, got {str(path)!r}")
+    return draw_figure4(figure4_data(status, prefer), path)
