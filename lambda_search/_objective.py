@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ._config import ConfigError
 from ._data import ImageData, dataset_fingerprint, load_dataset
 from ._folds import Fold, derive_seed, folds_fingerprint, make_folds
@@ -113,6 +115,9 @@ def make_plan(config: dict, device: str | None = None) -> Plan:
     if model_cfg["name"] not in MODEL_NAMES:
         raise ConfigError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got model.name={model_cfg['name']!r}")
     train = train_config(config["train"], device)
+    if torch.device(train.device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={train.device!r} asks for a GPU, but none is available here; "
+                          "use --set train.device=cpu (or --device cpu for a worker)")
     root = data_cfg["root"]
     try:
         data = load_dataset(data_cfg["dataset"], root=root, split="train", download=data_cfg["download"],

@@ -144,6 +144,8 @@ def test_status_and_export(tiny_config, tmp_path, capsys):
     (["search", "{tmp}/tiny.toml", "--set", "data.dataset=mnist"], "unknown data set name='mnist'"),
     (["search", "{tmp}/tiny.toml", "--set", "data.folds=40"], "n_splits must be <= the smallest class count"),
     (["search", "{tmp}/tiny.toml", "--storage", "sqlite:///{tmp}/no/such/dir.db"], "does not exist"),
+    pytest.param(["search", "{tmp}/tiny.toml", "--set", "train.device=cuda"], "asks for a GPU, but none is available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is available")),
 ])
 def test_bad_storage_and_study_input(tiny_config, tmp_path, capsys, args, message):
     path = tiny_config(lambdas="[1e-2]", epochs=1)
