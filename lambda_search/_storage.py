@@ -259,12 +259,16 @@ def open_store(url: str, create: bool = False) -> Store:
                 import psycopg  # noqa: F401
             except ImportError:
                 raise StorageError("PostgreSQL storage needs the psycopg driver: pip install 'lambda-search[postgres]'") from None
-        storage = _rdb(sa_url, create, pool_pre_ping=True)
         try:
             locks = PgLocks(sa_url)
             locks.alive(0)  # a round trip: the server answers advisory locks
         except Exception as exc:
-            raise StorageError(f"cannot use storage {redact(url)!r}: {_scrub(exc, sa_url)}") from None
+            raise StorageError(f"cannot open storage {redact(url)!r}: {_scrub(exc, sa_url)}") from None
+        if create:
+            with locks.exclusive():  # several processes creating Optuna's tables at once
+                storage = _rdb(sa_url, True, pool_pre_ping=True)
+        else:
+            storage = _rdb(sa_url, False, pool_pre_ping=True)
         return Store(url, "postgresql", storage, locks)
     if url.startswith("journal:"):
         path = Path(url[len("journal:"):].removeprefix("//"))
