@@ -87,9 +87,6 @@ class Plan:
         same for every lambda (and the baseline), so points compare fold by fold."""
         return derive_seed(self.config["data"]["seed"], 17, fold.repeat, fold.index)
 
-    @property
-    def n_folds(self) -> int:
-        return len(self.folds_of(0))
 
 
 def grid_points(config: dict) -> list[Point]:

@@ -39,7 +39,7 @@ def figure4_data(status: StudyStatus, prefer: str = "larger") -> dict:
     accuracies and whether it is finished; the baseline's mean and std (or None); the
     chosen lambda (one-standard-error rule, ``prefer``) and the best-mean lambda; labels."""
     stats = lambda_stats(status)
-    sel = select(status, prefer)
+    sel = select(status, prefer, stats)
     points = []
     for s in sorted((s for s in stats if not s.baseline), key=lambda s: s.e_lambda):
         points.append({

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from scipy import stats as _stats
 
 from ._config import ConfigError
+from ._objective import summarize
 from ._study import StudyStatus
 
 __all__ = ["LambdaStats", "lambda_stats", "corrected_t_test", "select", "format_selection", "test_train_ratio",
@@ -45,17 +46,6 @@ class LambdaStats:
                 "folds_done": len(self.folds), "folds": self.n_folds}
 
 
-def _moments(values: list[float]) -> tuple[float | None, float | None, float | None]:
-    n = len(values)
-    if n == 0:
-        return None, None, None
-    mean = math.fsum(values) / n
-    if n < 2:
-        return mean, None, None
-    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, std, std / math.sqrt(n)
-
-
 def lambda_stats(status: StudyStatus) -> list[LambdaStats]:
     """Per lambda, in the config's order, then the baseline: the accuracies of all its
     finished folds (of every repeat), their mean, std (ddof=1) and standard error."""
@@ -77,8 +67,8 @@ def lambda_stats(status: StudyStatus) -> list[LambdaStats]:
         else:
             state = "pending"
         reason = next((p.reason for p in points if p.state == "diverged"), None)
-        mean, std, sem = _moments(list(folds.values()))
-        out.append(LambdaStats(e_lambda, state, folds, n_folds, mean, std, sem, reason))
+        moments = summarize(list(folds.values())) if folds else dict(mean=None, std=None, sem=None)
+        out.append(LambdaStats(e_lambda, state, folds, n_folds, moments["mean"], moments["std"], moments["sem"], reason))
     return out
 
 
@@ -114,15 +104,15 @@ def corrected_t_test(a: dict[str, float], b: dict[str, float], ratio: float) -> 
     return out
 
 
-def select(status: StudyStatus, prefer: str = "larger") -> dict:
+def select(status: StudyStatus, prefer: str = "larger", table: list[LambdaStats] | None = None) -> dict:
     """The lambda with the best mean; the one-standard-error choice (among the lambdas whose
     mean is at least best mean - best's standard error, the largest lambda when ``prefer`` is
     "larger": SimAM's energy closest to switched off, the conservative end; or the smallest);
     and each lambda compared with the best and with the baseline over shared folds.
-    Only complete lambdas are candidates."""
+    Only complete lambdas are candidates. ``table``: ``lambda_stats(status)``, when at hand."""
     if prefer not in PREFER:
         raise ConfigError(f"prefer must be 'larger' or 'smaller', got prefer={prefer!r}")
-    table = lambda_stats(status)
+    table = lambda_stats(status) if table is None else table
     ratio = test_train_ratio(status.config)
     lambdas = [s for s in table if not s.baseline]
     baseline = next((s for s in table if s.baseline), None)

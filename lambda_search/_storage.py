@@ -61,11 +61,10 @@ class _FileLease:
     def __init__(self, fd: int, path: Path):
         self.fd, self.path = fd, path
 
-    def release(self, forget: bool = True) -> None:
+    def release(self) -> None:
         if self.fd is None:
             return
-        if forget:
-            self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
         os.close(self.fd)  # closing drops the lock
         self.fd = None
 
@@ -115,7 +114,7 @@ class _PgLease:
     def __init__(self, conn):
         self.conn = conn
 
-    def release(self, forget: bool = True) -> None:
+    def release(self) -> None:
         if self.conn is not None:
             with contextlib.suppress(Exception):
                 self.conn.close()  # ends the session, which drops its advisory locks

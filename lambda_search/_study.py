@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from ._config import IDENTITY_EXEMPT, ConfigError, config_diff, resolve_config
 from ._objective import Plan, Point, fold_names, grid_points, make_plan, remove_checkpoints, run_point
-from ._storage import Store, StorageError, open_store, redact
+from ._storage import Store, open_store, redact
 from ._train import Engine
 
 __all__ = ["StudyError", "PointStatus", "StudyStatus", "baseline_study_name", "create_or_resume", "load_study_config",
@@ -163,7 +163,11 @@ class PointStatus:
     trial_number: int | None = None
     attempts: int = 0
     reason: str | None = None
-    duplicates: int = 0  # COMPLETE trials beyond the first: always 0 unless something is badly wrong
+
+    @property
+    def fold_accuracies(self) -> list[float | None]:
+        """Accuracy per fold of the plan, None where the fold is not finished."""
+        return _fold_accuracies(self.folds, self.fold_names)
 
     @property
     def folds_done(self) -> int:
@@ -173,7 +177,7 @@ class PointStatus:
         return {"e_lambda": self.point.e_lambda, "repeat": self.point.repeat, "baseline": self.point.baseline,
                 "state": self.state, "folds_done": self.folds_done, "folds": len(self.fold_names),
                 "mean": self.mean, "std": self.std, "sem": self.sem,
-                "fold_accuracies": [self.folds.get(n, {}).get("val_accuracy") for n in self.fold_names],
+                "fold_accuracies": self.fold_accuracies,
                 "fold_seconds": [self.folds.get(n, {}).get("seconds") for n in self.fold_names],
                 "trial": self.trial_number, "attempts": self.attempts, "reason": self.reason}
 
@@ -203,6 +207,10 @@ class StudyStatus:
                 "points": [p.to_dict() for p in self.points]}
 
 
+def _fold_accuracies(records: dict, names: list[str]) -> list[float | None]:
+    return [records.get(n, {}).get("val_accuracy") for n in names]
+
+
 def _all_trials(store: Store, name: str) -> list[tuple[str, FrozenTrial]]:
     out = []
     for study in (name, baseline_study_name(name)):
@@ -220,7 +228,6 @@ def _point_status(point: Point, names: list[str], trials: list[FrozenTrial], ali
         a = t.user_attrs
         status.state, status.trial_number, status.folds = "complete", t.number, dict(a.get("fold_results", {}))
         status.mean, status.std, status.sem = a.get("mean", t.value), a.get("std"), a.get("sem")
-        status.duplicates = len(complete) - 1
         return status
     for t in trials:
         reason = t.system_attrs.get(REASON_ATTR, "")
@@ -281,7 +288,6 @@ class Claim:
     trial_id: int
     number: int
     point: Point
-    study: str
     done: dict  # fold name -> record, finished by earlier attempts
     lease: object
 
@@ -332,11 +338,11 @@ def _claim(store: Store, name: str, config: dict, label: str) -> Claim | str:
             system_attrs={POINT_ATTR: point.key, "lambda_search:worker": f"{socket.gethostname()}:{os.getpid()}"},
             user_attrs={"e_lambda": point.e_lambda, "repeat": point.repeat, "attention": point.attention,
                         "fold_names": s.fold_names, "fold_results": s.folds,
-                        "fold_accuracies": [s.folds.get(n, {}).get("val_accuracy") for n in s.fold_names]})
+                        "fold_accuracies": s.fold_accuracies})
         trial_id = storage.create_new_trial(sid, template)
         lease = store.locks.lease(trial_id)
         number = storage.get_trial(trial_id).number
-        return Claim(trial_id, number, point, study, dict(s.folds), lease)
+        return Claim(trial_id, number, point, dict(s.folds), lease)
 
 
 # ---------------------------------------------------------------- workers
@@ -357,7 +363,7 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engine: Engine, *, checkp
 
     def on_fold(fold, record, records):
         storage.set_trial_user_attr(tid, "fold_results", records)
-        storage.set_trial_user_attr(tid, "fold_accuracies", [records.get(n, {}).get("val_accuracy") for n in names])
+        storage.set_trial_user_attr(tid, "fold_accuracies", _fold_accuracies(records, names))
         stats["folds"] += 1
         stats["seconds"] += record["seconds"]
         total_folds = len(plan.points) * len(names)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 
 from . import (MODEL_NAMES, STORAGE_ENV, ConfigError, StorageError, StudyError, __version__, build_model,
