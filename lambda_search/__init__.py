@@ -6,9 +6,11 @@ from ._data import DATASETS, Augmentation, ImageData, dataset_fingerprint, load_
 from ._folds import Fold, derive_seed, folds_fingerprint, make_folds
 from ._checkpoint import load_official_checkpoint, map_official_state_dict
 from ._models import MODEL_NAMES, BasicBlock, ResNet, build_model
-from ._simam import SimAM, check_e_lambda, set_e_lambda, simam
+from ._simam import SimAM, check_e_lambda, set_e_lambda, simam, simam_reference
 from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, train_fold
+from ._pack import Pack, train_pack
 from ._objective import Plan, Point, PointOutcome, grid_points, make_plan, run_point, summarize
+from ._bench import Bench, Projection, format_bench, paper_figure4_config, project, quick_projection, run_bench
 from ._storage import StorageError, Store, open_store, redact
 from ._study import (STORAGE_ENV, PointStatus, StudyError, StudyStatus, baseline_study_name, create_or_resume,
                      load_study_config, resume_config, run_search, run_worker, stop_on_signals, study_status)
@@ -31,6 +33,13 @@ __all__ = [
     "make_plan",
     "run_point",
     "summarize",
+    "Bench",
+    "Projection",
+    "format_bench",
+    "paper_figure4_config",
+    "project",
+    "quick_projection",
+    "run_bench",
     "StorageError",
     "Store",
     "open_store",
@@ -79,6 +88,8 @@ __all__ = [
     "random_crop_flip",
     "random_resized_crop",
     "train_fold",
+    "Pack",
+    "train_pack",
     "MODEL_NAMES",
     "BasicBlock",
     "ResNet",
@@ -89,5 +100,6 @@ __all__ = [
     "map_official_state_dict",
     "set_e_lambda",
     "simam",
+    "simam_reference",
     "__version__",
 ]

@@ -80,7 +80,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "gamma": (0.1, lambda v: _real(v) and math.isfinite(v) and v > 0, "a finite number > 0"),
         "device": ("cpu", lambda v: isinstance(v, str) and v != "", "a torch device such as 'cpu' or 'cuda'"),
         "amp": (None, lambda v: isinstance(v, bool), "true or false (not set: on for CUDA)"),
-        "channels_last": (None, lambda v: isinstance(v, bool), "true or false (not set: on for CUDA)"),
+        "channels_last": (None, lambda v: isinstance(v, bool), "true or false (not set: on)"),
         "compile": (False, lambda v: isinstance(v, bool), "true or false"),
         "eval_every": (1, lambda v: _int(v) and v >= 1, "an integer >= 1"),
         "checkpoint_every_epochs": (1, lambda v: _int(v) and v >= 1, "an integer >= 1"),

@@ -37,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from ._config import IDENTITY_EXEMPT, ConfigError, config_diff, resolve_config
 from ._objective import Plan, Point, fold_names, grid_points, make_plan, remove_checkpoints, run_point
+from ._bench import quick_projection
 from ._storage import Store, open_store, redact
 from ._train import Engine
 
@@ -545,6 +546,9 @@ def run_search(config: dict, *, workers: int | None = None, log: Callable[[str],
     log(f"study {name!r} {how} in {store.shown}: {status.complete} of {status.total} points complete")
     if status.finished:
         return how, status
+    projection = quick_projection(plan)
+    log(f"projected on one {plan.train.device} worker: {projection.describe()} "
+        f"(a quick measurement; `lambda-search bench CONFIG` measures in full)")
     workers = workers or config["search"]["workers"]
     if workers == 1:
         run_worker(store, name, plan=plan, log=log, progress=progress, should_stop=should_stop)

@@ -24,7 +24,7 @@ from ._folds import Fold, derive_seed
 from ._models import build_model
 from ._simam import check_e_lambda, set_e_lambda
 
-__all__ = ["TrainConfig", "EpochMetrics", "FoldResult", "Engine", "train_fold"]
+__all__ = ["TrainConfig", "EpochMetrics", "FoldResult", "Engine", "make_optimizer", "train_fold"]
 
 SCHEDULES = ("step", "cosine")
 CHECKPOINT_VERSION = 1
@@ -56,7 +56,7 @@ class TrainConfig:
     gamma: float = 0.1
     device: str = "cpu"
     amp: bool | None = None  # bfloat16 autocast; None: on for CUDA
-    channels_last: bool | None = None  # None: on for CUDA
+    channels_last: bool | None = None  # None: on
     compile: bool = False
     eval_every: int = 1  # epochs between validation passes; the final model is always evaluated
     eval_batch_size: int = 1024
@@ -140,18 +140,24 @@ class Engine:
 
     def __init__(self, model_name: str, num_classes: int, attention: str = "simam", shortcut: str = "B",
                  device: str = "cpu", compile: bool = False, amp: bool | None = None,
-                 channels_last: bool | None = None) -> None:
+                 channels_last: bool | None = None, dtype: torch.dtype = torch.float32) -> None:
         self.device = torch.device(device)
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got dtype={dtype!r}")
+        self.dtype = dtype  # float64: a check of the arithmetic (the CPU kernel is float32 only)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} asked for, but no CUDA device is available")
         self.spec = dict(model_name=model_name, num_classes=num_classes, attention=attention, shortcut=shortcut)
         cuda = self.device.type == "cuda"
         self.amp = cuda if amp is None else bool(amp)
-        self.channels_last = cuda if channels_last is None else bool(channels_last)
-        self.model = self._fresh(seed=0).to(self.device)
+        # channels last: faster convolutions on GPUs and with oneDNN on CPUs (measured by bench)
+        self.channels_last = True if channels_last is None else bool(channels_last)
+        self.model = self._fresh(seed=0).to(self.device, dtype)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.compile = bool(compile)
         self.forward = torch.compile(self.model) if compile else self.model
+        self.packs: dict = {}  # pack size -> Pack (lambda_search._pack), built once like the engine
 
     def _fresh(self, seed: int, e_lambda: float = 1e-4):
         with torch.random.fork_rng(devices=[]):
@@ -168,10 +174,25 @@ class Engine:
             set_e_lambda(self.model, e_lambda)
 
     def batch(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One SGD step on the batch (x, y); returns the loss, detached (no host sync)."""
+        with self.autocast():
+            loss = F.cross_entropy(self.forward(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+
+def make_optimizer(net: torch.nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay, nesterov=config.nesterov)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -227,6 +248,45 @@ def load_checkpoint(path: Path, key: dict) -> dict | None:
 
 
 # ---------------------------------------------------------------- training
+
+
+def checked_lambda(e_lambda, attention: str) -> float | None:
+    if attention == "simam":
+        return check_e_lambda(e_lambda)
+    if e_lambda is not None:
+        raise ValueError(f"e_lambda must be None without attention, got e_lambda={e_lambda!r}")
+    return None
+
+
+def engine_for(engine: Engine | None, data: ImageData, config: TrainConfig, model: str, attention: str,
+               shortcut: str) -> Engine:
+    """``engine`` after checking that it is built for this network, or a new one."""
+    if engine is None:
+        return Engine(model, data.num_classes, attention, shortcut, config.device, config.compile,
+                      config.amp, config.channels_last)
+    if engine.spec != dict(model_name=model, num_classes=data.num_classes, attention=attention, shortcut=shortcut):
+        raise ValueError(f"the engine was built for {engine.spec}, not for model={model!r}, attention={attention!r}, "
+                         f"shortcut={shortcut!r} with {data.num_classes} classes")
+    return engine
+
+
+def on_device(data: ImageData, config: TrainConfig, device: torch.device) -> ImageData:
+    """The data set on the training device, unless it is larger than ``config.max_device_bytes``."""
+    if data.images.device != device and data.images.numel() <= config.max_device_bytes:
+        return data.to(device)
+    return data
+
+
+def checkpoint_key(data: ImageData, fold: Fold, e_lambda: float | None, seed: int, engine: Engine,
+                   config: TrainConfig) -> dict:
+    """What a fold checkpoint must match to be resumed: the run, not where or how fast it runs."""
+    key = dict(e_lambda=e_lambda, seed=seed, fold=fold.name, fold_seed=fold.seed, n_train=len(fold.train),
+               n_val=len(fold.val), data=data.name, n_data=len(data), **engine.spec,
+               config={k: v for k, v in asdict(config).items()
+                       if k not in ("device", "compile", "eval_batch_size", "checkpoint_every_epochs",
+                                    "checkpoint_every_seconds", "max_device_bytes", "pack")})
+    key["config"]["milestones"] = list(config.milestones)
+    return key
 
 
 def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -288,22 +348,13 @@ def train_fold(
         cfg = ls.TrainConfig(epochs=15, batch_size=64, lr=0.05)
         print(ls.train_fold(data, fold, 1e-4, cfg, model="resnet20").val_accuracy)  # about 0.97
     """
-    if attention == "simam":
-        e_lambda = check_e_lambda(e_lambda)
-    elif e_lambda is not None:
-        raise ValueError(f"e_lambda must be None without attention, got e_lambda={e_lambda!r}")
-    if engine is None:
-        engine = Engine(model, data.num_classes, attention, shortcut, config.device, config.compile,
-                        config.amp, config.channels_last)
-    elif engine.spec != dict(model_name=model, num_classes=data.num_classes, attention=attention, shortcut=shortcut):
-        raise ValueError(f"the engine was built for {engine.spec}, not for model={model!r}, attention={attention!r}, "
-                         f"shortcut={shortcut!r} with {data.num_classes} classes")
+    e_lambda = checked_lambda(e_lambda, attention)
+    engine = engine_for(engine, data, config, model, attention, shortcut)
     device = engine.device
     n_train = len(fold.train)
     if config.batch_size > n_train:
         raise ValueError(f"batch_size={config.batch_size} exceeds the fold's {n_train} training images")
-    if data.images.device != device and data.images.numel() <= config.max_device_bytes:
-        data = data.to(device)
+    data = on_device(data, config, device)
     index_device = data.images.device
     train_index = torch.as_tensor(fold.train, device=index_device)
     val_index = torch.as_tensor(fold.val, device=index_device)
@@ -312,17 +363,11 @@ def train_fold(
 
     engine.reset(seed, e_lambda)
     net = engine.model
-    optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay, nesterov=config.nesterov)
+    optimizer = make_optimizer(net, config)
     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, 1))
 
     path = Path(checkpoint) if checkpoint is not None else None
-    key = dict(e_lambda=e_lambda, seed=seed, fold=fold.name, fold_seed=fold.seed, n_train=n_train,
-               n_val=len(fold.val), data=data.name, n_data=len(data), **engine.spec,
-               config={k: v for k, v in asdict(config).items()
-                       if k not in ("device", "compile", "eval_batch_size", "checkpoint_every_epochs",
-                                    "checkpoint_every_seconds", "max_device_bytes")})
-    key["config"]["milestones"] = list(config.milestones)
+    key = checkpoint_key(data, fold, e_lambda, seed, engine, config)
     iteration, curve, seconds_before, resumed_from, payload = 0, [], 0.0, None, None
     if path is not None:
         payload = load_checkpoint(path, key)
@@ -376,13 +421,7 @@ def train_fold(
                     group["lr"] = lr
             idx = train_index[perm[b * config.batch_size : (b + 1) * config.batch_size]]
             x = engine.batch(train_batch(data, idx, generator, device))
-            y = labels[idx].to(device, non_blocking=True)
-            with engine.autocast():
-                loss = F.cross_entropy(engine.forward(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss = loss.detach()
+            loss = engine.step(optimizer, x, labels[idx].to(device, non_blocking=True))
             step_count += 1
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step_count, first_bad)
             epoch_loss += loss.double()

@@ -8,8 +8,9 @@ import os
 import sys
 
 from . import (MODEL_NAMES, STORAGE_ENV, ConfigError, StorageError, StudyError, __version__, build_model,
-               default_plot_path, export_csv, format_selection, load_config, open_store, plot_figure4,
-               resume_config, run_search, run_worker, select, status_table, stop_on_signals, study_status)
+               default_plot_path, export_csv, format_bench, format_selection, load_config, open_store,
+               paper_figure4_config, plot_figure4, resume_config, run_bench, run_search, run_worker, select,
+               status_table, stop_on_signals, study_status)
 
 USER_ERRORS = (ConfigError, StorageError, StudyError)
 
@@ -40,6 +41,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
 
 
@@ -149,6 +160,17 @@ def _select(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.config is None:
+        config = paper_figure4_config(args.set)
+    else:
+        config = load_config(args.config, args.set)
+    bench = run_bench(config, rounds=args.rounds, workers=args.loader_workers,
+                      log=None if args.json else _say)
+    print(json.dumps(bench.to_json(), indent=1) if args.json else format_bench(bench))
+    return 0
+
+
 def _study_args(p: argparse.ArgumentParser, storage_required: bool = True) -> None:
     p.add_argument("--storage", required=storage_required, metavar="URL",
                    help="sqlite:///FILE, postgresql://USER:PASSWORD@HOST/DB or journal:FILE")
@@ -171,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (a TOML value, or a plain string)")
     search.set_defaults(run=_search)
+
+    bench = commands.add_parser("bench", help="measure training speed against the official pipeline; project a study")
+    bench.add_argument("config", nargs="?", help="a study config (default: the paper's Figure 4 search on "
+                       "CIFAR-100-shaped synthetic data, on the GPU if there is one)")
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.add_argument("--rounds", type=_positive_int, default=7, help="timed rounds (default 7)")
+    bench.add_argument("--loader-workers", type=_count, default=None, metavar="N",
+                       help="DataLoader workers of the reference pipeline (default: min(4, CPU count))")
+    bench.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value, e.g. train.device=cpu")
+    bench.set_defaults(run=_bench)
 
     resume = commands.add_parser("resume", help="continue a study from its database alone")
     _study_args(resume)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lambda_search"
 # config -> data and folds -> model -> train -> objective -> study -> report -> CLI
-LAYERS = ["_config", "_data", "_augment", "_folds", "_simam", "_models", "_checkpoint", "_train", "_objective",
+LAYERS = ["_config", "_data", "_augment", "_folds", "_kernels", "_simam", "_models", "_checkpoint", "_train", "_pack", "_objective", "_bench",
           "_storage", "_study", "_report", "_select", "_plot", "cli"]
-OPTUNA_FREE = set(LAYERS[: LAYERS.index("_objective") + 1])
+OPTUNA_FREE = set(LAYERS[: LAYERS.index("_bench") + 1])
 
 
 def imports_of(path):

@@ -87,11 +87,16 @@ def test_a_trials_accuracies_are_train_folds_own(tiny_config):
 def test_rerunning_a_finished_study_trains_nothing(tiny_config, capsys):
     path = tiny_config(lambdas="[1e-2]")
     assert main(["search", str(path)]) == 0
+    # the search projects its wall time as it starts: 1 point x 2 folds x 2 epochs of 3 steps
+    first = capsys.readouterr().out
+    assert "projected on one cpu worker: 2 trainings, 12 iterations and 96 validation images:" in first
     db = path.with_suffix(".db")
     before = db.read_bytes()
     assert main(["search", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "1 of 1 points complete" in out and out.count("trial 0 complete") == 1
+    assert "projected" not in out  # nothing left to run
+    assert first.count("trial 0 complete") == 1
+    assert "1 of 1 points complete" in out and "trial 0 complete" not in out
     assert db.read_bytes() == before
 
 

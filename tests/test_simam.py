@@ -7,6 +7,9 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
+import lambda_search
+import lambda_search._kernels
+import lambda_search._simam
 from lambda_search import SimAM, build_model, set_e_lambda, simam
 
 
@@ -161,3 +164,59 @@ def test_functional_form_takes_one_lambda_per_sample():
     out = simam(x, torch.tensor(lams, dtype=torch.float64).view(3, 1, 1, 1))
     for i, lam in enumerate(lams):
         torch.testing.assert_close(out[i : i + 1], reference(x[i : i + 1], lam), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the CPU kernel
+
+kernel = pytest.mark.skipif(lambda_search._kernels.cpu_kernel() is None, reason="no C compiler for the CPU kernel")
+
+
+@kernel
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(4, 16, 32, 32), (3, 5, 7, 9), (8, 64, 8, 8), (2, 3, 2, 1), (2, 24, 4, 4)])
+@pytest.mark.parametrize("lam", [1e-8, 1e-4, 0.1, 10.0])
+def test_cpu_kernel_matches_float64_reference(shape, lam, channels_last):
+    """Forward and closed-form backward of the float32 kernel against autograd through the
+    float64 reference: within a few float32 roundings."""
+    g = torch.Generator().manual_seed(5)
+    x64 = torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.7
+    x64[0, 0] = 1.5  # a constant plane: zero variance
+    grad = torch.randn(shape, generator=g, dtype=torch.float64)
+    x64.requires_grad_(True)
+    expected = reference(x64, lam)
+    (expected_grad,) = torch.autograd.grad(expected, x64, grad)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x64.detach().float().contiguous(memory_format=fmt).requires_grad_(True)
+    out = simam(x, lam)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_SimAMFunctionBackward"
+    assert out.is_contiguous(memory_format=fmt)
+    (x_grad,) = torch.autograd.grad(out, x, grad.float())
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=2e-6, atol=2e-6 * expected.abs().max().item())
+    scale = expected_grad.abs().max().item()
+    torch.testing.assert_close(x_grad.double(), expected_grad, rtol=1e-5, atol=2e-6 * scale)
+
+
+@kernel
+def test_cpu_kernel_takes_a_lambda_per_channel_and_falls_back_elsewhere():
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    lams = torch.tensor([1e-6, 1e-3, 1e-1, 1.0], dtype=torch.float64)
+    for lam_shape in [(4,), (1, 4, 1, 1)]:
+        out = simam(x, lams.view(lam_shape))
+        assert type(out.grad_fn).__name__ == "_SimAMFunctionBackward"
+        for c, lam in enumerate(lams.tolist()):
+            torch.testing.assert_close(out[:, c : c + 1].double(), reference(x[:, c : c + 1], lam), rtol=2e-6, atol=2e-6)
+    # one lambda per sample (N, 1, 1, 1) is not per channel, even where N == C: the reference runs
+    x4 = torch.randn(4, 4, 3, 3)
+    per_sample = torch.tensor([1e-6, 1e-3, 1e-1, 1.0]).view(4, 1, 1, 1)
+    torch.testing.assert_close(simam(x4, per_sample), lambda_search.simam_reference(x4, per_sample))
+    # strides the kernel does not take (a transposed view) run the reference
+    xt = torch.randn(2, 3, 6, 5).transpose(2, 3)
+    torch.testing.assert_close(simam(xt, 1e-4), lambda_search.simam_reference(xt, 1e-4))
+
+
+def test_without_the_kernel_simam_is_the_reference(monkeypatch):
+    monkeypatch.setattr(lambda_search._simam, "cpu_kernel", lambda: None)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    out = simam(x, 1e-4)
+    assert type(out.grad_fn).__name__ != "_SimAMFunctionBackward"
+    torch.testing.assert_close(out, lambda_search.simam_reference(x, 1e-4), rtol=0, atol=0)

@@ -1,0 +1,341 @@
+"""Speed, measured in one run on one device: the official code's way of training (per-sample
+PIL transforms through a DataLoader, the eager float32 network, a ``loss.item()`` every
+step) against lambda_search's engine, with and without SimAM; and the projected wall time
+of a study from those figures.
+
+The three are timed in rounds, each round running a block of steps of each in turn, and
+each figure is the median over rounds: a machine shared with other jobs slows all three
+alike, and the ratios hold where the absolute figures drift.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ._augment import train_batch
+from ._config import resolve_config
+from ._data import ImageData
+from ._kernels import cpu_kernel
+from ._models import BasicBlock, build_model
+from ._objective import Plan, make_plan
+from ._simam import SimAM, simam_reference
+from ._train import Engine, _evaluate, make_optimizer
+
+__all__ = ["Bench", "Projection", "PAPER_FIGURE4", "paper_figure4_config", "project", "run_bench", "measure_steps", "quick_projection",
+           "format_bench", "format_seconds"]
+
+# The paper's Figure 4 search on CIFAR-100-shaped data: ResNet-20, 5 folds x 6 lambdas, 64k
+# iterations at batch 128 (what `lambda-search bench` projects when given no config).
+PAPER_FIGURE4 = {
+    "study": {"name": "figure4-shape"},
+    "search": {"lambdas": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], "baseline": False},
+    "data": {"dataset": "synthetic", "folds": 5,
+             "options": {"num_samples": 50000, "num_classes": 100, "image_size": 32}},
+    "model": {"name": "resnet20"},
+    "train": {"iterations": 64000, "batch_size": 128, "lr": 0.1},
+}
+
+
+def paper_figure4_config(overrides=()) -> dict:
+    """PAPER_FIGURE4, resolved, on the GPU where there is one."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_config(PAPER_FIGURE4, [f"train.device={device!r}", *overrides], origin="bench")
+
+
+@dataclass(frozen=True)
+class Projection:
+    trainings: int  # (point, fold) pairs
+    iterations: int  # training steps of all of them
+    eval_images: int  # validation images evaluated, epoch after epoch
+    seconds: float
+
+    def describe(self) -> str:
+        return (f"{self.trainings} trainings, {self.iterations:,} iterations and {self.eval_images:,} "
+                f"validation images: {format_seconds(self.seconds)}")
+
+
+@dataclass(frozen=True)
+class Bench:
+    device: str
+    model: str
+    image_size: int
+    batch_size: int
+    threads: int
+    loader_workers: int  # the reference pipeline's DataLoader workers
+    rounds: int
+    steps_per_block: int
+    reference_images_per_s: float
+    engine_images_per_s: float
+    baseline_images_per_s: float  # the engine, network without SimAM
+    eval_images_per_s: float
+    projection: Projection
+
+    @property
+    def speedup(self) -> float:
+        return self.engine_images_per_s / self.reference_images_per_s
+
+    @property
+    def simam_overhead(self) -> float:
+        """Engine step time with SimAM / without, minus 1."""
+        return self.baseline_images_per_s / self.engine_images_per_s - 1
+
+    def to_json(self) -> dict:
+        out = {"device": self.device, "reference_images_per_s": self.reference_images_per_s,
+               "engine_images_per_s": self.engine_images_per_s, "speedup": self.speedup,
+               "simam_overhead": self.simam_overhead, "projected_seconds": self.projection.seconds}
+        out.update({k: v for k, v in asdict(self).items() if k not in out and k != "projection"})
+        out["projection"] = asdict(self.projection)
+        return out
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+# ---------------------------------------------------------------- projection
+
+
+def project(plan: Plan, step_seconds: dict[str, float], eval_images_per_s: float) -> Projection:
+    """Wall time of every point and fold of ``plan`` on one worker: training steps at
+    ``step_seconds[attention]`` ("simam" or "none") plus every validation pass."""
+    train = plan.train
+    trainings = iterations = eval_images = 0
+    seconds = 0.0
+    for point in plan.points:
+        for fold in plan.folds_of(point.repeat):
+            n_train = len(fold.train)
+            total = train.total_iterations(n_train)
+            epochs = math.ceil(total / (n_train // train.batch_size))
+            evaluated = sum(1 for e in range(1, epochs + 1) if e % train.eval_every == 0 or e == epochs)
+            trainings += 1
+            iterations += total
+            eval_images += evaluated * len(fold.val)
+            seconds += total * step_seconds[point.attention] + evaluated * len(fold.val) / eval_images_per_s
+    return Projection(trainings, iterations, eval_images, seconds)
+
+
+# ---------------------------------------------------------------- the three pipelines
+
+
+class _OfficialSimAM(torch.nn.Module):
+    """SimAM as the official code runs it: the tensor formula in eager PyTorch operations."""
+
+    def __init__(self, e_lambda: float) -> None:
+        super().__init__()
+        self.e_lambda = e_lambda
+
+    def forward(self, x):
+        return simam_reference(x, self.e_lambda)
+
+
+class _PilImages(torch.utils.data.Dataset):
+    """A uint8 (N, C, H, W) data set served one PIL image at a time, as torchvision's CIFAR."""
+
+    def __init__(self, data: ImageData, index, transform) -> None:
+        self.images = data.images[torch.as_tensor(index)].permute(0, 2, 3, 1).contiguous().numpy()
+        self.labels = data.labels[torch.as_tensor(index)].numpy()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        image = self.images[i]
+        image = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
+        return self.transform(image), int(self.labels[i])
+
+
+def _reference_transform(data: ImageData):
+    from torchvision import transforms as T
+
+    aug = data.augmentation
+    if aug.kind == "resized_crop":
+        crop = [T.RandomResizedCrop(aug.size, scale=aug.scale, ratio=aug.ratio)]
+    else:
+        crop = [T.RandomCrop(data.images.shape[-1], padding=aug.pad)]
+    flip = [T.RandomHorizontalFlip()] if aug.flip else []
+    return T.Compose(crop + flip + [T.ToTensor(), T.Normalize(data.mean, data.std)])
+
+
+def _reference_step(plan: Plan, e_lambda: float, device: torch.device, workers: int) -> Callable[[], None]:
+    """The official code's training step: DataLoader of PIL transforms, eager float32 network
+    with the tensor-formula SimAM, a loss.item() every step."""
+    cfg, train = plan.config["model"], plan.train
+    model = build_model(cfg["name"], plan.data.num_classes, "simam", e_lambda, cfg["shortcut"])
+    for block in model.modules():
+        if isinstance(block, BasicBlock) and isinstance(block.attn, SimAM):
+            block.attn = _OfficialSimAM(e_lambda)
+    model = model.to(device).train()
+    optimizer = make_optimizer(model, train)
+    dataset = _PilImages(plan.data, plan.folds[0].train, _reference_transform(plan.data))
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=1 << 30)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=train.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=workers > 0)
+    batches = iter(loader)
+
+    def step() -> None:
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss.item()
+
+    step.close = lambda: getattr(batches, "_shutdown_workers", lambda: None)()
+    return step
+
+
+def _engine(plan: Plan, attention: str, device: torch.device) -> Engine:
+    cfg, train = plan.config["model"], plan.train
+    return Engine(cfg["name"], plan.data.num_classes, attention, cfg["shortcut"], str(device), train.compile,
+                  train.amp, train.channels_last)
+
+
+def _engine_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None) -> Callable[[], None]:
+    """lambda_search's training step on ``engine``: batches augmented on the device, no host sync."""
+    engine.reset(0, e_lambda)
+    optimizer = make_optimizer(engine.model, plan.train)
+    device = engine.device
+    index = torch.as_tensor(plan.folds[0].train, device=data.images.device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    batch = plan.train.batch_size
+
+    def step() -> None:
+        idx = index[torch.randint(len(index), (batch,), device=index.device)]
+        x = engine.batch(train_batch(data, idx, generator, device))
+        engine.step(optimizer, x, data.labels[idx].to(device, non_blocking=True))
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_steps(steps: dict[str, Callable[[], None]], device: torch.device, rounds: int, block_seconds: float,
+                  warmup: int = 2) -> tuple[dict[str, float], int]:
+    """Seconds per step of each of ``steps``: ``warmup`` untimed steps each, then ``rounds``
+    rounds of one block of k steps each (k sized so that a block of the fastest takes about
+    ``block_seconds``), the order rotating from round to round. Returns the median over
+    rounds of each block's seconds per step, and k."""
+    first = {}
+    for name, step in steps.items():
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        t = time.perf_counter()
+        step()
+        _sync(device)
+        first[name] = time.perf_counter() - t
+    k = max(2, math.ceil(block_seconds / max(min(first.values()), 1e-6)))
+    names = list(steps)
+    per_round: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(k):
+                steps[name]()
+            _sync(device)
+            per_round[name].append((time.perf_counter() - t) / k)
+    return {name: statistics.median(v) for name, v in per_round.items()}, k
+
+
+def _eval_images_per_s(engine: Engine, data: ImageData, plan: Plan) -> float:
+    val = torch.as_tensor(plan.folds[0].val, device=data.images.device)
+    val = val[: max(1, min(len(val), 2 * plan.train.eval_batch_size))]
+    _evaluate(engine, data, val[: plan.train.eval_batch_size], plan.train.eval_batch_size)  # warm up
+    t = time.perf_counter()
+    _evaluate(engine, data, val, plan.train.eval_batch_size)
+    return len(val) / (time.perf_counter() - t)
+
+
+def _device_data(plan: Plan, device: torch.device) -> ImageData:
+    data = plan.data
+    if data.images.device != device and data.images.numel() <= plan.train.max_device_bytes:
+        data = data.to(device)
+    return data
+
+
+def _lambda_of(plan: Plan) -> float:
+    lambdas = plan.config["search"]["lambdas"]
+    return 1e-4 if 1e-4 in lambdas else lambdas[len(lambdas) // 2]
+
+
+def run_bench(config: dict | None = None, *, rounds: int = 7, block_seconds: float = 1.0,
+              workers: int | None = None, log: Callable[[str], None] | None = None) -> Bench:
+    """Measure the three pipelines on ``config``'s data, network, batch size and device (the
+    paper's Figure 4 search on CIFAR-100-shaped synthetic data when None), and project the
+    config's study."""
+    say = log or (lambda text: None)
+    if config is None:
+        config = paper_figure4_config()
+    plan = make_plan(config)
+    device = torch.device(plan.train.device)
+    if device.type == "cpu":
+        cpu_kernel()  # build SimAM's CPU kernel before anything is timed
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    data = _device_data(plan, device)
+    e_lambda = _lambda_of(plan)
+    say(f"bench: {config['model']['name']} at {data.input_size} px, batch {plan.train.batch_size}, on {device} "
+        f"({torch.get_num_threads()} threads); {rounds} rounds")
+    simam_engine = _engine(plan, "simam", device)
+    baseline_engine = _engine(plan, "none", device)
+    reference = _reference_step(plan, e_lambda, device, workers)
+    try:
+        seconds, k = measure_steps({"reference": reference,
+                                    "engine": _engine_step(plan, simam_engine, data, e_lambda),
+                                    "baseline": _engine_step(plan, baseline_engine, data, None)},
+                                   device, rounds, block_seconds)
+    finally:
+        reference.close()
+    eval_rate = _eval_images_per_s(simam_engine, data, plan)
+    batch = plan.train.batch_size
+    projection = project(plan, {"simam": seconds["engine"], "none": seconds["baseline"]}, eval_rate)
+    return Bench(str(device), config["model"]["name"], data.input_size, batch, torch.get_num_threads(), workers,
+                 rounds, k, batch / seconds["reference"], batch / seconds["engine"], batch / seconds["baseline"],
+                 eval_rate, projection)
+
+
+def quick_projection(plan: Plan, block_seconds: float = 1.0) -> Projection:
+    """The projection a search prints as it starts: the engine alone, one short round."""
+    device = torch.device(plan.train.device)
+    data = _device_data(plan, device)
+    attentions = sorted({p.attention for p in plan.points})
+    engines = {a: _engine(plan, a, device) for a in attentions}
+    e_lambda = _lambda_of(plan)
+    seconds, _ = measure_steps({a: _engine_step(plan, engines[a], data, e_lambda if a == "simam" else None)
+                                for a in attentions}, device, rounds=1, block_seconds=block_seconds)
+    return project(plan, seconds, _eval_images_per_s(engines[attentions[-1]], data, plan))
+
+
+def format_bench(bench: Bench) -> str:
+    rows = [("reference: PIL transforms, DataLoader, eager, loss.item()", bench.reference_images_per_s),
+            ("lambda_search engine, SimAM", bench.engine_images_per_s),
+            ("lambda_search engine, no SimAM", bench.baseline_images_per_s)]
+    lines = [f"{'training images/s':<60} {'':>10}"]
+    lines += [f"  {name:<58} {value:>10,.1f}" for name, value in rows]
+    lines += [f"  {'evaluation (engine, SimAM)':<58} {bench.eval_images_per_s:>10,.1f}",
+              f"speedup over the reference: {bench.speedup:.2f}x",
+              f"SimAM overhead in the engine: {bench.simam_overhead:+.1%} (step time with SimAM / without - 1)",
+              f"projected on one {bench.device} worker: {bench.projection.describe()}"]
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""The CPU kernel of SimAM (``_simam_cpu.c``): built once per machine with the C compiler
+that torch.compile uses on the CPU, cached, loaded with ctypes.
+
+Where it cannot be built (no compiler, a read-only cache, ``LAMBDA_SEARCH_KERNELS=0``),
+:func:`cpu_kernel` returns None, warns once, and SimAM runs as plain PyTorch operations:
+slower, the same numbers to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+__all__ = ["cpu_kernel", "kernel_cache_dir", "KERNELS_ENV", "CACHE_ENV"]
+
+KERNELS_ENV = "LAMBDA_SEARCH_KERNELS"  # "0": never build or load, use PyTorch operations
+CACHE_ENV = "LAMBDA_SEARCH_CACHE"  # where built kernels are kept (default ~/.cache/lambda_search)
+SOURCE = Path(__file__).with_name("_simam_cpu.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+
+
+def kernel_cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lambda_search"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the processor model and its flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        wanted = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "\n".join(sorted(set(wanted)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([source, version.encode(), _cpu_signature().encode(),
+                                     " ".join(FLAGS).encode(), sys.platform.encode()])).hexdigest()[:20]
+    target = kernel_cache_dir() / f"simam_cpu_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename: concurrent workers never load a half-written file
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "compiler failed")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_kernel() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None where it cannot be had (a warning says why, once)."""
+    if os.environ.get(KERNELS_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    if sys.platform == "win32":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        warnings.warn("no C compiler found (set CC): SimAM runs as plain PyTorch operations on the CPU, "
+                      "which is slower", RuntimeWarning, stacklevel=2)
+        return None
+    try:
+        path = _build(compiler)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        warnings.warn(f"could not build SimAM's CPU kernel ({exc}): SimAM runs as plain PyTorch operations "
+                      f"on the CPU, which is slower", RuntimeWarning, stacklevel=2)
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.simam_forward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i32, i32]
+    lib.simam_forward.restype = None
+    lib.simam_backward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i32, i32]
+    lib.simam_backward.restype = None
+    return lib

@@ -1,0 +1,178 @@
+/* SimAM on the CPU, forward and closed-form backward, for float32 in NCHW or channels-last
+ * layout. Built at first use by lambda_search._kernels (the same compiler torch.compile uses
+ * on the CPU); lambda_search falls back to plain PyTorch operations where it cannot be built.
+ *
+ * Per channel plane of N = H*W neurons, n = N - 1:
+ *   mu  = mean(x),  t = x - mu,  d = t^2
+ *   inv = 1 / (4 (sum(d) / n + lambda))
+ *   s   = sigmoid(d * inv + 1/2),  out = x * s
+ * Backward, with g = dL/dout and a = g x s (1 - s):
+ *   dL/dx = g s + 2 t (a inv + k1) - k2,
+ *   k1 = -4 inv^2 sum(a d) / n,  k2 = 2 inv sum(a t) / N.
+ * One image at a time (its planes stay in the core's cache), images in parallel. The
+ * forward keeps s, so the backward evaluates no exponential. */
+#include <stdint.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* exp(x) for x <= 0: Cephes' expf (range reduction by ln 2, degree-6 polynomial), within
+ * 2 ulp of the true value; branch-free so that the compiler vectorises the loops using it. */
+INLINE float exp_nonpositive(float x) {
+    x = x > -87.0f ? x : -87.0f;
+    float t = x * 1.44269504088896341f + 12582912.0f; /* round(x / ln 2) by adding 1.5 * 2^23 */
+    float k = t - 12582912.0f;
+    int32_t n;
+    memcpy(&n, &t, 4);
+    n -= 0x4B400000;
+    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    int32_t bits = (n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+INLINE float sigmoid_of(float d, float inv) { return 1.0f / (1.0f + exp_nonpositive(-(d * inv + 0.5f))); }
+
+/* ---- one image, channels innermost: x[N][C] */
+
+INLINE void forward_cl(const float *restrict x, float *restrict out, float *restrict sg, float *restrict mu,
+                       float *restrict inv, const float *restrict lam, const int64_t C, int64_t N) {
+    float acc[C];
+    for (int64_t c = 0; c < C; c++) acc[c] = 0.f;
+    for (int64_t p = 0; p < N; p++)
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) acc[c] += x[p * C + c];
+    for (int64_t c = 0; c < C; c++) { mu[c] = acc[c] / (float)N; acc[c] = 0.f; }
+    for (int64_t p = 0; p < N; p++)
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) { float t = x[p * C + c] - mu[c]; acc[c] += t * t; }
+    for (int64_t c = 0; c < C; c++) inv[c] = 1.0f / (4.0f * (acc[c] / (float)(N - 1) + lam[c]));
+    for (int64_t p = 0; p < N; p++)
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
+            float xv = x[p * C + c], t = xv - mu[c];
+            float s = sigmoid_of(t * t, inv[c]);
+            sg[p * C + c] = s;
+            out[p * C + c] = xv * s;
+        }
+}
+
+INLINE void backward_cl(const float *restrict x, const float *restrict sg, const float *restrict g,
+                        const float *restrict mu, const float *restrict inv, float *restrict gx, const int64_t C,
+                        int64_t N) {
+    float s1[C], s2[C], k1[C], k2[C];
+    for (int64_t c = 0; c < C; c++) { s1[c] = 0.f; s2[c] = 0.f; }
+    for (int64_t p = 0; p < N; p++)
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
+            int64_t i = p * C + c;
+            float t = x[i] - mu[c], s = sg[i];
+            float a = g[i] * x[i] * s * (1.0f - s);
+            s1[c] += a * t * t;
+            s2[c] += a * t;
+        }
+    for (int64_t c = 0; c < C; c++) {
+        k1[c] = -4.0f * s1[c] * inv[c] * inv[c] / (float)(N - 1);
+        k2[c] = 2.0f * inv[c] * s2[c] / (float)N;
+    }
+    for (int64_t p = 0; p < N; p++)
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
+            int64_t i = p * C + c;
+            float t = x[i] - mu[c], s = sg[i];
+            float a = g[i] * x[i] * s * (1.0f - s);
+            gx[i] = g[i] * s + 2.0f * t * (a * inv[c] + k1[c]) - k2[c];
+        }
+}
+
+/* ---- one image, planes contiguous: x[C][N] */
+
+INLINE void forward_planes(const float *restrict x, float *restrict out, float *restrict sg, float *restrict mu,
+                           float *restrict inv, const float *restrict lam, int64_t C, int64_t N) {
+    for (int64_t c = 0; c < C; c++) {
+        const float *xp = x + c * N;
+        float *op = out + c * N, *sp = sg + c * N;
+        float sum = 0.f, var = 0.f;
+        _Pragma("omp simd reduction(+:sum)") for (int64_t p = 0; p < N; p++) sum += xp[p];
+        const float m = sum / (float)N;
+        _Pragma("omp simd reduction(+:var)") for (int64_t p = 0; p < N; p++) { float t = xp[p] - m; var += t * t; }
+        const float iv = 1.0f / (4.0f * (var / (float)(N - 1) + lam[c]));
+        _Pragma("omp simd") for (int64_t p = 0; p < N; p++) {
+            float t = xp[p] - m;
+            float s = sigmoid_of(t * t, iv);
+            sp[p] = s;
+            op[p] = xp[p] * s;
+        }
+        mu[c] = m;
+        inv[c] = iv;
+    }
+}
+
+INLINE void backward_planes(const float *restrict x, const float *restrict sg, const float *restrict g,
+                            const float *restrict mu, const float *restrict inv, float *restrict gx, int64_t C,
+                            int64_t N) {
+    for (int64_t c = 0; c < C; c++) {
+        const float *xp = x + c * N, *sp = sg + c * N, *gp = g + c * N;
+        float *op = gx + c * N;
+        const float m = mu[c], iv = inv[c];
+        float s1 = 0.f, s2 = 0.f;
+        _Pragma("omp simd reduction(+:s1,s2)") for (int64_t p = 0; p < N; p++) {
+            float t = xp[p] - m, s = sp[p];
+            float a = gp[p] * xp[p] * s * (1.0f - s);
+            s1 += a * t * t;
+            s2 += a * t;
+        }
+        const float k1 = -4.0f * s1 * iv * iv / (float)(N - 1), k2 = 2.0f * iv * s2 / (float)N;
+        _Pragma("omp simd") for (int64_t p = 0; p < N; p++) {
+            float t = xp[p] - m, s = sp[p];
+            float a = gp[p] * xp[p] * s * (1.0f - s);
+            op[p] = gp[p] * s + 2.0f * t * (a * iv + k1) - k2;
+        }
+    }
+}
+
+/* channels-last loops specialised for the networks' widths, so that C is a constant */
+#define BY_WIDTH(CALL, C)                                                                         \
+    switch (C) {                                                                                  \
+    case 16: CALL(16); break;                                                                     \
+    case 32: CALL(32); break;                                                                     \
+    case 64: CALL(64); break;                                                                     \
+    case 128: CALL(128); break;                                                                   \
+    case 256: CALL(256); break;                                                                   \
+    case 512: CALL(512); break;                                                                   \
+    default: CALL(C);                                                                             \
+    }
+
+/* x, out, sg: (B, C, N) or (B, N, C); mu, inv: (B, C); lam: (C,) */
+void simam_forward(const float *x, float *out, float *sg, float *mu, float *inv, const float *lam, int64_t B,
+                   int64_t C, int64_t N, int channels_last, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        int64_t o = b * C * N;
+        if (channels_last) {
+#define F(CC) forward_cl(x + o, out + o, sg + o, mu + b * C, inv + b * C, lam, CC, N)
+            BY_WIDTH(F, C)
+#undef F
+        } else {
+            forward_planes(x + o, out + o, sg + o, mu + b * C, inv + b * C, lam, C, N);
+        }
+    }
+}
+
+void simam_backward(const float *x, const float *sg, const float *g, const float *mu, const float *inv, float *gx,
+                    int64_t B, int64_t C, int64_t N, int channels_last, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+        int64_t o = b * C * N;
+        if (channels_last) {
+#define G(CC) backward_cl(x + o, sg + o, g + o, mu + b * C, inv + b * C, gx + o, CC, N)
+            BY_WIDTH(G, C)
+#undef G
+        } else {
+            backward_planes(x + o, sg + o, g + o, mu + b * C, inv + b * C, gx + o, C, N);
+        }
+    }
+}
