@@ -26,10 +26,12 @@ from ._data import ImageData
 from ._kernels import cpu_kernel
 from ._models import BasicBlock, build_model
 from ._objective import Plan, make_plan
+from ._pack import pack_for
 from ._simam import SimAM, simam_reference
 from ._train import Engine, _evaluate, make_optimizer
 
-__all__ = ["Bench", "Projection", "PAPER_FIGURE4", "paper_figure4_config", "project", "run_bench", "measure_steps", "quick_projection",
+__all__ = ["Bench", "Projection", "PAPER_FIGURE4", "paper_figure4_config", "project", "run_bench", "measure_steps", "measure_packs",
+           "pick_pack", "quick_projection", "worker_pack",
            "format_bench", "format_seconds"]
 
 # The paper's Figure 4 search on CIFAR-100-shaped data: ResNet-20, 5 folds x 6 lambdas, 64k
@@ -56,6 +58,7 @@ class Projection:
     iterations: int  # training steps of all of them
     eval_images: int  # validation images evaluated, epoch after epoch
     seconds: float
+    packs: dict | None = None  # attention ("simam"/"none") -> folds trained at once
 
     def describe(self) -> str:
         return (f"{self.trainings} trainings, {self.iterations:,} iterations and {self.eval_images:,} "
@@ -77,6 +80,8 @@ class Bench:
     baseline_images_per_s: float  # the engine, network without SimAM
     eval_images_per_s: float
     projection: Projection
+    pack_images_per_s: dict  # pack size -> training images/s of all its networks (engine, SimAM)
+    pack: int  # the size a search picks here (train.pack = "auto")
 
     @property
     def speedup(self) -> float:
@@ -109,9 +114,11 @@ def format_seconds(seconds: float) -> str:
 # ---------------------------------------------------------------- projection
 
 
-def project(plan: Plan, step_seconds: dict[str, float], eval_images_per_s: float) -> Projection:
+def project(plan: Plan, step_seconds: dict[str, float], eval_images_per_s: float,
+            packs: dict | None = None) -> Projection:
     """Wall time of every point and fold of ``plan`` on one worker: training steps at
-    ``step_seconds[attention]`` ("simam" or "none") plus every validation pass."""
+    ``step_seconds[attention]`` ("simam" or "none": seconds per iteration of one training,
+    a pack's step divided by its size) plus every validation pass."""
     train = plan.train
     trainings = iterations = eval_images = 0
     seconds = 0.0
@@ -125,7 +132,7 @@ def project(plan: Plan, step_seconds: dict[str, float], eval_images_per_s: float
             iterations += total
             eval_images += evaluated * len(fold.val)
             seconds += total * step_seconds[point.attention] + evaluated * len(fold.val) / eval_images_per_s
-    return Projection(trainings, iterations, eval_images, seconds)
+    return Projection(trainings, iterations, eval_images, seconds, packs)
 
 
 # ---------------------------------------------------------------- the three pipelines
@@ -226,6 +233,73 @@ def _engine_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | 
     return step
 
 
+def _pack_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, size: int) -> Callable[[], None]:
+    """A packed training step of ``size`` networks (train_pack's), on random batches of the first fold."""
+    pack = pack_for(engine, size)
+    state = engine._fresh(0).state_dict()
+    for p in range(size):
+        pack.load(p, state, None, e_lambda)
+    device = engine.device
+    index = torch.as_tensor(plan.folds[0].train, device=data.images.device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    batch = plan.train.batch_size
+
+    def step() -> None:
+        xs, ys = [], []
+        for _ in range(size):
+            idx = index[torch.randint(len(index), (batch,), device=index.device)]
+            xs.append(train_batch(data, idx, generator, device))
+            ys.append(data.labels[idx].to(device, non_blocking=True))
+        pack.step(engine.batch(torch.cat(xs, 1)), torch.stack(ys, 1), (plan.train.lr,) * size, plan.train)
+
+    return step
+
+
+def auto_packs(device: torch.device) -> bool:
+    """Whether train.pack = "auto" may pack on ``device``: on GPUs only. On the CPU a search
+    stays bit-for-bit reproducible (a grouped convolution rounds differently from a plain one,
+    and the pick would depend on a timing); packing there is asked for with a number."""
+    return device.type != "cpu"
+
+
+def _chunks(folds: int, size: int) -> list[int]:
+    """The packs run_point makes of ``folds`` folds at pack size ``size``."""
+    return [size] * (folds // size) + ([folds % size] if folds % size else [])
+
+
+def measure_packs(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, sizes, *,
+                  rounds: int = 1, block_seconds: float = 0.5) -> dict[int, float]:
+    """Seconds per step of a pack of each size in ``sizes`` (size 1: the engine's own step)."""
+    steps = {size: (_engine_step(plan, engine, data, e_lambda) if size == 1
+                    else _pack_step(plan, engine, data, e_lambda, size)) for size in sizes}
+    seconds, _ = measure_steps(steps, engine.device, rounds, block_seconds, warmup=1)
+    return seconds
+
+
+def pick_pack(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, *, rounds: int = 1,
+              block_seconds: float = 0.5) -> tuple[int, float, dict[int, float]]:
+    """The pack size for one point's folds on ``engine``: ``train.pack`` when it is a number;
+    "auto": on a GPU the measured fastest (a pack must beat one fold at a time by 5 %, or it
+    is 1), on the CPU 1 (measured all the same). Returns (size, seconds per iteration of one
+    training, {size: seconds per pack step})."""
+    folds = len(plan.folds_of(0))
+    asked = plan.train.pack
+    if asked != "auto":
+        size = min(asked, folds)
+        sizes = sorted({size, *_chunks(folds, size)})
+    else:
+        sizes = sorted({1, folds, math.ceil(folds / 2), *_chunks(folds, math.ceil(folds / 2))})
+    seconds = measure_packs(plan, engine, data, e_lambda, sizes, rounds=rounds, block_seconds=block_seconds)
+    per_point = {s: sum(seconds[c] for c in _chunks(folds, s)) for s in sizes
+                 if all(c in seconds for c in _chunks(folds, s))}
+    if asked != "auto":
+        return size, per_point[size] / folds, seconds
+    best = min(per_point, key=per_point.get)
+    if per_point[best] > 0.95 * per_point[1] or not auto_packs(engine.device):
+        best = 1
+    return best, per_point[best] / folds, seconds
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -310,22 +384,51 @@ def run_bench(config: dict | None = None, *, rounds: int = 7, block_seconds: flo
         reference.close()
     eval_rate = _eval_images_per_s(simam_engine, data, plan)
     batch = plan.train.batch_size
-    projection = project(plan, {"simam": seconds["engine"], "none": seconds["baseline"]}, eval_rate)
+    say("bench: packed training")
+    size, per_training, pack_seconds = pick_pack(plan, simam_engine, data, e_lambda, rounds=max(1, rounds // 2),
+                                                 block_seconds=block_seconds)
+    size_none = 1
+    step = {"simam": seconds["engine"], "none": seconds["baseline"]}
+    if size > 1:
+        step["simam"] = per_training
+        size_none, step["none"], _ = pick_pack(plan, baseline_engine, data, None, block_seconds=block_seconds)
+    projection = project(plan, step, eval_rate, packs={"simam": size, "none": size_none})
     return Bench(str(device), config["model"]["name"], data.input_size, batch, torch.get_num_threads(), workers,
                  rounds, k, batch / seconds["reference"], batch / seconds["engine"], batch / seconds["baseline"],
-                 eval_rate, projection)
+                 eval_rate, projection, {s: s * batch / t for s, t in sorted(pack_seconds.items())}, size)
 
 
-def quick_projection(plan: Plan, block_seconds: float = 1.0) -> Projection:
-    """The projection a search prints as it starts: the engine alone, one short round."""
+def quick_projection(plan: Plan, block_seconds: float = 0.5) -> Projection:
+    """The projection a search prints as it starts, from one short round of the engine (and of
+    packs, where ``train.pack`` is "auto" or above 1); ``packs`` says the sizes picked."""
     device = torch.device(plan.train.device)
     data = _device_data(plan, device)
     attentions = sorted({p.attention for p in plan.points})
-    engines = {a: _engine(plan, a, device) for a in attentions}
     e_lambda = _lambda_of(plan)
-    seconds, _ = measure_steps({a: _engine_step(plan, engines[a], data, e_lambda if a == "simam" else None)
-                                for a in attentions}, device, rounds=1, block_seconds=block_seconds)
-    return project(plan, seconds, _eval_images_per_s(engines[attentions[-1]], data, plan))
+    step, packs = {}, {}
+    engine = None
+    for a in attentions:
+        engine = _engine(plan, a, device)
+        lam = e_lambda if a == "simam" else None
+        if plan.train.pack == 1 or len(plan.folds_of(0)) == 1 or (plan.train.pack == "auto"
+                                                                    and not auto_packs(device)):
+            packs[a] = 1
+            step[a] = measure_packs(plan, engine, data, lam, [1], block_seconds=block_seconds)[1]
+        else:
+            packs[a], step[a], _ = pick_pack(plan, engine, data, lam, block_seconds=block_seconds)
+    projection = project(plan, step, _eval_images_per_s(engine, data, plan), packs=packs)
+    return projection
+
+
+def worker_pack(plan: Plan, engine: Engine) -> tuple[int, dict[int, float]]:
+    """The pack size of a worker's ``engine`` (train.pack as a number, or "auto": measured on
+    a GPU, 1 on the CPU) and the pack steps measured to pick it ({} where none was)."""
+    folds = len(plan.folds_of(0))
+    if plan.train.pack != "auto" or folds == 1 or not auto_packs(engine.device):
+        return (1 if plan.train.pack == "auto" else min(folds, plan.train.pack)), {}
+    lam = _lambda_of(plan) if engine.spec["attention"] == "simam" else None
+    size, _, seconds = pick_pack(plan, engine, _device_data(plan, engine.device), lam)
+    return size, seconds
 
 
 def format_bench(bench: Bench) -> str:
@@ -338,4 +441,10 @@ def format_bench(bench: Bench) -> str:
               f"speedup over the reference: {bench.speedup:.2f}x",
               f"SimAM overhead in the engine: {bench.simam_overhead:+.1%} (step time with SimAM / without - 1)",
               f"projected on one {bench.device} worker: {bench.projection.describe()}"]
+    if len(bench.pack_images_per_s) > 1:
+        one = bench.pack_images_per_s[1]
+        lines.insert(4, "  packed training (train.pack), all networks together:")
+        for i, (size, rate) in enumerate(bench.pack_images_per_s.items()):
+            lines.insert(5 + i, f"    {size} network{'s' if size > 1 else ' '} at once{'':<37} {rate:>10,.1f}"
+                                f"  ({rate / one:.2f}x){'  <- picked' if size == bench.pack else ''}")
     return "\n".join(lines)

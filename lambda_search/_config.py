@@ -82,6 +82,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "amp": (None, lambda v: isinstance(v, bool), "true or false (not set: on for CUDA)"),
         "channels_last": (None, lambda v: isinstance(v, bool), "true or false (not set: on)"),
         "compile": (False, lambda v: isinstance(v, bool), "true or false"),
+        "pack": ("auto", lambda v: v == "auto" or (_int(v) and v >= 1),
+                 "'auto' or an integer >= 1 (folds trained at once as one packed network)"),
         "eval_every": (1, lambda v: _int(v) and v >= 1, "an integer >= 1"),
         "checkpoint_every_epochs": (1, lambda v: _int(v) and v >= 1, "an integer >= 1"),
         "checkpoint_every_seconds": (120.0, lambda v: _real(v) and math.isfinite(v) and v >= 0,
@@ -93,7 +95,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 # a study is resumed or joined by a worker on another machine.
 IDENTITY_EXEMPT = frozenset({
     "study.storage", "study.checkpoint_dir", "search.workers", "data.root", "data.download",
-    "train.device", "train.compile",
+    "train.device", "train.compile", "train.pack",
     "train.checkpoint_every_epochs", "train.checkpoint_every_seconds",
 })
 

@@ -21,6 +21,7 @@ from ._config import ConfigError
 from ._data import ImageData, dataset_fingerprint, load_dataset
 from ._folds import Fold, derive_seed, folds_fingerprint, make_folds
 from ._models import MODEL_NAMES
+from ._pack import train_pack
 from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, train_fold
 
 __all__ = ["Point", "Plan", "PointOutcome", "grid_points", "fold_names", "make_plan", "summarize", "run_point",
@@ -181,9 +182,10 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
               engine: Engine | None = None, checkpoint_dir: str | os.PathLike | None = None,
               on_fold: Callable[[Fold, dict, dict], None] | None = None,
               on_epoch: Callable[[Fold, EpochMetrics], None] | None = None,
-              should_stop: Callable[[], bool] | None = None) -> PointOutcome:
+              should_stop: Callable[[], bool] | None = None, pack: int = 1) -> PointOutcome:
     """Train ``point`` on every fold of its repeat that ``done`` (fold name -> record) does
     not hold yet, in fold order, and summarise. A fold with a checkpoint resumes from it.
+    ``pack`` > 1 trains that many folds at once as one packed network (same results).
     ``on_fold(fold, record, all_records)`` runs as each fold finishes."""
     records = dict(done or {})
     for name, record in records.items():
@@ -191,21 +193,33 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
             return PointOutcome("diverged", records, reason=_diverged(name, record))
     model = plan.config["model"]
     folder = checkpoint_folder(checkpoint_dir, point)
-    for fold in plan.folds_of(point.repeat):
-        if fold.name in records:
-            continue
-        result = train_fold(
-            plan.data, fold, point.e_lambda, plan.train, model=model["name"], attention=point.attention,
-            shortcut=model["shortcut"], seed=plan.train_seed(fold), engine=engine,
-            callback=(lambda m, fold=fold: on_epoch(fold, m)) if on_epoch is not None else None,
-            checkpoint=folder / f"{fold.name}.pt" if folder is not None else None, should_stop=should_stop)
-        if result.status == "stopped":
-            return PointOutcome("stopped", records, reason=f"interrupted in fold {fold.name}")
-        records[fold.name] = fold_record(result)
-        if on_fold is not None:
-            on_fold(fold, records[fold.name], records)
-        if result.status == "diverged":
-            return PointOutcome("diverged", records, reason=_diverged(fold.name, records[fold.name]))
+    todo = [f for f in plan.folds_of(point.repeat) if f.name not in records]
+    for start in range(0, len(todo), max(1, pack)):
+        group = todo[start : start + max(1, pack)]
+        common = dict(model=model["name"], attention=point.attention, shortcut=model["shortcut"], engine=engine,
+                      should_stop=should_stop)
+        paths = [folder / f"{f.name}.pt" if folder is not None else None for f in group]
+        if len(group) == 1:
+            fold = group[0]
+            results = [train_fold(plan.data, fold, point.e_lambda, plan.train, seed=plan.train_seed(fold),
+                                  callback=(lambda m, fold=fold: on_epoch(fold, m)) if on_epoch is not None else None,
+                                  checkpoint=paths[0], **common)]
+        else:
+            results = train_pack(plan.data, group, [point.e_lambda] * len(group), plan.train,
+                                 seeds=[plan.train_seed(f) for f in group],
+                                 callback=(lambda i, m: on_epoch(group[i], m)) if on_epoch is not None else None,
+                                 checkpoints=paths, **common)
+        for fold, result in zip(group, results):  # finished folds are kept, also when others stopped
+            if result.status != "stopped":
+                records[fold.name] = fold_record(result)
+                if on_fold is not None:
+                    on_fold(fold, records[fold.name], records)
+        for fold, result in zip(group, results):
+            if result.status == "diverged":
+                return PointOutcome("diverged", records, reason=_diverged(fold.name, records[fold.name]))
+        stopped = [f.name for f, r in zip(group, results) if r.status == "stopped"]
+        if stopped:
+            return PointOutcome("stopped", records, reason=f"interrupted in fold {', '.join(stopped)}")
     accuracies = [records[f.name]["val_accuracy"] for f in plan.folds_of(point.repeat)]
     return PointOutcome("completed", records, summary=summarize(accuracies))
 

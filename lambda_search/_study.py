@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from ._config import IDENTITY_EXEMPT, ConfigError, config_diff, resolve_config
 from ._objective import Plan, Point, fold_names, grid_points, make_plan, remove_checkpoints, run_point
-from ._bench import quick_projection
+from ._bench import quick_projection, worker_pack
 from ._storage import Store, open_store, redact
 from ._train import Engine
 
@@ -357,7 +357,7 @@ def _eta(seconds: float) -> str:
 
 
 def _run_claim(store: Store, plan: Plan, claim: Claim, engine: Engine, *, checkpoint_dir, log, progress,
-               should_stop, stats: dict, label: str, n_workers: int) -> str:
+               should_stop, stats: dict, label: str, n_workers: int, pack: int = 1) -> str:
     storage, tid, point = store.storage, claim.trial_id, claim.point
     names = fold_names(plan.config, point.repeat)
     epochs = None
@@ -388,7 +388,7 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engine: Engine, *, checkp
     log(f"{label}{'baseline ' if point.baseline else ''}trial {claim.number}: {point.label()}" + (f" (keeps finished folds {', '.join(reused)})" if reused else ""))
     try:
         outcome = run_point(plan, point, claim.done, engine=engine, checkpoint_dir=checkpoint_dir,
-                            on_fold=on_fold, on_epoch=on_epoch, should_stop=should_stop)
+                            on_fold=on_fold, on_epoch=on_epoch, should_stop=should_stop, pack=pack)
         if outcome.status == "completed":
             summary = outcome.summary
             for key, value in (("mean", summary["mean"]), ("std", summary["std"]), ("std_ddof", summary["std_ddof"]),
@@ -432,13 +432,22 @@ def _worker_config(store: Store, name: str, overrides=()) -> dict:
     return config
 
 
+def _pack_size(plan: Plan, engine: Engine, attention: str, log, label: str) -> int:
+    size, seconds = worker_pack(plan, engine)
+    if size > 1 and seconds:
+        log(f"{label}packing {size} folds at once ({attention}): {size * seconds[1] / seconds[size]:.2f}x the "
+            f"training images/s of one at a time")
+    return size
+
+
 def run_worker(store: Store, name: str, *, overrides=(), device: str | None = None, threads: int | None = None,
                label: str = "", log: Callable[[str], None] = print, progress: Callable[[str], None] | None = None,
                should_stop: Callable[[], bool] | None = None, poll_seconds: float = 2.0, n_workers: int = 1,
-               plan: Plan | None = None) -> dict:
+               plan: Plan | None = None, packs: dict[str, int] | None = None) -> dict:
     """Claim and run points of study ``name`` until every point is complete (or diverged),
     waiting while the last ones run elsewhere (to take them over if their workers die).
-    Returns counts: {"completed", "diverged", "interrupted", "lost"}."""
+    ``packs`` (attention -> pack size) is measured here when not given and train.pack is
+    "auto". Returns counts: {"completed", "diverged", "interrupted", "lost"}."""
     should_stop = should_stop or (lambda: False)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -454,6 +463,7 @@ def run_worker(store: Store, name: str, *, overrides=(), device: str | None = No
     counts = {"completed": 0, "diverged": 0, "interrupted": 0, "lost": 0}
     stats = {"folds": 0, "seconds": 0.0}
     engines: dict[str, Engine] = {}
+    packs = dict(packs or {})
     while not should_stop():
         claim = _claim(store, name, config, label)
         if claim == "done":
@@ -468,8 +478,11 @@ def run_worker(store: Store, name: str, *, overrides=(), device: str | None = No
             t = plan.train
             engines[attention] = Engine(config["model"]["name"], plan.data.num_classes, attention,
                                         config["model"]["shortcut"], t.device, t.compile, t.amp, t.channels_last)
+        if attention not in packs:
+            packs[attention] = _pack_size(plan, engines[attention], attention, log, label)
         status = _run_claim(store, plan, claim, engines[attention], checkpoint_dir=checkpoint_dir, log=log,
-                            progress=progress, should_stop=should_stop, stats=stats, label=label, n_workers=n_workers)
+                            progress=progress, should_stop=should_stop, stats=stats, label=label, n_workers=n_workers,
+                            pack=packs[attention])
         counts["interrupted" if status == "stopped" else status] += 1
         if status == "stopped":
             break
@@ -547,11 +560,14 @@ def run_search(config: dict, *, workers: int | None = None, log: Callable[[str],
     if status.finished:
         return how, status
     projection = quick_projection(plan)
-    log(f"projected on one {plan.train.device} worker: {projection.describe()} "
+    packed = ", ".join(f"{n} folds at once{' (baseline)' if a == 'none' else ''}"
+                       for a, n in sorted(projection.packs.items(), reverse=True) if n > 1)
+    log(f"projected on one {plan.train.device} worker: {projection.describe()}{f' ({packed})' if packed else ''} "
         f"(a quick measurement; `lambda-search bench CONFIG` measures in full)")
     workers = workers or config["search"]["workers"]
     if workers == 1:
-        run_worker(store, name, plan=plan, log=log, progress=progress, should_stop=should_stop)
+        run_worker(store, name, plan=plan, log=log, progress=progress, should_stop=should_stop,
+                   packs=projection.packs)
     else:
         _run_processes(store, name, plan.config, workers, log, should_stop)
     return how, study_status(store, name)

@@ -63,6 +63,7 @@ class TrainConfig:
     checkpoint_every_epochs: int = 1
     checkpoint_every_seconds: float | None = 600.0
     max_device_bytes: int = 8 << 30  # larger data sets stay on the host, batches are copied
+    pack: int | str = "auto"  # folds of a point trained at once (lambda_search.train_pack); "auto": measured
 
     def __post_init__(self) -> None:
         if (self.iterations is None) == (self.epochs is None):
@@ -81,6 +82,8 @@ class TrainConfig:
         _positive("gamma", self.gamma)
         if self.checkpoint_every_seconds is not None:
             _positive("checkpoint_every_seconds", self.checkpoint_every_seconds, allow_zero=True)
+        if self.pack != "auto":
+            _positive("pack", self.pack, numbers.Integral)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got schedule={self.schedule!r}")
         m = tuple(self.milestones)

@@ -84,6 +84,32 @@ def test_a_trials_accuracies_are_train_folds_own(tiny_config):
         assert result.val_accuracy == accuracy
 
 
+def test_a_packed_search_interrupted_and_resumed(tiny_config, capsys):
+    """train.pack=2: both folds of a point train as one network; a stop mid-pack keeps each
+    fold's checkpoint, and the resumed study equals train_fold's results fold by fold."""
+    config = ls.load_config(tiny_config(lambdas="[1e-3, 1e-1]", baseline="true"), ["train.pack=2"])
+    url, name = config["study"]["storage"], config["study"]["name"]
+    calls = []
+    how, status = ls.run_search(config, log=print, should_stop=lambda: calls.append(1) or len(calls) > 14)
+    assert status.complete < 3
+    out = capsys.readouterr().out
+    assert "(2 folds at once, 2 folds at once (baseline))" in out and "interrupted" in out
+    how, status = ls.run_search(config, log=lambda s: None)
+    assert how == "resumed" and status.finished
+    plan = ls.make_plan(config)
+    resumed = []
+    for key, trial in assert_exactly_once(url, name, config).items():
+        point = next(p for p in plan.points if p.key == key)
+        records = trial.user_attrs["fold_results"]
+        resumed += [r["resumed_from_iteration"] for r in records.values() if r["resumed_from_iteration"]]
+        for fold in plan.folds:
+            alone = ls.train_fold(plan.data, fold, point.e_lambda, plan.train, attention=point.attention,
+                                  seed=plan.train_seed(fold))
+            assert records[fold.name]["val_accuracy"] == alone.val_accuracy
+            assert records[fold.name]["val_loss"] == pytest.approx(alone.val_loss, rel=1e-3)
+    assert len(resumed) == 2  # both folds of the interrupted point went on from their checkpoints
+
+
 def test_rerunning_a_finished_study_trains_nothing(tiny_config, capsys):
     path = tiny_config(lambdas="[1e-2]")
     assert main(["search", str(path)]) == 0
