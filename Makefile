@@ -13,6 +13,6 @@ install:
 test: install
 	$(VENV)/bin/python -m pytest
 
-# the main job: the quickstart lambda search on scikit-learn's bundled digits (about 3 min on 2 CPU cores)
+# the main job: the quickstart lambda search on scikit-learn's bundled digits (about 1 min on 2 CPU cores)
 quickstart: install
 	$(VENV)/bin/lambda-search search studies/quickstart.toml

@@ -96,8 +96,8 @@ def cpu_kernel() -> ctypes.CDLL | None:
                       f"on the CPU, which is slower", RuntimeWarning, stacklevel=2)
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.simam_forward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i32, i32]
+    lib.simam_forward.argtypes = [p, p, p, p, p, i64, i64, i64, i32, i32]
     lib.simam_forward.restype = None
-    lib.simam_backward.argtypes = [p, p, p, p, p, p, i64, i64, i64, i32, i32]
+    lib.simam_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i32, i32]
     lib.simam_backward.restype = None
     return lib

@@ -76,7 +76,7 @@ def _layout(x: Tensor) -> int | None:
 
 
 class _SimAMFunction(torch.autograd.Function):
-    """The CPU kernel: forward keeps x, the sigmoid and the per-plane mean and 1/(4(v+lambda))."""
+    """The CPU kernel: forward keeps x and the per-plane mean and 1/(4(v+lambda))."""
 
     @staticmethod
     def forward(ctx, x: Tensor, lam: Tensor) -> Tensor:  # lam: float32 (C,)
@@ -84,24 +84,23 @@ class _SimAMFunction(torch.autograd.Function):
         b, c, h, w = x.shape
         channels_last = _layout(x)
         out = torch.empty_like(x)
-        sg = torch.empty_like(x)
         mu = x.new_empty(b, c)
         inv = x.new_empty(b, c)
-        kernel.simam_forward(x.data_ptr(), out.data_ptr(), sg.data_ptr(), mu.data_ptr(), inv.data_ptr(),
-                             lam.data_ptr(), b, c, h * w, channels_last, torch.get_num_threads())
-        ctx.save_for_backward(x, sg, mu, inv)
+        kernel.simam_forward(x.data_ptr(), out.data_ptr(), mu.data_ptr(), inv.data_ptr(), lam.data_ptr(), b, c,
+                             h * w, channels_last, torch.get_num_threads())
+        ctx.save_for_backward(x, mu, inv)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        x, sg, mu, inv = ctx.saved_tensors
+        x, mu, inv = ctx.saved_tensors
         fmt = torch.channels_last if _layout(x) == 1 else torch.contiguous_format
         grad = grad.contiguous(memory_format=fmt)
         b, c, h, w = x.shape
         gx = torch.empty_like(x)
-        cpu_kernel().simam_backward(x.data_ptr(), sg.data_ptr(), grad.data_ptr(), mu.data_ptr(), inv.data_ptr(),
-                                    gx.data_ptr(), b, c, h * w, _layout(x), torch.get_num_threads())
+        cpu_kernel().simam_backward(x.data_ptr(), grad.data_ptr(), mu.data_ptr(), inv.data_ptr(), gx.data_ptr(),
+                                    b, c, h * w, _layout(x), torch.get_num_threads())
         return gx, None
 
 

@@ -9,8 +9,9 @@
  * Backward, with g = dL/dout and a = g x s (1 - s):
  *   dL/dx = g s + 2 t (a inv + k1) - k2,
  *   k1 = -4 inv^2 sum(a d) / n,  k2 = 2 inv sum(a t) / N.
- * One image at a time (its planes stay in the core's cache), images in parallel. The
- * forward keeps s, so the backward evaluates no exponential. */
+ * One image at a time (its planes stay in the core's cache), images in parallel. Only x and
+ * the per-plane mu and inv are kept for the backward, which evaluates s again: writing and
+ * reading back a tensor of s costs more memory traffic than the exponentials. */
 #include <stdint.h>
 #include <string.h>
 
@@ -43,8 +44,8 @@ INLINE float sigmoid_of(float d, float inv) { return 1.0f / (1.0f + exp_nonposit
 
 /* ---- one image, channels innermost: x[N][C] */
 
-INLINE void forward_cl(const float *restrict x, float *restrict out, float *restrict sg, float *restrict mu,
-                       float *restrict inv, const float *restrict lam, const int64_t C, int64_t N) {
+INLINE void forward_cl(const float *restrict x, float *restrict out, float *restrict mu, float *restrict inv,
+                       const float *restrict lam, const int64_t C, int64_t N) {
     float acc[C];
     for (int64_t c = 0; c < C; c++) acc[c] = 0.f;
     for (int64_t p = 0; p < N; p++)
@@ -56,22 +57,21 @@ INLINE void forward_cl(const float *restrict x, float *restrict out, float *rest
     for (int64_t p = 0; p < N; p++)
         _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
             float xv = x[p * C + c], t = xv - mu[c];
-            float s = sigmoid_of(t * t, inv[c]);
-            sg[p * C + c] = s;
-            out[p * C + c] = xv * s;
+            out[p * C + c] = xv * sigmoid_of(t * t, inv[c]);
         }
 }
 
-INLINE void backward_cl(const float *restrict x, const float *restrict sg, const float *restrict g,
-                        const float *restrict mu, const float *restrict inv, float *restrict gx, const int64_t C,
-                        int64_t N) {
+/* gx holds s between the two passes (the image's planes are in cache) */
+INLINE void backward_cl(const float *restrict x, const float *restrict g, const float *restrict mu,
+                        const float *restrict inv, float *restrict gx, const int64_t C, int64_t N) {
     float s1[C], s2[C], k1[C], k2[C];
     for (int64_t c = 0; c < C; c++) { s1[c] = 0.f; s2[c] = 0.f; }
     for (int64_t p = 0; p < N; p++)
         _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
             int64_t i = p * C + c;
-            float t = x[i] - mu[c], s = sg[i];
+            float t = x[i] - mu[c], s = sigmoid_of(t * t, inv[c]);
             float a = g[i] * x[i] * s * (1.0f - s);
+            gx[i] = s;
             s1[c] += a * t * t;
             s2[c] += a * t;
         }
@@ -82,7 +82,7 @@ INLINE void backward_cl(const float *restrict x, const float *restrict sg, const
     for (int64_t p = 0; p < N; p++)
         _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
             int64_t i = p * C + c;
-            float t = x[i] - mu[c], s = sg[i];
+            float t = x[i] - mu[c], s = gx[i];
             float a = g[i] * x[i] * s * (1.0f - s);
             gx[i] = g[i] * s + 2.0f * t * (a * inv[c] + k1[c]) - k2[c];
         }
@@ -90,11 +90,11 @@ INLINE void backward_cl(const float *restrict x, const float *restrict sg, const
 
 /* ---- one image, planes contiguous: x[C][N] */
 
-INLINE void forward_planes(const float *restrict x, float *restrict out, float *restrict sg, float *restrict mu,
-                           float *restrict inv, const float *restrict lam, int64_t C, int64_t N) {
+INLINE void forward_planes(const float *restrict x, float *restrict out, float *restrict mu, float *restrict inv,
+                           const float *restrict lam, int64_t C, int64_t N) {
     for (int64_t c = 0; c < C; c++) {
         const float *xp = x + c * N;
-        float *op = out + c * N, *sp = sg + c * N;
+        float *op = out + c * N;
         float sum = 0.f, var = 0.f;
         _Pragma("omp simd reduction(+:sum)") for (int64_t p = 0; p < N; p++) sum += xp[p];
         const float m = sum / (float)N;
@@ -102,32 +102,30 @@ INLINE void forward_planes(const float *restrict x, float *restrict out, float *
         const float iv = 1.0f / (4.0f * (var / (float)(N - 1) + lam[c]));
         _Pragma("omp simd") for (int64_t p = 0; p < N; p++) {
             float t = xp[p] - m;
-            float s = sigmoid_of(t * t, iv);
-            sp[p] = s;
-            op[p] = xp[p] * s;
+            op[p] = xp[p] * sigmoid_of(t * t, iv);
         }
         mu[c] = m;
         inv[c] = iv;
     }
 }
 
-INLINE void backward_planes(const float *restrict x, const float *restrict sg, const float *restrict g,
-                            const float *restrict mu, const float *restrict inv, float *restrict gx, int64_t C,
-                            int64_t N) {
+INLINE void backward_planes(const float *restrict x, const float *restrict g, const float *restrict mu,
+                            const float *restrict inv, float *restrict gx, int64_t C, int64_t N) {
     for (int64_t c = 0; c < C; c++) {
-        const float *xp = x + c * N, *sp = sg + c * N, *gp = g + c * N;
+        const float *xp = x + c * N, *gp = g + c * N;
         float *op = gx + c * N;
         const float m = mu[c], iv = inv[c];
         float s1 = 0.f, s2 = 0.f;
         _Pragma("omp simd reduction(+:s1,s2)") for (int64_t p = 0; p < N; p++) {
-            float t = xp[p] - m, s = sp[p];
+            float t = xp[p] - m, s = sigmoid_of(t * t, iv);
             float a = gp[p] * xp[p] * s * (1.0f - s);
+            op[p] = s;
             s1 += a * t * t;
             s2 += a * t;
         }
         const float k1 = -4.0f * s1 * iv * iv / (float)(N - 1), k2 = 2.0f * iv * s2 / (float)N;
         _Pragma("omp simd") for (int64_t p = 0; p < N; p++) {
-            float t = xp[p] - m, s = sp[p];
+            float t = xp[p] - m, s = op[p];
             float a = gp[p] * xp[p] * s * (1.0f - s);
             op[p] = gp[p] * s + 2.0f * t * (a * iv + k1) - k2;
         }
@@ -146,33 +144,33 @@ INLINE void backward_planes(const float *restrict x, const float *restrict sg, c
     default: CALL(C);                                                                             \
     }
 
-/* x, out, sg: (B, C, N) or (B, N, C); mu, inv: (B, C); lam: (C,) */
-void simam_forward(const float *x, float *out, float *sg, float *mu, float *inv, const float *lam, int64_t B,
-                   int64_t C, int64_t N, int channels_last, int threads) {
+/* x, out: (B, C, N) or (B, N, C); mu, inv: (B, C); lam: (C,) */
+void simam_forward(const float *x, float *out, float *mu, float *inv, const float *lam, int64_t B, int64_t C,
+                   int64_t N, int channels_last, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         int64_t o = b * C * N;
         if (channels_last) {
-#define F(CC) forward_cl(x + o, out + o, sg + o, mu + b * C, inv + b * C, lam, CC, N)
+#define F(CC) forward_cl(x + o, out + o, mu + b * C, inv + b * C, lam, CC, N)
             BY_WIDTH(F, C)
 #undef F
         } else {
-            forward_planes(x + o, out + o, sg + o, mu + b * C, inv + b * C, lam, C, N);
+            forward_planes(x + o, out + o, mu + b * C, inv + b * C, lam, C, N);
         }
     }
 }
 
-void simam_backward(const float *x, const float *sg, const float *g, const float *mu, const float *inv, float *gx,
-                    int64_t B, int64_t C, int64_t N, int channels_last, int threads) {
+void simam_backward(const float *x, const float *g, const float *mu, const float *inv, float *gx, int64_t B,
+                    int64_t C, int64_t N, int channels_last, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         int64_t o = b * C * N;
         if (channels_last) {
-#define G(CC) backward_cl(x + o, sg + o, g + o, mu + b * C, inv + b * C, gx + o, CC, N)
+#define G(CC) backward_cl(x + o, g + o, mu + b * C, inv + b * C, gx + o, CC, N)
             BY_WIDTH(G, C)
 #undef G
         } else {
-            backward_planes(x + o, sg + o, g + o, mu + b * C, inv + b * C, gx + o, C, N);
+            backward_planes(x + o, g + o, mu + b * C, inv + b * C, gx + o, C, N);
         }
     }
 }
