@@ -128,7 +128,9 @@ def make_plan(config: dict, device: str | None = None) -> Plan:
         folds = make_folds(data.labels.numpy(), n_splits=data_cfg["folds"], seed=data_cfg["seed"],
                            repeats=search["repeats"], holdout=data_cfg["holdout"])
     except ValueError as exc:
-        raise ConfigError(f"data: {exc} (data.folds / data.holdout)") from None
+        if data_cfg["holdout"] is None:
+            raise ConfigError(f"data: {str(exc).replace('n_splits', 'data.folds')}") from None
+        raise ConfigError(f"data: {exc} (data.holdout)") from None
     smallest = min(len(f.train) for f in folds)
     if train.batch_size > smallest:
         raise ConfigError(f"train.batch_size must be <= the smallest fold's {smallest} training images, "

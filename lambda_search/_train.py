@@ -224,6 +224,9 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         if path.exists():
             os.replace(path, path.with_name(path.name + ".prev"))
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, say: the previous checkpoint stays as it was
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 
 from . import (MODEL_NAMES, STORAGE_ENV, ConfigError, StorageError, StudyError, __version__, build_model,
                default_plot_path, export_csv, format_bench, format_selection, load_config, open_store,
-               paper_figure4_config, plot_figure4, resume_config, run_bench, run_search, run_worker, select,
+               paper_figure4_config, plot_figure4, redact, resume_config, run_bench, run_search, run_worker, select,
                status_table, stop_on_signals, study_status)
 
 USER_ERRORS = (ConfigError, StorageError, StudyError)
@@ -247,6 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _in_chain(exc: BaseException | None, test) -> BaseException | None:
+    """The first exception in ``exc``'s cause/context chain that passes ``test``."""
+    for _ in range(10):
+        if exc is None:
+            return None
+        if test(exc):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -254,3 +266,24 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         sys.stderr.write(f"lambda-search {args.command}: error: {exc}\n")
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        sys.stderr.write(f"lambda-search {args.command}: error: no space left on the device{where}; free some and run "
+                         "the same command again (finished folds and the last good checkpoints are kept)\n")
+        return 1
+    except Exception as exc:
+        if _in_chain(exc, lambda e: "database or disk is full" in str(e)):  # SQLite's SQLITE_FULL
+            sys.stderr.write(f"lambda-search {args.command}: error: the study database is full (no space left on "
+                             "its device); free some and run the same command again (what was stored is kept)\n")
+            return 1
+        lost = _in_chain(exc, lambda e: type(e).__name__ in ("OperationalError", "InterfaceError")
+                         and type(e).__module__.startswith(("sqlalchemy", "psycopg")))
+        if lost:
+            reason = redact(str(lost).strip().splitlines()[0] if str(lost).strip() else type(lost).__name__)
+            sys.stderr.write(f"lambda-search {args.command}: error: lost the study database ({reason[:200]}); when it "
+                             "is back, run the same command again or `lambda-search resume` (finished folds and "
+                             "checkpoints are kept)\n")
+            return 1
+        raise

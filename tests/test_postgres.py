@@ -31,6 +31,15 @@ def _need(what):
     pytest.skip(f"{what} is not installed")
 
 
+class Server(str):
+    """The server's URL, with stop() and start()."""
+
+    def __new__(cls, url, stop, start):
+        self = super().__new__(cls, url)
+        self.stop, self.start = stop, start
+        return self
+
+
 @pytest.fixture(scope="module")
 def postgres():
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
@@ -57,8 +66,14 @@ def postgres():
                     f"--pwfile={base / 'pw'}", "-E", "UTF8"], check=True, capture_output=True)
     subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), "-w", "-o",
                     f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    def pg_ctl(*args):
+        subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "log"), *args],
+                       check=True, capture_output=True)
+
     try:
-        yield f"postgresql://lsuser:{PASSWORD}@127.0.0.1:{port}/postgres"
+        yield Server(f"postgresql://lsuser:{PASSWORD}@127.0.0.1:{port}/postgres",
+                     stop=lambda: pg_ctl("-m", "fast", "-w", "stop"),
+                     start=lambda: pg_ctl("-w", "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"))
     finally:
         subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                        capture_output=True)
@@ -92,3 +107,38 @@ def test_a_wrong_password_is_one_line_without_the_password(postgres, capsys):
     assert main(["status", "--storage", wrong, "--study", "pg"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "not-the-Pw" not in err and "cannot open storage" in err
+
+
+def test_the_server_stopping_mid_search_and_coming_back(postgres, tiny_config, capsys, monkeypatch):
+    """The server stops as the first fold finishes: the search ends with one line (exit code
+    1, no password); once the server is back, a resume completes the study with the
+    uninterrupted numbers and the finished fold is not trained again."""
+    from lambda_search import _objective
+
+    path = tiny_config(name="pgstop", lambdas="[1e-3, 1e-1]")
+    real, finished = _objective.fold_record, []
+
+    def fold_record(result):
+        finished.append(result)
+        if len(finished) == 1:
+            postgres.stop()
+        return real(result)
+
+    monkeypatch.setattr(_objective, "fold_record", fold_record)
+    try:
+        assert main(["search", str(path), "--storage", postgres]) == 1
+    finally:
+        postgres.start()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "lost the study database" in err[0] and PASSWORD not in err[0], err
+    monkeypatch.setattr(_objective, "fold_record", real)
+    assert main(["resume", "--storage", postgres, "--study", "pgstop"]) == 0
+    config = ls.load_config(path)
+    sa_url = postgres.replace("postgresql://", "postgresql+psycopg://")
+    done = assert_exactly_once(sa_url, "pgstop", config)
+    plan = ls.make_plan(config)
+    for point in plan.points:
+        expected = [ls.train_fold(plan.data, f, point.e_lambda, plan.train, seed=plan.train_seed(f)).val_accuracy
+                    for f in plan.folds]
+        assert done[point.key].user_attrs["fold_accuracies"] == expected
+    assert done["e_lambda=0.001/repeat=0"].user_attrs["fold_results"]["r0f0"]["resumed_from_iteration"] == 6

@@ -1,8 +1,10 @@
 """The lambda search: each grid point exactly once, resumable, with the right numbers."""
 
+import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -174,7 +176,7 @@ def test_status_and_export(tiny_config, tmp_path, capsys):
      "a stored study's config can only change where and how fast it runs"),
     (["search", "{tmp}/tiny.toml", "--set", "model.name=resnet21"], "model.name must be one of resnet20"),
     (["search", "{tmp}/tiny.toml", "--set", "data.dataset=mnist"], "unknown data set name='mnist'"),
-    (["search", "{tmp}/tiny.toml", "--set", "data.folds=40"], "n_splits must be <= the smallest class count"),
+    (["search", "{tmp}/tiny.toml", "--set", "data.folds=40"], "data.folds must be <= the smallest class count"),
     (["search", "{tmp}/tiny.toml", "--storage", "sqlite:///{tmp}/no/such/dir.db"], "does not exist"),
     pytest.param(["search", "{tmp}/tiny.toml", "--set", "train.device=cuda"], "asks for a GPU, but none is available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is available")),
@@ -297,3 +299,44 @@ def test_a_journal_file_storage(tiny_config, tmp_path, capsys):
     capsys.readouterr()
     assert main(["status", "--storage", url, "--study", "tiny"]) == 0
     assert "3 of 3 points complete" in capsys.readouterr().out
+
+
+def test_a_diverging_point_fails_once_and_the_rest_completes(tiny_config, capsys, monkeypatch):
+    """lambda=0.1 trains at a learning rate of 1e6 (as if that lambda made training blow up):
+    its point ends FAILED "diverged" after its first fold, is never retried, and status,
+    select and the plot show it as diverged while the other points complete."""
+    from lambda_search import _objective
+
+    real = _objective.train_fold
+
+    def train_fold(data, fold, e_lambda, config, **kw):
+        if e_lambda == 0.1:
+            config = dataclasses.replace(config, lr=1e6)
+        return real(data, fold, e_lambda, config, **kw)
+
+    monkeypatch.setattr(_objective, "train_fold", train_fold)
+    path = tiny_config(lambdas="[1e-3, 1e-1]", baseline="true")
+    assert main(["search", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "trial 1 FAILED: lambda=1e-01 diverged: the training loss became NaN or infinite at step" in out
+    assert main(["search", str(path)]) == 0  # finished: the diverged point is not run again
+    out = capsys.readouterr().out
+    assert "3 of 3 points complete" not in out and "trial" not in out.replace("trials", "")
+    config = ls.load_config(path)
+    url = config["study"]["storage"]
+    by_point = trials_of(url, "tiny")
+    (failed,) = by_point["e_lambda=0.1/repeat=0"]
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert failed.system_attrs["lambda_search:fail_reason"].startswith("diverged: ")
+    assert list(failed.user_attrs["fold_results"]) == ["r0f0"]  # stopped at the first diverged fold
+    assert [t.state for t in by_point["e_lambda=0.001/repeat=0"]] == [optuna.trial.TrialState.COMPLETE]
+    status = ls.study_status(ls.open_store(url), "tiny")
+    assert status.finished and {p.point.e_lambda: p.state for p in status.points} == \
+        {1e-3: "complete", 0.1: "diverged", None: "complete"}
+    assert main(["status", "--storage", url, "--study", "tiny"]) == 0
+    assert re.search(r"1e-01\s+diverged", capsys.readouterr().out)
+    sel = ls.select(status)
+    assert sel["best"]["e_lambda"] == 1e-3 and sel["one_se"]["e_lambda"] == 1e-3
+    assert "diverged" in {c["e_lambda"]: c for c in sel["comparisons"]}[0.1]["reason"]
+    plot = {p["e_lambda"]: p for p in ls.figure4_data(status)["points"]}
+    assert plot[0.1]["state"] == "diverged" and plot[0.1]["mean"] is None
