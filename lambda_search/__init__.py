@@ -6,7 +6,7 @@ from ._data import DATASETS, Augmentation, ImageData, dataset_fingerprint, load_
 from ._folds import Fold, derive_seed, folds_fingerprint, make_folds
 from ._checkpoint import load_official_checkpoint, map_official_state_dict
 from ._models import MODEL_NAMES, BasicBlock, ResNet, build_model
-from ._simam import SimAM, check_e_lambda, set_e_lambda, simam, simam_reference
+from ._simam import SimAM, check_e_lambda, set_e_lambda, simam, simam_batch_norm, simam_reference
 from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, train_fold
 from ._pack import Pack, train_pack
 from ._objective import Plan, Point, PointOutcome, grid_points, make_plan, run_point, summarize
@@ -101,5 +101,6 @@ __all__ = [
     "set_e_lambda",
     "simam",
     "simam_reference",
+    "simam_batch_norm",
     "__version__",
 ]

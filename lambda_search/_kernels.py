@@ -100,4 +100,7 @@ def cpu_kernel() -> ctypes.CDLL | None:
     lib.simam_forward.restype = None
     lib.simam_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i32, i32]
     lib.simam_backward.restype = None
+    for name, pointers in (("simbn_stats", 6), ("simbn_apply", 6), ("simbn_reduce", 6), ("simbn_backward", 8)):
+        getattr(lib, name).argtypes = [p] * pointers + [i64, i64, i64, i32]
+        getattr(lib, name).restype = None
     return lib

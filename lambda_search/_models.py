@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._simam import SimAM, check_e_lambda
+from ._simam import SimAM, check_e_lambda, simam_batch_norm
 
 __all__ = ["BasicBlock", "ResNet", "build_model", "MODEL_NAMES"]
 
@@ -77,7 +77,7 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.attn(self.conv2(out)))
+        out = simam_batch_norm(self.conv2(out), self.attn, self.bn2)  # bn2(attn(.)), fused where it pays
         return self.relu(out + self.downsample(x))
 
 

@@ -70,6 +70,8 @@ class _PackedPadShortcut(nn.Module):
 class _ChannelSimAM(nn.Module):
     """SimAM with one lambda per channel: model p's lambda on its channel block."""
 
+    fuses_with_batch_norm = True
+
     def __init__(self, size: int, channels: int) -> None:
         super().__init__()
         self.size = size

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ._kernels import cpu_kernel
 
-__all__ = ["SimAM", "simam", "simam_reference", "set_e_lambda", "check_e_lambda"]
+__all__ = ["SimAM", "simam", "simam_batch_norm", "simam_reference", "set_e_lambda", "check_e_lambda"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -139,6 +139,84 @@ def simam(x: Tensor, e_lambda: float | Tensor) -> Tensor:
     return _SimAMFunction.apply(x, lam)
 
 
+class _SimAMBatchNormFunction(torch.autograd.Function):
+    """SimAM then training-mode BatchNorm, fused on the CPU (channels last): SimAM's output is
+    never stored, both directions recompute it from x. Returns y and the batch mean and
+    (biased) variance for the running statistics."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, lam: Tensor, eps: float):
+        kernel, threads = cpu_kernel(), torch.get_num_threads()
+        b, c, h, w = x.shape
+        n = h * w
+        mu, inv = x.new_empty(b, c), x.new_empty(b, c)
+        so = torch.empty(b, c, dtype=torch.float64)
+        soo = torch.empty(b, c, dtype=torch.float64)
+        kernel.simbn_stats(x.data_ptr(), mu.data_ptr(), inv.data_ptr(), lam.data_ptr(), so.data_ptr(), soo.data_ptr(),
+                           b, c, n, threads)
+        count = b * n
+        mean = so.sum(0) / count
+        var = (soo.sum(0) / count - mean.square()).clamp_(min=0)
+        r = (var + eps).rsqrt()
+        wd = weight.detach().double()
+        scale = (wd * r).float().contiguous()
+        shift = (bias.detach().double() - mean * wd * r).float().contiguous()
+        y = torch.empty_like(x)
+        kernel.simbn_apply(x.data_ptr(), mu.data_ptr(), inv.data_ptr(), scale.data_ptr(), shift.data_ptr(),
+                           y.data_ptr(), b, c, n, threads)
+        ctx.save_for_backward(x, mu, inv, weight)
+        ctx.stats = (mean, r, count)
+        mean32, var32 = mean.float(), var.float()
+        ctx.mark_non_differentiable(mean32, var32)
+        return y, mean32, var32
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy: Tensor, _mean, _var):
+        x, mu, inv, weight = ctx.saved_tensors
+        mean, r, count = ctx.stats
+        kernel, threads = cpu_kernel(), torch.get_num_threads()
+        b, c, h, w = x.shape
+        gy = gy.contiguous(memory_format=torch.channels_last)
+        sg = torch.empty(b, c, dtype=torch.float64)
+        sgo = torch.empty(b, c, dtype=torch.float64)
+        kernel.simbn_reduce(x.data_ptr(), mu.data_ptr(), inv.data_ptr(), gy.data_ptr(), sg.data_ptr(), sgo.data_ptr(),
+                            b, c, h * w, threads)
+        gbias = sg.sum(0)
+        gweight = r * (sgo.sum(0) - mean * gbias)  # sum of gy * xhat
+        wd = weight.detach().double()
+        ka = (wd * r).float().contiguous()
+        kb = (-wd * r.square() * gweight / count).float().contiguous()
+        kc = (-wd * r * gbias / count + wd * r.square() * gweight * mean / count).float().contiguous()
+        gx = torch.empty_like(x)
+        kernel.simbn_backward(x.data_ptr(), mu.data_ptr(), inv.data_ptr(), gy.data_ptr(), ka.data_ptr(), kb.data_ptr(),
+                              kc.data_ptr(), gx.data_ptr(), b, c, h * w, threads)
+        return gx, gweight.to(weight.dtype), gbias.to(weight.dtype), None, None
+
+
+def simam_batch_norm(x: Tensor, attention: nn.Module, bn: nn.BatchNorm2d) -> Tensor:
+    """``bn(attention(x))``: SimAM then BatchNorm, as in every residual block of the paper's
+    networks. In training on the CPU (float32, channels last, the kernel built) the two run
+    as one fused kernel that never stores SimAM's output: the same equations, less memory
+    traffic. Anywhere else, or with another attention layer, the two modules run in turn."""
+    lam = getattr(attention, "e_lambda", None) if getattr(attention, "fuses_with_batch_norm", False) else None
+    if (lam is None or not bn.training or not attention.training or not bn.track_running_stats or not bn.affine
+            or bn.momentum is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
+            or _layout(x) != 1 or x.is_contiguous() or x.shape[-2] * x.shape[-1] < 2
+            or torch.compiler.is_compiling() or cpu_kernel() is None or bn.weight.dtype != torch.float32):
+        return bn(attention(x))
+    lam = _per_channel(lam, x.shape[1])
+    if lam is None:
+        return bn(attention(x))
+    y, mean, var = _SimAMBatchNormFunction.apply(x, bn.weight, bn.bias, lam, bn.eps)
+    count = x.shape[0] * x.shape[2] * x.shape[3]
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        bn.running_mean.mul_(1 - bn.momentum).add_(mean, alpha=bn.momentum)
+        bn.running_var.mul_(1 - bn.momentum).add_(var * (count / max(count - 1, 1)), alpha=bn.momentum)
+    return y
+
+
 class SimAM(nn.Module):
     """SimAM as a layer. Lambda lives in a (non-persistent) buffer.
 
@@ -159,6 +237,8 @@ class SimAM(nn.Module):
     def set_e_lambda(self, e_lambda: float) -> None:
         """Change lambda in place (no new tensor, so compiled graphs stay valid)."""
         self.e_lambda.fill_(check_e_lambda(e_lambda))
+
+    fuses_with_batch_norm = True  # simam_batch_norm may fuse it with the BatchNorm after it
 
     def forward(self, x: Tensor) -> Tensor:
         return simam(x, self.e_lambda)

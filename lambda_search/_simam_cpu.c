@@ -174,3 +174,126 @@ void simam_backward(const float *x, const float *g, const float *mu, const float
         }
     }
 }
+
+/* ---- SimAM followed by training-mode BatchNorm, fused; channels last, x[B][N][C] ----
+ * o = SimAM(x) is never stored: both passes over the batch recompute it from x, with the
+ * per-plane mu and inv of the first. Forward: (1) per image, mu and inv, and the channel sums
+ * of o and o^2 (double); (2) y = o * scale + shift. Backward: (1) per image, the channel sums
+ * of gy and gy * o; (2) go = ka gy + kb o + kc (BatchNorm's backward), then SimAM's. */
+
+INLINE void simbn_stats_img(const float *restrict xb, float *restrict m, float *restrict iv,
+                            const float *restrict lam, double *restrict so, double *restrict soo, const int64_t C,
+                            int64_t N) {
+    float acc[C], s1[C], s2[C];
+    for (int64_t c = 0; c < C; c++) { acc[c] = 0.f; s1[c] = 0.f; s2[c] = 0.f; }
+    for (int64_t p = 0; p < N; p++)
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) acc[c] += xb[p * C + c];
+    for (int64_t c = 0; c < C; c++) { m[c] = acc[c] / (float)N; acc[c] = 0.f; }
+    for (int64_t p = 0; p < N; p++)
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) { float t = xb[p * C + c] - m[c]; acc[c] += t * t; }
+    for (int64_t c = 0; c < C; c++) iv[c] = 1.0f / (4.0f * (acc[c] / (float)(N - 1) + lam[c]));
+    for (int64_t p = 0; p < N; p++)
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
+            float xv = xb[p * C + c], t = xv - m[c];
+            float o = xv * sigmoid_of(t * t, iv[c]);
+            s1[c] += o;
+            s2[c] += o * o;
+        }
+    for (int64_t c = 0; c < C; c++) { so[c] = s1[c]; soo[c] = s2[c]; }
+}
+
+INLINE void simbn_apply_img(const float *restrict xb, const float *restrict m, const float *restrict iv,
+                            const float *restrict scale, const float *restrict shift, float *restrict yb,
+                            const int64_t C, int64_t N) {
+    for (int64_t p = 0; p < N; p++)
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
+            float xv = xb[p * C + c], t = xv - m[c];
+            yb[p * C + c] = xv * sigmoid_of(t * t, iv[c]) * scale[c] + shift[c];
+        }
+}
+
+INLINE void simbn_reduce_img(const float *restrict xb, const float *restrict m, const float *restrict iv,
+                             const float *restrict gb, double *restrict sg, double *restrict sgo, const int64_t C,
+                             int64_t N) {
+    float s1[C], s2[C];
+    for (int64_t c = 0; c < C; c++) { s1[c] = 0.f; s2[c] = 0.f; }
+    for (int64_t p = 0; p < N; p++)
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
+            float xv = xb[p * C + c], t = xv - m[c];
+            float o = xv * sigmoid_of(t * t, iv[c]), g = gb[p * C + c];
+            s1[c] += g;
+            s2[c] += g * o;
+        }
+    for (int64_t c = 0; c < C; c++) { sg[c] = s1[c]; sgo[c] = s2[c]; }
+}
+
+INLINE void simbn_backward_img(const float *restrict xb, const float *restrict m, const float *restrict iv,
+                               const float *restrict gb, const float *restrict ka, const float *restrict kb,
+                               const float *restrict kc, float *restrict out, const int64_t C, int64_t N) {
+    float s1[C], s2[C], k1[C], k2[C];
+    for (int64_t c = 0; c < C; c++) { s1[c] = 0.f; s2[c] = 0.f; }
+    for (int64_t p = 0; p < N; p++)
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
+            int64_t i = p * C + c;
+            float xv = xb[i], t = xv - m[c], s = sigmoid_of(t * t, iv[c]);
+            float go = ka[c] * gb[i] + kb[c] * (xv * s) + kc[c];
+            float a = go * xv * s * (1.0f - s);
+            out[i] = s;
+            s1[c] += a * t * t;
+            s2[c] += a * t;
+        }
+    for (int64_t c = 0; c < C; c++) {
+        k1[c] = -4.0f * s1[c] * iv[c] * iv[c] / (float)(N - 1);
+        k2[c] = 2.0f * iv[c] * s2[c] / (float)N;
+    }
+    for (int64_t p = 0; p < N; p++)
+        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
+            int64_t i = p * C + c;
+            float xv = xb[i], t = xv - m[c], s = out[i];
+            float go = ka[c] * gb[i] + kb[c] * (xv * s) + kc[c];
+            float a = go * xv * s * (1.0f - s);
+            out[i] = go * s + 2.0f * t * (a * iv[c] + k1[c]) - k2[c];
+        }
+}
+
+/* per-image sums in float (N terms), across images in double */
+void simbn_stats(const float *x, float *mu, float *inv, const float *lam, double *so, double *soo, int64_t B,
+                 int64_t C, int64_t N, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+#define F(CC) simbn_stats_img(x + b * C * N, mu + b * C, inv + b * C, lam, so + b * C, soo + b * C, CC, N)
+        BY_WIDTH(F, C)
+#undef F
+    }
+}
+
+void simbn_apply(const float *x, const float *mu, const float *inv, const float *scale, const float *shift,
+                 float *y, int64_t B, int64_t C, int64_t N, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+#define F(CC) simbn_apply_img(x + b * C * N, mu + b * C, inv + b * C, scale, shift, y + b * C * N, CC, N)
+        BY_WIDTH(F, C)
+#undef F
+    }
+}
+
+void simbn_reduce(const float *x, const float *mu, const float *inv, const float *gy, double *sg, double *sgo,
+                  int64_t B, int64_t C, int64_t N, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+#define F(CC) simbn_reduce_img(x + b * C * N, mu + b * C, inv + b * C, gy + b * C * N, sg + b * C, sgo + b * C, CC, N)
+        BY_WIDTH(F, C)
+#undef F
+    }
+}
+
+void simbn_backward(const float *x, const float *mu, const float *inv, const float *gy, const float *ka,
+                    const float *kb, const float *kc, float *gx, int64_t B, int64_t C, int64_t N, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; b++) {
+#define F(CC) simbn_backward_img(x + b * C * N, mu + b * C, inv + b * C, gy + b * C * N, ka, kb, kc, \
+                                 gx + b * C * N, CC, N)
+        BY_WIDTH(F, C)
+#undef F
+    }
+}

@@ -8,6 +8,7 @@ import torch
 from scipy.optimize import minimize
 
 import lambda_search
+import lambda_search as ls
 import lambda_search._kernels
 import lambda_search._simam
 from lambda_search import SimAM, build_model, set_e_lambda, simam
@@ -220,3 +221,50 @@ def test_without_the_kernel_simam_is_the_reference(monkeypatch):
     out = simam(x, 1e-4)
     assert type(out.grad_fn).__name__ != "_SimAMFunctionBackward"
     torch.testing.assert_close(out, lambda_search.simam_reference(x, 1e-4), rtol=0, atol=0)
+
+
+@kernel
+@pytest.mark.parametrize("shape, lam", [((8, 16, 32, 32), 1e-4), ((4, 32, 8, 8), 0.1), ((3, 64, 2, 2), 1e-4),
+                                        ((5, 24, 7, 5), 3.0), ((4, 6, 5, 5), "per channel")])
+def test_simam_then_batch_norm_fused_matches_float64(shape, lam):
+    """simam_batch_norm, as every residual block calls it: fused on the CPU in training."""
+    torch.manual_seed(0)
+    c = shape[1]
+    x = (torch.randn(shape) * 2 + 0.5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    bn = torch.nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+    bn64 = torch.nn.BatchNorm2d(c).double()
+    bn64.load_state_dict(bn.state_dict())
+    attn = ls.SimAM(1e-4 if lam == "per channel" else lam)
+    lam64 = torch.logspace(-4, 1, c, dtype=torch.float64).view(1, c, 1, 1) if lam == "per channel" else lam
+    if lam == "per channel":
+        attn.e_lambda = lam64.view(c).float()  # one lambda per channel, as in a pack
+    g = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    y = ls.simam_batch_norm(x, attn, bn)
+    y.backward(g)
+    x64 = x.detach().double().requires_grad_()
+    y64 = bn64(ls.simam_reference(x64, lam64))
+    y64.backward(g.double())
+    torch.testing.assert_close(y.double(), y64, rtol=0, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=1e-5 * x64.grad.abs().max().item())
+    for a, b in ((bn.weight.grad, bn64.weight.grad), (bn.bias.grad, bn64.bias.grad)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+    torch.testing.assert_close(bn.running_mean.double(), bn64.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(bn.running_var.double(), bn64.running_var, rtol=1e-6, atol=1e-6)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_simam_then_batch_norm_elsewhere_is_the_two_modules():
+    import copy
+
+    x = torch.randn(2, 4, 6, 6)  # NCHW: not fused
+    attn, bn = ls.SimAM(1e-3), torch.nn.BatchNorm2d(4)
+    twin = copy.deepcopy(bn)
+    assert torch.equal(ls.simam_batch_norm(x, attn, bn), twin(attn(x)))
+    assert torch.equal(bn.running_var, twin.running_var)
+    attn.eval(), bn.eval()  # evaluation: not fused
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(ls.simam_batch_norm(x, attn, bn), bn(attn(x)))
