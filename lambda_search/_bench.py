@@ -28,7 +28,7 @@ from ._models import BasicBlock, build_model
 from ._objective import Plan, make_plan
 from ._pack import pack_for
 from ._simam import SimAM, simam_reference
-from ._train import Engine, _evaluate, make_optimizer
+from ._train import Engine, _evaluate, make_optimizer, on_device
 
 __all__ = ["Bench", "Projection", "PAPER_FIGURE4", "paper_figure4_config", "project", "run_bench", "measure_steps", "measure_packs",
            "pick_pack", "quick_projection", "worker_pack",
@@ -343,13 +343,6 @@ def _eval_images_per_s(engine: Engine, data: ImageData, plan: Plan) -> float:
     return len(val) / (time.perf_counter() - t)
 
 
-def _device_data(plan: Plan, device: torch.device) -> ImageData:
-    data = plan.data
-    if data.images.device != device and data.images.numel() <= plan.train.max_device_bytes:
-        data = data.to(device)
-    return data
-
-
 def _lambda_of(plan: Plan) -> float:
     lambdas = plan.config["search"]["lambdas"]
     return 1e-4 if 1e-4 in lambdas else lambdas[len(lambdas) // 2]
@@ -368,7 +361,7 @@ def run_bench(config: dict | None = None, *, rounds: int = 7, block_seconds: flo
     if device.type == "cpu":
         cpu_kernel()  # build SimAM's CPU kernel before anything is timed
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    data = _device_data(plan, device)
+    data = on_device(plan.data, plan.train, device)
     e_lambda = _lambda_of(plan)
     say(f"bench: {config['model']['name']} at {data.input_size} px, batch {plan.train.batch_size}, on {device} "
         f"({torch.get_num_threads()} threads); {rounds} rounds")
@@ -402,7 +395,7 @@ def quick_projection(plan: Plan, block_seconds: float = 0.5) -> Projection:
     """The projection a search prints as it starts, from one short round of the engine (and of
     packs, where ``train.pack`` is "auto" or above 1); ``packs`` says the sizes picked."""
     device = torch.device(plan.train.device)
-    data = _device_data(plan, device)
+    data = on_device(plan.data, plan.train, device)
     attentions = sorted({p.attention for p in plan.points})
     e_lambda = _lambda_of(plan)
     step, packs = {}, {}
@@ -427,7 +420,7 @@ def worker_pack(plan: Plan, engine: Engine) -> tuple[int, dict[int, float]]:
     if plan.train.pack != "auto" or folds == 1 or not auto_packs(engine.device):
         return (1 if plan.train.pack == "auto" else min(folds, plan.train.pack)), {}
     lam = _lambda_of(plan) if engine.spec["attention"] == "simam" else None
-    size, _, seconds = pick_pack(plan, engine, _device_data(plan, engine.device), lam)
+    size, _, seconds = pick_pack(plan, engine, on_device(plan.data, plan.train, engine.device), lam)
     return size, seconds
 
 

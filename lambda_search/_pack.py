@@ -32,7 +32,7 @@ from ._augment import train_batch
 from ._data import ImageData
 from ._folds import Fold, derive_seed
 from ._models import BasicBlock, PadShortcut, ResNet
-from ._simam import SimAM, simam
+from ._simam import SimAM, set_e_lambda, simam
 from ._train import (CHECKPOINT_VERSION, Engine, EpochMetrics, FoldResult, TrainConfig, _epoch_permutation,
                      _evaluate, checked_lambda, checkpoint_key, engine_for, load_checkpoint, make_optimizer,
                      on_device, save_checkpoint)
@@ -76,9 +76,6 @@ class _ChannelSimAM(nn.Module):
         super().__init__()
         self.size = size
         self.register_buffer("e_lambda", torch.full((size * channels,), 1e-4), persistent=False)
-
-    def set_lambdas(self, lambdas: Tensor) -> None:
-        self.e_lambda.copy_(lambdas.repeat_interleave(self.e_lambda.numel() // self.size))
 
     def forward(self, x: Tensor) -> Tensor:
         return simam(x, self.e_lambda)
@@ -335,9 +332,7 @@ def train_pack(
         m = members[i]
         engine.model.load_state_dict(pack.state(i, m.iteration))
         if m.e_lambda is not None:
-            for layer in engine.model.modules():
-                if isinstance(layer, SimAM):
-                    layer.set_e_lambda(m.e_lambda)
+            set_e_lambda(engine.model, m.e_lambda)
         return _evaluate(engine, data, m.val_index, config.eval_batch_size)
 
     def end_epoch(i: int) -> None:

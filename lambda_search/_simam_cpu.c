@@ -44,8 +44,9 @@ INLINE float sigmoid_of(float d, float inv) { return 1.0f / (1.0f + exp_nonposit
 
 /* ---- one image, channels innermost: x[N][C] */
 
-INLINE void forward_cl(const float *restrict x, float *restrict out, float *restrict mu, float *restrict inv,
-                       const float *restrict lam, const int64_t C, int64_t N) {
+/* mu and inv = 1 / (4 (var + lambda)) of every channel plane of one image */
+INLINE void plane_stats_cl(const float *restrict x, float *restrict mu, float *restrict inv,
+                           const float *restrict lam, const int64_t C, int64_t N) {
     float acc[C];
     for (int64_t c = 0; c < C; c++) acc[c] = 0.f;
     for (int64_t p = 0; p < N; p++)
@@ -54,6 +55,11 @@ INLINE void forward_cl(const float *restrict x, float *restrict out, float *rest
     for (int64_t p = 0; p < N; p++)
         _Pragma("omp simd") for (int64_t c = 0; c < C; c++) { float t = x[p * C + c] - mu[c]; acc[c] += t * t; }
     for (int64_t c = 0; c < C; c++) inv[c] = 1.0f / (4.0f * (acc[c] / (float)(N - 1) + lam[c]));
+}
+
+INLINE void forward_cl(const float *restrict x, float *restrict out, float *restrict mu, float *restrict inv,
+                       const float *restrict lam, const int64_t C, int64_t N) {
+    plane_stats_cl(x, mu, inv, lam, C, N);
     for (int64_t p = 0; p < N; p++)
         _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
             float xv = x[p * C + c], t = xv - mu[c];
@@ -61,31 +67,43 @@ INLINE void forward_cl(const float *restrict x, float *restrict out, float *rest
         }
 }
 
-/* gx holds s between the two passes (the image's planes are in cache) */
-INLINE void backward_cl(const float *restrict x, const float *restrict g, const float *restrict mu,
-                        const float *restrict inv, float *restrict gx, const int64_t C, int64_t N) {
+/* SimAM's backward for one image, given go = ka g + kb o + kc at every neuron (o = x s is
+ * SimAM's output): go = g alone, or BatchNorm's backward folded in where the two are fused.
+ * out holds s between the two passes (the image's planes are in cache). */
+INLINE void backward_cl_affine(const float *restrict xb, const float *restrict m, const float *restrict iv,
+                               const float *restrict gb, const float *restrict ka, const float *restrict kb,
+                               const float *restrict kc, float *restrict out, const int64_t C, int64_t N) {
     float s1[C], s2[C], k1[C], k2[C];
     for (int64_t c = 0; c < C; c++) { s1[c] = 0.f; s2[c] = 0.f; }
     for (int64_t p = 0; p < N; p++)
         _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
             int64_t i = p * C + c;
-            float t = x[i] - mu[c], s = sigmoid_of(t * t, inv[c]);
-            float a = g[i] * x[i] * s * (1.0f - s);
-            gx[i] = s;
+            float xv = xb[i], t = xv - m[c], s = sigmoid_of(t * t, iv[c]);
+            float go = ka[c] * gb[i] + kb[c] * (xv * s) + kc[c];
+            float a = go * xv * s * (1.0f - s);
+            out[i] = s;
             s1[c] += a * t * t;
             s2[c] += a * t;
         }
     for (int64_t c = 0; c < C; c++) {
-        k1[c] = -4.0f * s1[c] * inv[c] * inv[c] / (float)(N - 1);
-        k2[c] = 2.0f * inv[c] * s2[c] / (float)N;
+        k1[c] = -4.0f * s1[c] * iv[c] * iv[c] / (float)(N - 1);
+        k2[c] = 2.0f * iv[c] * s2[c] / (float)N;
     }
     for (int64_t p = 0; p < N; p++)
         _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
             int64_t i = p * C + c;
-            float t = x[i] - mu[c], s = gx[i];
-            float a = g[i] * x[i] * s * (1.0f - s);
-            gx[i] = g[i] * s + 2.0f * t * (a * inv[c] + k1[c]) - k2[c];
+            float xv = xb[i], t = xv - m[c], s = out[i];
+            float go = ka[c] * gb[i] + kb[c] * (xv * s) + kc[c];
+            float a = go * xv * s * (1.0f - s);
+            out[i] = go * s + 2.0f * t * (a * iv[c] + k1[c]) - k2[c];
         }
+}
+
+INLINE void backward_cl(const float *restrict x, const float *restrict g, const float *restrict mu,
+                        const float *restrict inv, float *restrict gx, const int64_t C, int64_t N) {
+    float one[C], zero[C];
+    for (int64_t c = 0; c < C; c++) { one[c] = 1.f; zero[c] = 0.f; }
+    backward_cl_affine(x, mu, inv, g, one, zero, zero, gx, C, N);
 }
 
 /* ---- one image, planes contiguous: x[C][N] */
@@ -184,14 +202,9 @@ void simam_backward(const float *x, const float *g, const float *mu, const float
 INLINE void simbn_stats_img(const float *restrict xb, float *restrict m, float *restrict iv,
                             const float *restrict lam, double *restrict so, double *restrict soo, const int64_t C,
                             int64_t N) {
-    float acc[C], s1[C], s2[C];
-    for (int64_t c = 0; c < C; c++) { acc[c] = 0.f; s1[c] = 0.f; s2[c] = 0.f; }
-    for (int64_t p = 0; p < N; p++)
-        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) acc[c] += xb[p * C + c];
-    for (int64_t c = 0; c < C; c++) { m[c] = acc[c] / (float)N; acc[c] = 0.f; }
-    for (int64_t p = 0; p < N; p++)
-        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) { float t = xb[p * C + c] - m[c]; acc[c] += t * t; }
-    for (int64_t c = 0; c < C; c++) iv[c] = 1.0f / (4.0f * (acc[c] / (float)(N - 1) + lam[c]));
+    float s1[C], s2[C];
+    plane_stats_cl(xb, m, iv, lam, C, N);
+    for (int64_t c = 0; c < C; c++) { s1[c] = 0.f; s2[c] = 0.f; }
     for (int64_t p = 0; p < N; p++)
         _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
             float xv = xb[p * C + c], t = xv - m[c];
@@ -225,35 +238,6 @@ INLINE void simbn_reduce_img(const float *restrict xb, const float *restrict m, 
             s2[c] += g * o;
         }
     for (int64_t c = 0; c < C; c++) { sg[c] = s1[c]; sgo[c] = s2[c]; }
-}
-
-INLINE void simbn_backward_img(const float *restrict xb, const float *restrict m, const float *restrict iv,
-                               const float *restrict gb, const float *restrict ka, const float *restrict kb,
-                               const float *restrict kc, float *restrict out, const int64_t C, int64_t N) {
-    float s1[C], s2[C], k1[C], k2[C];
-    for (int64_t c = 0; c < C; c++) { s1[c] = 0.f; s2[c] = 0.f; }
-    for (int64_t p = 0; p < N; p++)
-        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
-            int64_t i = p * C + c;
-            float xv = xb[i], t = xv - m[c], s = sigmoid_of(t * t, iv[c]);
-            float go = ka[c] * gb[i] + kb[c] * (xv * s) + kc[c];
-            float a = go * xv * s * (1.0f - s);
-            out[i] = s;
-            s1[c] += a * t * t;
-            s2[c] += a * t;
-        }
-    for (int64_t c = 0; c < C; c++) {
-        k1[c] = -4.0f * s1[c] * iv[c] * iv[c] / (float)(N - 1);
-        k2[c] = 2.0f * iv[c] * s2[c] / (float)N;
-    }
-    for (int64_t p = 0; p < N; p++)
-        _Pragma("omp simd") for (int64_t c = 0; c < C; c++) {
-            int64_t i = p * C + c;
-            float xv = xb[i], t = xv - m[c], s = out[i];
-            float go = ka[c] * gb[i] + kb[c] * (xv * s) + kc[c];
-            float a = go * xv * s * (1.0f - s);
-            out[i] = go * s + 2.0f * t * (a * iv[c] + k1[c]) - k2[c];
-        }
 }
 
 /* per-image sums in float (N terms), across images in double */
@@ -291,7 +275,7 @@ void simbn_backward(const float *x, const float *mu, const float *inv, const flo
                     const float *kb, const float *kc, float *gx, int64_t B, int64_t C, int64_t N, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
-#define F(CC) simbn_backward_img(x + b * C * N, mu + b * C, inv + b * C, gy + b * C * N, ka, kb, kc, \
+#define F(CC) backward_cl_affine(x + b * C * N, mu + b * C, inv + b * C, gy + b * C * N, ka, kb, kc, \
                                  gx + b * C * N, CC, N)
         BY_WIDTH(F, C)
 #undef F
