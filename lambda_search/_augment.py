@@ -68,8 +68,9 @@ def center_crop(x: Tensor, size: int) -> Tensor:
 
 def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """uint8 (or 0-255 float) -> float32 with zero mean and unit variance per channel."""
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255
+    # copied without waiting: a blocking copy to a GPU would stall the host every batch
+    m = (torch.tensor(mean) * 255).view(1, -1, 1, 1).to(x.device, non_blocking=True)
+    s = (torch.tensor(std) * 255).view(1, -1, 1, 1).to(x.device, non_blocking=True)
     return (x.float() - m) / s
 
 

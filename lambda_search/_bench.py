@@ -14,7 +14,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -28,7 +28,7 @@ from ._models import BasicBlock, build_model
 from ._objective import Plan, make_plan
 from ._pack import pack_for
 from ._simam import SimAM, simam_reference
-from ._train import Engine, _evaluate, make_optimizer, on_device
+from ._train import Engine, _evaluate, build_engine, make_optimizer, on_device
 
 __all__ = ["Bench", "Projection", "PAPER_FIGURE4", "paper_figure4_config", "project", "run_bench", "measure_steps", "measure_packs",
            "pick_pack", "quick_projection", "worker_pack",
@@ -92,10 +92,16 @@ class Bench:
         """Engine step time with SimAM / without, minus 1."""
         return self.baseline_images_per_s / self.engine_images_per_s - 1
 
+    @property
+    def packed_speedup(self) -> float:
+        """Training images/s of the pack a search picks here (all its networks) over the reference."""
+        return self.pack_images_per_s[self.pack] / self.reference_images_per_s
+
     def to_json(self) -> dict:
         out = {"device": self.device, "reference_images_per_s": self.reference_images_per_s,
                "engine_images_per_s": self.engine_images_per_s, "speedup": self.speedup,
-               "simam_overhead": self.simam_overhead, "projected_seconds": self.projection.seconds}
+               "simam_overhead": self.simam_overhead, "projected_seconds": self.projection.seconds,
+               "packed_speedup": self.packed_speedup}
         out.update({k: v for k, v in asdict(self).items() if k not in out and k != "projection"})
         out["projection"] = asdict(self.projection)
         return out
@@ -211,9 +217,9 @@ def _reference_step(plan: Plan, e_lambda: float, device: torch.device, workers: 
 
 
 def _engine(plan: Plan, attention: str, device: torch.device) -> Engine:
-    cfg, train = plan.config["model"], plan.train
-    return Engine(cfg["name"], plan.data.num_classes, attention, cfg["shortcut"], str(device), train.compile,
-                  train.amp, train.channels_last)
+    cfg = plan.config["model"]
+    return build_engine(replace(plan.train, device=str(device)), cfg["name"], plan.data.num_classes, attention,
+                        cfg["shortcut"])
 
 
 def _engine_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None) -> Callable[[], None]:
@@ -255,6 +261,14 @@ def _pack_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | No
     return step
 
 
+def _one_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None) -> Callable[[], None]:
+    """One network's training step as the search runs it: the engine's step on the CPU, a
+    pack of one (a CUDA graph) on GPUs."""
+    if engine.cuda_graphs:
+        return _pack_step(plan, engine, data, e_lambda, 1)
+    return _engine_step(plan, engine, data, e_lambda)
+
+
 def auto_packs(device: torch.device) -> bool:
     """Whether train.pack = "auto" may pack on ``device``: on GPUs only. On the CPU a search
     stays bit-for-bit reproducible (a grouped convolution rounds differently from a plain one,
@@ -269,8 +283,9 @@ def _chunks(folds: int, size: int) -> list[int]:
 
 def measure_packs(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, sizes, *,
                   rounds: int = 1, block_seconds: float = 0.5) -> dict[int, float]:
-    """Seconds per step of a pack of each size in ``sizes`` (size 1: the engine's own step)."""
-    steps = {size: (_engine_step(plan, engine, data, e_lambda) if size == 1
+    """Seconds per step of a pack of each size in ``sizes`` (size 1 on the CPU: the engine's
+    own step; with CUDA graphs, a pack of one, as the search trains it there)."""
+    steps = {size: (_one_step(plan, engine, data, e_lambda) if size == 1
                     else _pack_step(plan, engine, data, e_lambda, size)) for size in sizes}
     seconds, _ = measure_steps(steps, engine.device, rounds, block_seconds, warmup=1)
     return seconds
@@ -279,16 +294,16 @@ def measure_packs(plan: Plan, engine: Engine, data: ImageData, e_lambda: float |
 def pick_pack(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, *, rounds: int = 1,
               block_seconds: float = 0.5) -> tuple[int, float, dict[int, float]]:
     """The pack size for one point's folds on ``engine``: ``train.pack`` when it is a number;
-    "auto": on a GPU the measured fastest (a pack must beat one fold at a time by 5 %, or it
-    is 1), on the CPU 1 (measured all the same). Returns (size, seconds per iteration of one
+    "auto": on a GPU the faster of one fold at a time and all folds at once (a pack must beat
+    one at a time by 5 %), on the CPU 1 (measured all the same). Returns (size, seconds per iteration of one
     training, {size: seconds per pack step})."""
     folds = len(plan.folds_of(0))
     asked = plan.train.pack
     if asked != "auto":
         size = min(asked, folds)
         sizes = sorted({size, *_chunks(folds, size)})
-    else:
-        sizes = sorted({1, folds, math.ceil(folds / 2), *_chunks(folds, math.ceil(folds / 2))})
+    else:  # one at a time or all at once: on GPUs images/s grows with the pack (measured by bench)
+        sizes = [1, folds]
     seconds = measure_packs(plan, engine, data, e_lambda, sizes, rounds=rounds, block_seconds=block_seconds)
     per_point = {s: sum(seconds[c] for c in _chunks(folds, s)) for s in sizes
                  if all(c in seconds for c in _chunks(folds, s))}
@@ -334,13 +349,24 @@ def measure_steps(steps: dict[str, Callable[[], None]], device: torch.device, ro
     return {name: statistics.median(v) for name, v in per_round.items()}, k
 
 
-def _eval_images_per_s(engine: Engine, data: ImageData, plan: Plan) -> float:
+def _eval_images_per_s(engine: Engine, data: ImageData, plan: Plan, size: int = 1) -> float:
+    """Validation images/s: of the engine, or of a pack of ``size`` (members whose epochs end
+    together are evaluated in one packed pass)."""
     val = torch.as_tensor(plan.folds[0].val, device=data.images.device)
     val = val[: max(1, min(len(val), 2 * plan.train.eval_batch_size))]
-    _evaluate(engine, data, val[: plan.train.eval_batch_size], plan.train.eval_batch_size)  # warm up
+    batch = plan.train.eval_batch_size
+    if size == 1 and not engine.cuda_graphs:  # on GPUs the search evaluates through a pack of one
+        def run(index):
+            _evaluate(engine, data, index, batch)
+    else:
+        pack = pack_for(engine, size)
+
+        def run(index):
+            pack.evaluate(data, [index] * size, batch)
+    run(val[:batch])  # warm up
     t = time.perf_counter()
-    _evaluate(engine, data, val, plan.train.eval_batch_size)
-    return len(val) / (time.perf_counter() - t)
+    run(val)
+    return size * len(val) / (time.perf_counter() - t)
 
 
 def _lambda_of(plan: Plan) -> float:
@@ -370,16 +396,16 @@ def run_bench(config: dict | None = None, *, rounds: int = 7, block_seconds: flo
     reference = _reference_step(plan, e_lambda, device, workers)
     try:
         seconds, k = measure_steps({"reference": reference,
-                                    "engine": _engine_step(plan, simam_engine, data, e_lambda),
-                                    "baseline": _engine_step(plan, baseline_engine, data, None)},
+                                    "engine": _one_step(plan, simam_engine, data, e_lambda),
+                                    "baseline": _one_step(plan, baseline_engine, data, None)},
                                    device, rounds, block_seconds)
     finally:
         reference.close()
-    eval_rate = _eval_images_per_s(simam_engine, data, plan)
     batch = plan.train.batch_size
     say("bench: packed training")
     size, per_training, pack_seconds = pick_pack(plan, simam_engine, data, e_lambda, rounds=max(1, rounds // 2),
                                                  block_seconds=block_seconds)
+    eval_rate = _eval_images_per_s(simam_engine, data, plan, size)
     size_none = 1
     step = {"simam": seconds["engine"], "none": seconds["baseline"]}
     if size > 1:
@@ -409,7 +435,7 @@ def quick_projection(plan: Plan, block_seconds: float = 0.5) -> Projection:
             step[a] = measure_packs(plan, engine, data, lam, [1], block_seconds=block_seconds)[1]
         else:
             packs[a], step[a], _ = pick_pack(plan, engine, data, lam, block_seconds=block_seconds)
-    projection = project(plan, step, _eval_images_per_s(engine, data, plan), packs=packs)
+    projection = project(plan, step, _eval_images_per_s(engine, data, plan, packs[attentions[-1]]), packs=packs)
     return projection
 
 
@@ -431,7 +457,8 @@ def format_bench(bench: Bench) -> str:
     lines = [f"{'training images/s':<60} {'':>10}"]
     lines += [f"  {name:<58} {value:>10,.1f}" for name, value in rows]
     lines += [f"  {'evaluation (engine, SimAM)':<58} {bench.eval_images_per_s:>10,.1f}",
-              f"speedup over the reference: {bench.speedup:.2f}x",
+              f"speedup over the reference: {bench.speedup:.2f}x"
+              + (f" (packs of {bench.pack}: {bench.packed_speedup:.2f}x)" if bench.pack > 1 else ""),
               f"SimAM overhead in the engine: {bench.simam_overhead:+.1%} (step time with SimAM / without - 1)",
               f"projected on one {bench.device} worker: {bench.projection.describe()}"]
     if len(bench.pack_images_per_s) > 1:

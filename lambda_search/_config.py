@@ -81,7 +81,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "device": ("cpu", lambda v: isinstance(v, str) and v != "", "a torch device such as 'cpu' or 'cuda'"),
         "amp": (None, lambda v: isinstance(v, bool), "true or false (not set: on for CUDA)"),
         "channels_last": (None, lambda v: isinstance(v, bool), "true or false (not set: on)"),
-        "compile": (False, lambda v: isinstance(v, bool), "true or false"),
+        "compile": (None, lambda v: isinstance(v, bool), "true or false (not set: on for CUDA)"),
+        "cuda_graphs": (None, lambda v: isinstance(v, bool), "true or false (not set: on for CUDA)"),
         "pack": ("auto", lambda v: v == "auto" or (_int(v) and v >= 1),
                  "'auto' or an integer >= 1 (folds trained at once as one packed network)"),
         "eval_every": (1, lambda v: _int(v) and v >= 1, "an integer >= 1"),
@@ -95,7 +96,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 # a study is resumed or joined by a worker on another machine.
 IDENTITY_EXEMPT = frozenset({
     "study.storage", "study.checkpoint_dir", "search.workers", "data.root", "data.download",
-    "train.device", "train.compile", "train.pack",
+    "train.device", "train.compile", "train.cuda_graphs", "train.pack",
     "train.checkpoint_every_epochs", "train.checkpoint_every_seconds",
 })
 

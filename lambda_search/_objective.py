@@ -201,7 +201,7 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
         common = dict(model=model["name"], attention=point.attention, shortcut=model["shortcut"], engine=engine,
                       should_stop=should_stop)
         paths = [folder / f"{f.name}.pt" if folder is not None else None for f in group]
-        if len(group) == 1:
+        if len(group) == 1 and torch.device(plan.train.device).type == "cpu":  # a pack of one on GPUs
             fold = group[0]
             results = [train_fold(plan.data, fold, point.e_lambda, plan.train, seed=plan.train_seed(fold),
                                   callback=(lambda m, fold=fold: on_epoch(fold, m)) if on_epoch is not None else None,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._augment import train_batch
+from ._augment import eval_batch, train_batch
 from ._data import ImageData
 from ._folds import Fold, derive_seed
 from ._models import BasicBlock, PadShortcut, ResNet
@@ -125,8 +125,11 @@ class Pack:
         self.param_names = [n for n, _ in self.model.named_parameters()]
         self.momentum = [torch.zeros_like(p) for p in self.params]
         self._lrs: tuple | None = None
-        self._neg_lr: list[Tensor] = []
+        # minus each network's learning rate, per parameter element: updated in place, so a
+        # captured CUDA graph reads the current rates
+        self._neg_lr = [torch.zeros_like(p) for p in self.params]
         self._simam = [m for m in self.model.modules() if isinstance(m, _ChannelSimAM)]
+        self._graph = None  # (key, torch.cuda.CUDAGraph, static x, static y, static losses)
 
     # ------------------------------------------------------------ members' state
 
@@ -177,16 +180,14 @@ class Pack:
         if lrs == self._lrs:
             return
         self._lrs = lrs
-        neg = -torch.tensor(lrs, dtype=torch.float64, device=self.engine.device)
-        self._neg_lr = []
-        for param in self.params:
-            per = neg.repeat_interleave(param.shape[0] // self.size) if param.shape[0] != self.size else neg
-            view = per.view(-1, *[1] * (param.dim() - 1)).expand_as(param)
-            self._neg_lr.append(torch.empty_like(param).copy_(view))
+        neg = -torch.tensor(lrs, dtype=torch.float64).to(self.engine.device, non_blocking=True)
+        with torch.no_grad():
+            for param, target in zip(self.params, self._neg_lr):
+                per = neg.repeat_interleave(param.shape[0] // self.size) if param.shape[0] != self.size else neg
+                target.copy_(per.view(-1, *[1] * (param.dim() - 1)).expand_as(param))
 
-    def step(self, x: Tensor, y: Tensor, lrs: tuple[float, ...], config: TrainConfig) -> Tensor:
-        """One SGD step of every network: ``x`` (B, P*C, H, W), ``y`` (B, P). Returns the P
-        losses, detached (no host sync)."""
+    def _step(self, x: Tensor, y: Tensor, config: TrainConfig) -> Tensor:
+        """Forward, backward and SGD at the rates in ``self._neg_lr``; the P losses."""
         with self.engine.autocast():
             out = self.forward(x)
         if out.dtype in (torch.float16, torch.bfloat16):
@@ -195,7 +196,6 @@ class Pack:
         for param in self.params:
             param.grad = None
         losses.sum().backward()
-        self._set_lrs(lrs)
         with torch.no_grad():
             grads = [param.grad for param in self.params]
             d = torch._foreach_add(grads, self.params, alpha=config.weight_decay) if config.weight_decay else grads
@@ -205,6 +205,76 @@ class Pack:
                 d = torch._foreach_add(d, self.momentum, alpha=config.momentum) if config.nesterov else self.momentum
             torch._foreach_addcmul_(self.params, self._neg_lr, d)
         return losses.detach()
+
+    def _capture(self, x: Tensor, y: Tensor, config: TrainConfig, key: tuple) -> None:
+        """Record the step as a CUDA graph (after warm-up steps on a side stream, which also
+        compile and let cuDNN pick its algorithms); the networks' state is restored after."""
+        self._graph = None
+        state = [t.detach().clone() for t in [*self.model.state_dict().values(), *self.momentum]]
+        static_x, static_y = x.clone(memory_format=torch.preserve_format), y.clone()
+        side = torch.cuda.Stream(self.engine.device)
+        side.wait_stream(torch.cuda.current_stream(self.engine.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self._step(static_x, static_y, config)
+        torch.cuda.current_stream(self.engine.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            losses = self._step(static_x, static_y, config)
+        with torch.no_grad():
+            for own, saved in zip([*self.model.state_dict().values(), *self.momentum], state):
+                own.copy_(saved)
+        self._graph = (key, graph, static_x, static_y, losses)
+
+    def step(self, x: Tensor, y: Tensor, lrs: tuple[float, ...], config: TrainConfig) -> Tensor:
+        """One SGD step of every network: ``x`` (B, P*C, H, W), ``y`` (B, P). Returns the P
+        losses, detached (no host sync). On CUDA (``engine.cuda_graphs``) the step is captured
+        once per input shape and optimiser setting and replayed."""
+        self._set_lrs(lrs)
+        if not self.engine.cuda_graphs:
+            return self._step(x, y, config)
+        key = (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), config.weight_decay, config.momentum,
+               config.nesterov)
+        if self._graph is None or self._graph[0] != key:
+            self._capture(x, y, config, key)
+        _, graph, static_x, static_y, losses = self._graph
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        return losses.clone()
+
+
+    def evaluate(self, data: ImageData, indices: list[Tensor | None], batch_size: int) -> list[tuple[float, float] | None]:
+        """Validation accuracy and mean loss of the networks given an index (None: skipped),
+        as train_fold computes them, in one pass of the packed network in eval mode; each
+        network reads its own images (a shorter validation set is padded)."""
+        device = self.engine.device
+        todo = [i for i, idx in enumerate(indices) if idx is not None]
+        correct = torch.zeros(self.size, dtype=torch.int64, device=device)
+        loss_sum = torch.zeros(self.size, dtype=torch.float64, device=device)
+        longest = max(len(indices[i]) for i in todo)
+        self.model.eval()
+        with torch.no_grad(), self.engine.autocast():
+            for start in range(0, longest, batch_size):
+                rows = batch_size  # the last batch padded too: one shape, one compiled graph
+                xs, ys = [None] * self.size, {}
+                for i in todo:
+                    idx = indices[i][start:start + rows]
+                    if len(idx):
+                        x = eval_batch(data, idx, device)
+                        xs[i] = torch.cat([x, x.new_zeros(rows - len(idx), *x.shape[1:])]) if len(idx) < rows else x
+                        ys[i] = data.labels[idx.to(data.labels.device)].to(device, non_blocking=True)
+                filler = next(x for x in xs if x is not None)
+                x = torch.cat([x if x is not None else torch.zeros_like(filler) for x in xs], 1)
+                out = self.forward(self.engine.batch(x)).float()  # (rows, P, K)
+                for i, y in ys.items():
+                    mine = out[: len(y), i]
+                    loss_sum[i] += F.cross_entropy(mine, y, reduction="sum").double()
+                    correct[i] += (mine.argmax(1) == y).sum()
+        self.model.train()
+        correct, loss_sum = correct.tolist(), loss_sum.tolist()
+        return [(correct[i] / len(indices[i]), loss_sum[i] / len(indices[i])) if i in todo else None
+                for i in range(self.size)]
 
 
 def pack_for(engine: Engine, size: int) -> Pack:
@@ -335,16 +405,22 @@ def train_pack(
             set_e_lambda(engine.model, m.e_lambda)
         return _evaluate(engine, data, m.val_index, config.eval_batch_size)
 
-    def end_epoch(i: int) -> None:
-        """train_fold's end of an epoch (or of the budget) for member i."""
+    def due(i: int) -> bool:
+        """Whether member i's epoch that just ended is evaluated."""
+        m = members[i]
+        return math.ceil(m.iteration / m.steps_per_epoch) % config.eval_every == 0 or m.iteration >= m.total
+
+    def end_epoch(i: int, evaluated: tuple[float, float] | None) -> None:
+        """train_fold's end of an epoch (or of the budget) for member i (``evaluated``: its
+        validation accuracy and loss where due, from a packed pass)."""
         m = members[i]
         bad = first_bad[i].item()
         if bad >= 0:
             return finish(i, "diverged", diverged_at=bad)
         epoch_number = math.ceil(m.iteration / m.steps_per_epoch)
         accuracy = val_loss = None
-        if epoch_number % config.eval_every == 0 or m.iteration >= m.total:
-            accuracy, val_loss = evaluate(i)
+        if due(i):
+            accuracy, val_loss = evaluated if evaluated is not None else evaluate(i)
         metrics = EpochMetrics(epoch_number, m.iteration, last_lr(m), epoch_loss[i].item() / max(m.epoch_steps, 1),
                                accuracy, val_loss, elapsed(m))
         m.curve.append(metrics)
@@ -375,6 +451,7 @@ def train_pack(
                 finish(i, "diverged", diverged_at=m.iteration)
 
     pack.model.train()
+    masks: dict[tuple, Tensor] = {}
     while any(m.result is None for m in members):
         active = [m.result is None for m in members]
         xs, ys = [None] * n, [None] * n
@@ -392,16 +469,26 @@ def train_pack(
                 xs[i], ys[i] = torch.zeros_like(xs[live]), torch.zeros_like(ys[live])
         lrs = tuple(lr_of(m) if active[i] else 0.0 for i, m in enumerate(members))
         losses = pack.step(engine.batch(torch.cat(xs, 1)), torch.stack(ys, 1), lrs, config)
-        mask = torch.tensor(active, device=device)
+        if masks.get(tuple(active)) is None:  # built once per set of active members: no copy per step
+            masks[tuple(active)] = torch.tensor(active).to(device, non_blocking=True)
+        mask = masks[tuple(active)]
         step_count += mask
         first_bad = torch.where(mask & (first_bad < 0) & ~torch.isfinite(losses), step_count, first_bad)
         epoch_loss += torch.where(mask, losses.double(), 0.0)
+        ended = []
         for i, m in enumerate(members):
             if active[i]:
                 m.iteration += 1
                 m.epoch_steps += 1
                 if m.iteration % m.steps_per_epoch == 0 or m.iteration >= m.total:
-                    end_epoch(i)
+                    ended.append(i)
+        # members whose epochs end together (equal folds) are evaluated in one packed pass
+        evaluated = [None] * n
+        if (n == 1 or sum(due(i) for i in ended) > 1) and any(due(i) for i in ended) and first_bad.max().item() < 0:
+            evaluated = pack.evaluate(data, [m.val_index if i in ended and due(i) else None
+                                             for i, m in enumerate(members)], config.eval_batch_size)
+        for i in ended:
+            end_epoch(i, evaluated[i])
         unfinished = [i for i, m in enumerate(members) if m.result is None]
         if not unfinished:
             break

@@ -81,6 +81,7 @@ def test_overrides_are_validated_like_the_file(tiny_config):
     ("study.name=a/b", "study.name must be a name of letters, digits"),
     ("train.milestones=[0.75, 0.5]", "train.milestones must be increasing fractions"),
     ("search.baseline=1", "search.baseline must be true or false, got search.baseline=1"),
+    ("train.cuda_graphs=on", "train.cuda_graphs must be true or false (not set: on for CUDA), got train.cuda_graphs='on'"),
     ("epochs=3", "--set takes section.key=value"),
 ])
 def test_bad_values_name_the_key_and_the_rule(tiny_config, override, message):
@@ -101,7 +102,8 @@ def test_unreadable_configs(tmp_path):
 
 def test_config_diff_ignores_where_and_how_fast(tiny_config):
     a = ls.load_config(tiny_config())
-    b = ls.load_config(tiny_config(), ["train.device=cuda:1", "study.storage=sqlite:///x.db", "data.root=/x"])
+    b = ls.load_config(tiny_config(), ["train.device=cuda:1", "study.storage=sqlite:///x.db", "data.root=/x",
+                                       "train.compile=false", "train.cuda_graphs=false"])
     assert ls.config_diff(a, b) == []
     c = ls.load_config(tiny_config(), ["train.epochs=5", "search.lambdas=[1e-4]"])
     assert [k for k, _, _ in ls.config_diff(a, c)] == ["search.lambdas", "train.epochs"]

@@ -131,3 +131,31 @@ def test_pack_errors_name_the_value(data):
         ls.train_pack(data, folds[:1], [0], CFG, seeds=[0])
     with pytest.raises(ValueError, match="pack size must be an integer >= 1, got size=0"):
         _pack.Pack(ls.Engine("resnet20", 4), 0)
+
+
+def test_a_pack_of_one_equals_train_fold(data):
+    # what the search runs on GPUs for a single fold (there as a CUDA graph)
+    data, folds = data
+    engine = ls.Engine("resnet20", data.num_classes, dtype=torch.float64)
+    alone = ls.train_fold(data, folds[2], 0.1, CFG, seed=4, engine=engine)
+    [packed] = ls.train_pack(data, folds[2:], [0.1], CFG, seeds=[4], engine=engine)
+    close_results(packed, alone, tol=1e-9)
+
+
+def test_packed_validation_equals_each_network_alone(data):
+    # validation sets of different lengths, batches that do not divide them, a skipped slot
+    data, folds = data
+    engine = ls.Engine("resnet20", data.num_classes, dtype=torch.float64)
+    pack = _pack.pack_for(engine, 3)
+    states = [engine._fresh(seed).state_dict() for seed in (1, 2, 3)]
+    for p, (state, lam) in enumerate(zip(states, LAMBDAS)):
+        pack.load(p, state, None, lam)
+    indices = [torch.as_tensor(folds[0].val), None, torch.as_tensor(folds[2].val[:20])]
+    got = pack.evaluate(data, indices, batch_size=16)
+    assert got[1] is None
+    for p in (0, 2):
+        engine.model.load_state_dict(states[p])
+        ls.set_e_lambda(engine.model, LAMBDAS[p])
+        accuracy, loss = _train._evaluate(engine, data, indices[p], 16)
+        assert got[p][0] == accuracy
+        assert got[p][1] == pytest.approx(loss, rel=1e-12)
