@@ -25,7 +25,7 @@ __all__ = ["cpu_kernel", "kernel_cache_dir", "KERNELS_ENV", "CACHE_ENV"]
 KERNELS_ENV = "LAMBDA_SEARCH_KERNELS"  # "0": never build or load, use PyTorch operations
 CACHE_ENV = "LAMBDA_SEARCH_CACHE"  # where built kernels are kept (default ~/.cache/lambda_search)
 SOURCE = Path(__file__).with_name("_simam_cpu.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 
 
 def kernel_cache_dir() -> Path:
@@ -100,7 +100,9 @@ def cpu_kernel() -> ctypes.CDLL | None:
     lib.simam_forward.restype = None
     lib.simam_backward.argtypes = [p, p, p, p, p, i64, i64, i64, i32, i32]
     lib.simam_backward.restype = None
-    for name, pointers in (("simbn_stats", 6), ("simbn_apply", 6), ("simbn_reduce", 6), ("simbn_backward", 8)):
-        getattr(lib, name).argtypes = [p] * pointers + [i64, i64, i64, i32]
-        getattr(lib, name).restype = None
+    f64 = ctypes.c_double
+    lib.simbn_forward.argtypes = [p] * 9 + [f64, f64, p, p, i64, i64, i64, i32]
+    lib.simbn_forward.restype = None
+    lib.simbn_backward_full.argtypes = [p] * 10 + [i64, i64, i64, i32]
+    lib.simbn_backward_full.restype = None
     return lib

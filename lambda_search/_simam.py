@@ -141,57 +141,37 @@ def simam(x: Tensor, e_lambda: float | Tensor) -> Tensor:
 
 class _SimAMBatchNormFunction(torch.autograd.Function):
     """SimAM then training-mode BatchNorm, fused on the CPU (channels last): SimAM's output is
-    never stored, both directions recompute it from x. Returns y and the batch mean and
-    (biased) variance for the running statistics."""
+    never stored, both directions recompute it from x. One C call each way, which also
+    updates BatchNorm's running statistics."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, lam: Tensor, eps: float):
-        kernel, threads = cpu_kernel(), torch.get_num_threads()
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, lam: Tensor, bn: nn.BatchNorm2d):
         b, c, h, w = x.shape
-        n = h * w
-        mu, inv = x.new_empty(b, c), x.new_empty(b, c)
-        so = torch.empty(b, c, dtype=torch.float64)
-        soo = torch.empty(b, c, dtype=torch.float64)
-        kernel.simbn_stats(x.data_ptr(), mu.data_ptr(), inv.data_ptr(), lam.data_ptr(), so.data_ptr(), soo.data_ptr(),
-                           b, c, n, threads)
-        count = b * n
-        mean = so.sum(0) / count
-        var = (soo.sum(0) / count - mean.square()).clamp_(min=0)
-        r = (var + eps).rsqrt()
-        wd = weight.detach().double()
-        scale = (wd * r).float().contiguous()
-        shift = (bias.detach().double() - mean * wd * r).float().contiguous()
         y = torch.empty_like(x)
-        kernel.simbn_apply(x.data_ptr(), mu.data_ptr(), inv.data_ptr(), scale.data_ptr(), shift.data_ptr(),
-                           y.data_ptr(), b, c, n, threads)
-        ctx.save_for_backward(x, mu, inv, weight)
-        ctx.stats = (mean, r, count)
-        mean32, var32 = mean.float(), var.float()
-        ctx.mark_non_differentiable(mean32, var32)
-        return y, mean32, var32
+        plane = x.new_empty(2, b, c)  # per-plane mu and 1 / (4 (var + lambda))
+        scratch = torch.empty(2, b, c, dtype=torch.float64)
+        saved = torch.empty(2, c, dtype=torch.float64)  # batch mean, 1 / sqrt(var + eps)
+        cpu_kernel().simbn_forward(x.data_ptr(), y.data_ptr(), plane[0].data_ptr(), plane[1].data_ptr(),
+                                   lam.data_ptr(), weight.data_ptr(), bias.data_ptr(), bn.running_mean.data_ptr(),
+                                   bn.running_var.data_ptr(), bn.momentum, bn.eps, scratch.data_ptr(),
+                                   saved.data_ptr(), b, c, h * w, torch.get_num_threads())
+        ctx.save_for_backward(x, plane, weight, saved)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gy: Tensor, _mean, _var):
-        x, mu, inv, weight = ctx.saved_tensors
-        mean, r, count = ctx.stats
-        kernel, threads = cpu_kernel(), torch.get_num_threads()
+    def backward(ctx, gy: Tensor):
+        x, plane, weight, saved = ctx.saved_tensors
         b, c, h, w = x.shape
         gy = gy.contiguous(memory_format=torch.channels_last)
-        sg = torch.empty(b, c, dtype=torch.float64)
-        sgo = torch.empty(b, c, dtype=torch.float64)
-        kernel.simbn_reduce(x.data_ptr(), mu.data_ptr(), inv.data_ptr(), gy.data_ptr(), sg.data_ptr(), sgo.data_ptr(),
-                            b, c, h * w, threads)
-        gbias = sg.sum(0)
-        gweight = r * (sgo.sum(0) - mean * gbias)  # sum of gy * xhat
-        wd = weight.detach().double()
-        ka = (wd * r).float().contiguous()
-        kb = (-wd * r.square() * gweight / count).float().contiguous()
-        kc = (-wd * r * gbias / count + wd * r.square() * gweight * mean / count).float().contiguous()
         gx = torch.empty_like(x)
-        kernel.simbn_backward(x.data_ptr(), mu.data_ptr(), inv.data_ptr(), gy.data_ptr(), ka.data_ptr(), kb.data_ptr(),
-                              kc.data_ptr(), gx.data_ptr(), b, c, h * w, threads)
-        return gx, gweight.to(weight.dtype), gbias.to(weight.dtype), None, None
+        grads = weight.new_empty(2, c)
+        scratch = torch.empty(2, b, c, dtype=torch.float64)
+        cpu_kernel().simbn_backward_full(x.data_ptr(), plane[0].data_ptr(), plane[1].data_ptr(), gy.data_ptr(),
+                                         weight.data_ptr(), saved.data_ptr(), scratch.data_ptr(), gx.data_ptr(),
+                                         grads[0].data_ptr(), grads[1].data_ptr(), b, c, h * w,
+                                         torch.get_num_threads())
+        return gx, grads[0], grads[1], None, None
 
 
 def simam_batch_norm(x: Tensor, attention: nn.Module, bn: nn.BatchNorm2d) -> Tensor:
@@ -203,17 +183,14 @@ def simam_batch_norm(x: Tensor, attention: nn.Module, bn: nn.BatchNorm2d) -> Ten
     if (lam is None or not bn.training or not attention.training or not bn.track_running_stats or not bn.affine
             or bn.momentum is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
             or _layout(x) != 1 or x.is_contiguous() or x.shape[-2] * x.shape[-1] < 2
-            or torch.compiler.is_compiling() or cpu_kernel() is None or bn.weight.dtype != torch.float32):
+            or torch.compiler.is_compiling() or cpu_kernel() is None or bn.weight.dtype != torch.float32
+            or bn.running_mean.dtype != torch.float32 or not bn.running_mean.is_contiguous()):
         return bn(attention(x))
     lam = _per_channel(lam, x.shape[1])
     if lam is None:
         return bn(attention(x))
-    y, mean, var = _SimAMBatchNormFunction.apply(x, bn.weight, bn.bias, lam, bn.eps)
-    count = x.shape[0] * x.shape[2] * x.shape[3]
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        bn.running_mean.mul_(1 - bn.momentum).add_(mean, alpha=bn.momentum)
-        bn.running_var.mul_(1 - bn.momentum).add_(var * (count / max(count - 1, 1)), alpha=bn.momentum)
+    y = _SimAMBatchNormFunction.apply(x, bn.weight, bn.bias, lam, bn)
+    bn.num_batches_tracked.add_(1)
     return y
 
 

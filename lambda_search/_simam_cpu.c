@@ -14,6 +14,7 @@
  * reading back a tensor of s costs more memory traffic than the exponentials. */
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -241,7 +242,7 @@ INLINE void simbn_reduce_img(const float *restrict xb, const float *restrict m, 
 }
 
 /* per-image sums in float (N terms), across images in double */
-void simbn_stats(const float *x, float *mu, float *inv, const float *lam, double *so, double *soo, int64_t B,
+static void simbn_stats(const float *x, float *mu, float *inv, const float *lam, double *so, double *soo, int64_t B,
                  int64_t C, int64_t N, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
@@ -251,7 +252,7 @@ void simbn_stats(const float *x, float *mu, float *inv, const float *lam, double
     }
 }
 
-void simbn_apply(const float *x, const float *mu, const float *inv, const float *scale, const float *shift,
+static void simbn_apply(const float *x, const float *mu, const float *inv, const float *scale, const float *shift,
                  float *y, int64_t B, int64_t C, int64_t N, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
@@ -261,7 +262,7 @@ void simbn_apply(const float *x, const float *mu, const float *inv, const float 
     }
 }
 
-void simbn_reduce(const float *x, const float *mu, const float *inv, const float *gy, double *sg, double *sgo,
+static void simbn_reduce(const float *x, const float *mu, const float *inv, const float *gy, double *sg, double *sgo,
                   int64_t B, int64_t C, int64_t N, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
@@ -271,7 +272,7 @@ void simbn_reduce(const float *x, const float *mu, const float *inv, const float
     }
 }
 
-void simbn_backward(const float *x, const float *mu, const float *inv, const float *gy, const float *ka,
+static void simbn_backward(const float *x, const float *mu, const float *inv, const float *gy, const float *ka,
                     const float *kb, const float *kc, float *gx, int64_t B, int64_t C, int64_t N, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
@@ -280,4 +281,53 @@ void simbn_backward(const float *x, const float *mu, const float *inv, const flo
         BY_WIDTH(F, C)
 #undef F
     }
+}
+
+/* The whole of SimAM then training-mode BatchNorm, one call each way (the per-channel
+ * arithmetic between the passes is C's too, so that a layer costs no small tensor ops).
+ * Forward: the batch statistics of o = SimAM(x) (mean, biased variance, in double), the
+ * running statistics (momentum, unbiased variance), y = o * scale + shift; saved = (mean, r)
+ * with r = 1 / sqrt(var + eps). Backward: gweight, gbias and gx. scratch: 2 B C doubles. */
+void simbn_forward(const float *x, float *y, float *mu, float *inv, const float *lam, const float *weight,
+                   const float *bias, float *running_mean, float *running_var, double momentum, double eps,
+                   double *scratch, double *saved, int64_t B, int64_t C, int64_t N, int threads) {
+    double *so = scratch, *soo = scratch + B * C;
+    float scale[C], shift[C];
+    const double count = (double)B * (double)N;
+    simbn_stats(x, mu, inv, lam, so, soo, B, C, N, threads);
+    for (int64_t c = 0; c < C; c++) {
+        double s = 0.0, ss = 0.0;
+        for (int64_t b = 0; b < B; b++) { s += so[b * C + c]; ss += soo[b * C + c]; }
+        const double mean = s / count, var0 = ss / count - mean * mean, var = var0 > 0.0 ? var0 : 0.0;
+        const double r = 1.0 / sqrt(var + eps), w = weight[c];
+        scale[c] = (float)(w * r);
+        shift[c] = (float)((double)bias[c] - mean * w * r);
+        saved[c] = mean;
+        saved[C + c] = r;
+        const double unbiased = var * (count / (count > 1.0 ? count - 1.0 : 1.0));
+        running_mean[c] = (float)((1.0 - momentum) * running_mean[c] + momentum * mean);
+        running_var[c] = (float)((1.0 - momentum) * running_var[c] + momentum * unbiased);
+    }
+    simbn_apply(x, mu, inv, scale, shift, y, B, C, N, threads);
+}
+
+void simbn_backward_full(const float *x, const float *mu, const float *inv, const float *gy, const float *weight,
+                         const double *saved, double *scratch, float *gx, float *gweight, float *gbias, int64_t B,
+                         int64_t C, int64_t N, int threads) {
+    double *sg = scratch, *sgo = scratch + B * C;
+    float ka[C], kb[C], kc[C];
+    const double count = (double)B * (double)N;
+    simbn_reduce(x, mu, inv, gy, sg, sgo, B, C, N, threads);
+    for (int64_t c = 0; c < C; c++) {
+        double gb = 0.0, go = 0.0;
+        for (int64_t b = 0; b < B; b++) { gb += sg[b * C + c]; go += sgo[b * C + c]; }
+        const double mean = saved[c], r = saved[C + c], w = weight[c];
+        const double gw = r * (go - mean * gb); /* sum of gy * xhat */
+        ka[c] = (float)(w * r);
+        kb[c] = (float)(-w * r * r * gw / count);
+        kc[c] = (float)(-w * r * gb / count + w * r * r * gw * mean / count);
+        gweight[c] = (float)gw;
+        gbias[c] = (float)gb;
+    }
+    simbn_backward(x, mu, inv, gy, ka, kb, kc, gx, B, C, N, threads);
 }
