@@ -417,17 +417,20 @@ def run_bench(config: dict | None = None, *, rounds: int = 7, block_seconds: flo
                  eval_rate, projection, {s: s * batch / t for s, t in sorted(pack_seconds.items())}, size)
 
 
-def quick_projection(plan: Plan, block_seconds: float = 0.5) -> Projection:
+def quick_projection(plan: Plan, block_seconds: float = 0.5, engines: dict[str, Engine] | None = None) -> Projection:
     """The projection a search prints as it starts, from one short round of the engine (and of
-    packs, where ``train.pack`` is "auto" or above 1); ``packs`` says the sizes picked."""
+    packs, where ``train.pack`` is "auto" or above 1); ``packs`` says the sizes picked. The
+    engines built (attention -> Engine, compiled where they compile) are left in ``engines``
+    for the worker that goes on in this process."""
     device = torch.device(plan.train.device)
     data = on_device(plan.data, plan.train, device)
     attentions = sorted({p.attention for p in plan.points})
     e_lambda = _lambda_of(plan)
     step, packs = {}, {}
     engine = None
+    engines = {} if engines is None else engines
     for a in attentions:
-        engine = _engine(plan, a, device)
+        engine = engines[a] = engines.get(a) or _engine(plan, a, device)
         lam = e_lambda if a == "simam" else None
         if plan.train.pack == 1 or len(plan.folds_of(0)) == 1 or (plan.train.pack == "auto"
                                                                     and not auto_packs(device)):

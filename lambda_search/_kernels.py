@@ -25,7 +25,10 @@ __all__ = ["cpu_kernel", "kernel_cache_dir", "KERNELS_ENV", "CACHE_ENV"]
 KERNELS_ENV = "LAMBDA_SEARCH_KERNELS"  # "0": never build or load, use PyTorch operations
 CACHE_ENV = "LAMBDA_SEARCH_CACHE"  # where built kernels are kept (default ~/.cache/lambda_search)
 SOURCE = Path(__file__).with_name("_simam_cpu.c")
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
+# x86: the widest vectors the processor has (compilers default to 256 bits on AVX-512 parts;
+# 512 makes the kernel about 20 % faster on a Xeon), ignored without AVX-512
+_WIDE = ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
+FLAGS = ("-O3", "-march=native", *_WIDE, "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 
 
 def kernel_cache_dir() -> Path:

@@ -243,7 +243,6 @@ class Pack:
         graph.replay()
         return losses.clone()
 
-
     def evaluate(self, data: ImageData, indices: list[Tensor | None], batch_size: int) -> list[tuple[float, float] | None]:
         """Validation accuracy and mean loss of the networks given an index (None: skipped),
         as train_fold computes them, in one pass of the packed network in eval mode; each

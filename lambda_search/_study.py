@@ -443,11 +443,13 @@ def _pack_size(plan: Plan, engine: Engine, attention: str, log, label: str) -> i
 def run_worker(store: Store, name: str, *, overrides=(), device: str | None = None, threads: int | None = None,
                label: str = "", log: Callable[[str], None] = print, progress: Callable[[str], None] | None = None,
                should_stop: Callable[[], bool] | None = None, poll_seconds: float = 2.0, n_workers: int = 1,
-               plan: Plan | None = None, packs: dict[str, int] | None = None) -> dict:
+               plan: Plan | None = None, packs: dict[str, int] | None = None,
+               engines: dict[str, Engine] | None = None) -> dict:
     """Claim and run points of study ``name`` until every point is complete (or diverged),
     waiting while the last ones run elsewhere (to take them over if their workers die).
     ``packs`` (attention -> pack size) is measured here when not given and train.pack is
-    "auto". Returns counts: {"completed", "diverged", "interrupted", "lost"}."""
+    "auto"; ``engines`` (attention -> Engine) are reused where given (built and compiled once).
+    Returns counts: {"completed", "diverged", "interrupted", "lost"}."""
     should_stop = should_stop or (lambda: False)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -462,7 +464,7 @@ def run_worker(store: Store, name: str, *, overrides=(), device: str | None = No
     checkpoint_dir = config["study"]["checkpoint_dir"]
     counts = {"completed": 0, "diverged": 0, "interrupted": 0, "lost": 0}
     stats = {"folds": 0, "seconds": 0.0}
-    engines: dict[str, Engine] = {}
+    engines = dict(engines or {})
     packs = dict(packs or {})
     while not should_stop():
         claim = _claim(store, name, config, label)
@@ -558,7 +560,8 @@ def run_search(config: dict, *, workers: int | None = None, log: Callable[[str],
     log(f"study {name!r} {how} in {store.shown}: {status.complete} of {status.total} points complete")
     if status.finished:
         return how, status
-    projection = quick_projection(plan)
+    engines: dict[str, Engine] = {}
+    projection = quick_projection(plan, engines=engines)
     packed = ", ".join(f"{n} folds at once{' (baseline)' if a == 'none' else ''}"
                        for a, n in sorted(projection.packs.items(), reverse=True) if n > 1)
     log(f"projected on one {plan.train.device} worker: {projection.describe()}{f' ({packed})' if packed else ''} "
@@ -566,7 +569,7 @@ def run_search(config: dict, *, workers: int | None = None, log: Callable[[str],
     workers = workers or config["search"]["workers"]
     if workers == 1:
         run_worker(store, name, plan=plan, log=log, progress=progress, should_stop=should_stop,
-                   packs=projection.packs)
+                   packs=projection.packs, engines=engines)
     else:
         _run_processes(store, name, plan.config, workers, log, should_stop)
     return how, study_status(store, name)

@@ -1,13 +1,14 @@
 """GPU checks and figures for one lent GPU session (not collected by pytest: it needs CUDA).
 
-    python tests/gpu_check.py [--out DIR] [--budget SECONDS]
+    python tests/gpu_check.py [--out DIR] [--budget SECONDS] [--parts correctness,bench,search,variants,packs]
 
 In order, each part on its own (a part that fails is logged and the next one runs):
   1. correctness: train_pack with CUDA graphs against train_pack without them and against
      separate train_fold runs (float32, no autocast); SimAM in bfloat16 against float64;
   2. `lambda-search bench` on the paper's Figure 4 search (what `bench --json` prints);
   3. a quickstart search end to end on the GPU (pack auto, graphs, packed evaluation);
-  4. pack images/s against pack size, eager or compiled, with or without CUDA graphs.
+  4. compiled packs of 5 in NCHW and without SimAM, and a profile of the compiled step by kernel;
+  5. pack images/s against pack size, eager or compiled, with or without CUDA graphs.
 Figures go to DIR/gpu.json as each part ends; the last lines printed are a summary.
 """
 
