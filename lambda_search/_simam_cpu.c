@@ -18,30 +18,33 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* exp(x) for x <= 0: Cephes' expf (range reduction by ln 2, degree-6 polynomial), within
- * 2 ulp of the true value; branch-free so that the compiler vectorises the loops using it. */
-INLINE float exp_nonpositive(float x) {
-    x = x > -87.0f ? x : -87.0f;
-    float t = x * 1.44269504088896341f + 12582912.0f; /* round(x / ln 2) by adding 1.5 * 2^23 */
+/* sigmoid(d * inv + 1/2) = 1 / (1 + 2^a), a = -(d * inv + 1/2) log2(e) <= 0. a = k + f with k
+ * an integer and |f| <= 1/2; 2^f by Cephes' exp2f polynomial (1.7e-7 relative), 2^k put in the
+ * exponent bits (a is clamped at -126, where 2^a no longer moves 1 + 2^a). Base 2 takes four
+ * fewer operations than Cephes' expf (about 15 % of the kernel); branch-free, so that the
+ * compiler vectorises the loops using it. */
+#define LOG2E 1.44269504088896341f
+INLINE float sigmoid_of(float d, float inv) {
+    float a = -(d * (inv * LOG2E) + 0.5f * LOG2E);
+    a = a > -126.0f ? a : -126.0f;
+    float t = a + 12582912.0f; /* round(a) by adding 1.5 * 2^23 */
     float k = t - 12582912.0f;
     int32_t n;
     memcpy(&n, &t, 4);
     n -= 0x4B400000;
-    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
+    float f = a - k;
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
     int32_t bits = (n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, 4);
-    return p * scale;
+    return 1.0f / (1.0f + p * scale);
 }
-
-INLINE float sigmoid_of(float d, float inv) { return 1.0f / (1.0f + exp_nonpositive(-(d * inv + 0.5f))); }
 
 /* ---- one image, channels innermost: x[N][C] */
 
