@@ -14,7 +14,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
@@ -31,7 +31,7 @@ from ._simam import SimAM, simam_reference
 from ._train import Engine, _evaluate, build_engine, make_optimizer, on_device
 
 __all__ = ["Bench", "Projection", "PAPER_FIGURE4", "paper_figure4_config", "project", "run_bench", "measure_steps", "measure_packs",
-           "pick_pack", "quick_projection", "worker_pack",
+           "pick_pack", "plan_engine", "quick_projection", "worker_pack",
            "format_bench", "format_seconds"]
 
 # The paper's Figure 4 search on CIFAR-100-shaped data: ResNet-20, 5 folds x 6 lambdas, 64k
@@ -216,10 +216,10 @@ def _reference_step(plan: Plan, e_lambda: float, device: torch.device, workers: 
     return step
 
 
-def _engine(plan: Plan, attention: str, device: torch.device) -> Engine:
+def plan_engine(plan: Plan, attention: str) -> Engine:
+    """The engine of ``plan``'s network (``attention``: "simam" or "none") as its [train] asks."""
     cfg = plan.config["model"]
-    return build_engine(replace(plan.train, device=str(device)), cfg["name"], plan.data.num_classes, attention,
-                        cfg["shortcut"])
+    return build_engine(plan.train, cfg["name"], plan.data.num_classes, attention, cfg["shortcut"])
 
 
 def _engine_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None) -> Callable[[], None]:
@@ -391,8 +391,8 @@ def run_bench(config: dict | None = None, *, rounds: int = 7, block_seconds: flo
     e_lambda = _lambda_of(plan)
     say(f"bench: {config['model']['name']} at {data.input_size} px, batch {plan.train.batch_size}, on {device} "
         f"({torch.get_num_threads()} threads); {rounds} rounds")
-    simam_engine = _engine(plan, "simam", device)
-    baseline_engine = _engine(plan, "none", device)
+    simam_engine = plan_engine(plan, "simam")
+    baseline_engine = plan_engine(plan, "none")
     reference = _reference_step(plan, e_lambda, device, workers)
     try:
         seconds, k = measure_steps({"reference": reference,
@@ -430,7 +430,7 @@ def quick_projection(plan: Plan, block_seconds: float = 0.5, engines: dict[str, 
     engine = None
     engines = {} if engines is None else engines
     for a in attentions:
-        engine = engines[a] = engines.get(a) or _engine(plan, a, device)
+        engine = engines[a] = engines.get(a) or plan_engine(plan, a)
         lam = e_lambda if a == "simam" else None
         if plan.train.pack == 1 or len(plan.folds_of(0)) == 1 or (plan.train.pack == "auto"
                                                                     and not auto_packs(device)):

@@ -246,7 +246,7 @@ class Pack:
     def evaluate(self, data: ImageData, indices: list[Tensor | None], batch_size: int) -> list[tuple[float, float] | None]:
         """Validation accuracy and mean loss of the networks given an index (None: skipped),
         as train_fold computes them, in one pass of the packed network in eval mode; each
-        network reads its own images (a shorter validation set is padded)."""
+        network reads its own images (a shorter validation set is padded and masked)."""
         device = self.engine.device
         todo = [i for i, idx in enumerate(indices) if idx is not None]
         correct = torch.zeros(self.size, dtype=torch.int64, device=device)
@@ -255,7 +255,8 @@ class Pack:
         self.model.eval()
         with torch.no_grad(), self.engine.autocast():
             for start in range(0, longest, batch_size):
-                rows = batch_size  # the last batch padded too: one shape, one compiled graph
+                # compiled: the last batch padded too (one shape, one graph)
+                rows = batch_size if self.engine.compile else min(batch_size, longest - start)
                 xs, ys = [None] * self.size, {}
                 for i in todo:
                     idx = indices[i][start:start + rows]
@@ -481,11 +482,13 @@ def train_pack(
                 m.epoch_steps += 1
                 if m.iteration % m.steps_per_epoch == 0 or m.iteration >= m.total:
                     ended.append(i)
-        # members whose epochs end together (equal folds) are evaluated in one packed pass
+        # members whose epochs end together (equal folds) are evaluated in one packed pass (a
+        # diverged member's slot computes NaN for itself alone; end_epoch ignores it)
         evaluated = [None] * n
-        if (n == 1 or sum(due(i) for i in ended) > 1) and any(due(i) for i in ended) and first_bad.max().item() < 0:
-            evaluated = pack.evaluate(data, [m.val_index if i in ended and due(i) else None
-                                             for i, m in enumerate(members)], config.eval_batch_size)
+        validate = [i for i in ended if due(i)]
+        if len(validate) > 1 or (validate and n == 1):
+            evaluated = pack.evaluate(data, [m.val_index if i in validate else None for i, m in enumerate(members)],
+                                      config.eval_batch_size)
         for i in ended:
             end_epoch(i, evaluated[i])
         unfinished = [i for i, m in enumerate(members) if m.result is None]

@@ -183,8 +183,7 @@ def simam_batch_norm(x: Tensor, attention: nn.Module, bn: nn.BatchNorm2d) -> Ten
     if (lam is None or not bn.training or not attention.training or not bn.track_running_stats or not bn.affine
             or bn.momentum is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
             or _layout(x) != 1 or x.is_contiguous() or x.shape[-2] * x.shape[-1] < 2
-            or torch.compiler.is_compiling() or cpu_kernel() is None or bn.weight.dtype != torch.float32
-            or bn.running_mean.dtype != torch.float32 or not bn.running_mean.is_contiguous()):
+            or torch.compiler.is_compiling() or cpu_kernel() is None or bn.weight.dtype != torch.float32):
         return bn(attention(x))
     lam = _per_channel(lam, x.shape[1])
     if lam is None:

@@ -37,9 +37,9 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from ._config import IDENTITY_EXEMPT, ConfigError, config_diff, resolve_config
 from ._objective import Plan, Point, fold_names, grid_points, make_plan, remove_checkpoints, run_point
-from ._bench import quick_projection, worker_pack
+from ._bench import plan_engine, quick_projection, worker_pack
 from ._storage import Store, open_store, redact
-from ._train import Engine, build_engine
+from ._train import Engine
 
 __all__ = ["StudyError", "PointStatus", "StudyStatus", "baseline_study_name", "create_or_resume", "load_study_config",
            "study_status", "run_worker", "run_search", "resume_config", "stop_on_signals", "STORAGE_ENV"]
@@ -477,8 +477,7 @@ def run_worker(store: Store, name: str, *, overrides=(), device: str | None = No
             continue
         attention = claim.point.attention
         if attention not in engines:
-            engines[attention] = build_engine(plan.train, config["model"]["name"], plan.data.num_classes, attention,
-                                              config["model"]["shortcut"])
+            engines[attention] = plan_engine(plan, attention)
         if attention not in packs:
             packs[attention] = _pack_size(plan, engines[attention], attention, log, label)
         status = _run_claim(store, plan, claim, engines[attention], checkpoint_dir=checkpoint_dir, log=log,

@@ -154,7 +154,7 @@ def variants(start: float, budget: float) -> dict:
         t = time.monotonic()
         try:
             p = replace(plan, train=train)
-            engine = _bench._engine(p, attention, device)
+            engine = _bench.plan_engine(p, attention)
             lam = 1e-4 if attention == "simam" else None
             seconds = _bench.measure_packs(p, engine, data, lam, [size], rounds=3, block_seconds=1.0)[size]
             res[name] = round(size * plan.train.batch_size / seconds)
@@ -178,7 +178,8 @@ def variants(start: float, budget: float) -> dict:
         except Exception as exc:
             traceback.print_exc()
             res[name] = f"{type(exc).__name__}: {exc}"[:300]
-        torch.cuda.empty_cache() if DEVICE == "cuda" else None
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     return res
 
 
@@ -194,7 +195,7 @@ def packs(start: float, budget: float) -> dict:
                 continue
             train = replace(plan.train, compile=compile_, cuda_graphs=graphs)
             p = replace(plan, train=train)
-            engine = _bench._engine(p, "simam", device)
+            engine = _bench.plan_engine(p, "simam")
             for size in ((1, 5, 10, 30) if not compile_ else (5, 30)) if not SMOKE else (1, 2):
                 if time.monotonic() - start > budget - 20:
                     res[f"c{int(compile_)}g{int(graphs)}p{size}"] = "skipped"
