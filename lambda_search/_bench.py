@@ -28,7 +28,7 @@ from ._models import BasicBlock, build_model
 from ._objective import Plan, make_plan
 from ._pack import pack_for
 from ._simam import SimAM, simam_reference
-from ._train import Engine, _evaluate, build_engine, make_optimizer, on_device
+from ._train import Engine, _evaluate, build_engine, cpu_threads, make_optimizer, on_device
 
 __all__ = ["Bench", "Projection", "PAPER_FIGURE4", "paper_figure4_config", "project", "run_bench", "measure_steps", "measure_packs",
            "pick_pack", "plan_engine", "quick_projection", "worker_pack",
@@ -379,10 +379,15 @@ def run_bench(config: dict | None = None, *, rounds: int = 7, block_seconds: flo
     """Measure the three pipelines on ``config``'s data, network, batch size and device (the
     paper's Figure 4 search on CIFAR-100-shaped synthetic data when None), and project the
     config's study."""
-    say = log or (lambda text: None)
     if config is None:
         config = paper_figure4_config()
     plan = make_plan(config)
+    with cpu_threads(plan.train):  # as every training of the study runs
+        return _run_bench(plan, rounds, block_seconds, workers, log or (lambda text: None))
+
+
+def _run_bench(plan: Plan, rounds: int, block_seconds: float, workers: int | None, say) -> Bench:
+    config = plan.config
     device = torch.device(plan.train.device)
     if device.type == "cpu":
         cpu_kernel()  # build SimAM's CPU kernel before anything is timed
@@ -417,29 +422,43 @@ def run_bench(config: dict | None = None, *, rounds: int = 7, block_seconds: flo
                  eval_rate, projection, {s: s * batch / t for s, t in sorted(pack_seconds.items())}, size)
 
 
-def quick_projection(plan: Plan, block_seconds: float = 0.5, engines: dict[str, Engine] | None = None) -> Projection:
-    """The projection a search prints as it starts, from one short round of the engine (and of
-    packs, where ``train.pack`` is "auto" or above 1); ``packs`` says the sizes picked. The
-    engines built (attention -> Engine, compiled where they compile) are left in ``engines``
-    for the worker that goes on in this process."""
-    device = torch.device(plan.train.device)
-    data = on_device(plan.data, plan.train, device)
-    attentions = sorted({p.attention for p in plan.points})
-    e_lambda = _lambda_of(plan)
-    step, packs = {}, {}
-    engine = None
-    engines = {} if engines is None else engines
-    for a in attentions:
-        engine = engines[a] = engines.get(a) or plan_engine(plan, a)
-        lam = e_lambda if a == "simam" else None
-        if plan.train.pack == 1 or len(plan.folds_of(0)) == 1 or (plan.train.pack == "auto"
-                                                                    and not auto_packs(device)):
-            packs[a] = 1
-            step[a] = measure_packs(plan, engine, data, lam, [1], block_seconds=block_seconds)[1]
-        else:
-            packs[a], step[a], _ = pick_pack(plan, engine, data, lam, block_seconds=block_seconds)
-    projection = project(plan, step, _eval_images_per_s(engine, data, plan, packs[attentions[-1]]), packs=packs)
-    return projection
+def _per_training(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, size: int,
+                  block_seconds: float) -> float:
+    """Seconds per iteration of one training when a point's folds train in packs of ``size``."""
+    folds = len(plan.folds_of(0))
+    seconds = measure_packs(plan, engine, data, e_lambda, sorted(set(_chunks(folds, size))),
+                            block_seconds=block_seconds)
+    return sum(seconds[c] for c in _chunks(folds, size)) / folds
+
+
+def quick_projection(plan: Plan, block_seconds: float = 0.5, engines: dict[str, Engine] | None = None,
+                     packs: dict[str, int] | None = None) -> Projection:
+    """The projection a search prints as it starts, from one short round of the engine at
+    the pack size of each network: ``packs`` (attention -> size, a study's pinned sizes) where
+    given, else picked as :func:`pick_pack` does (measured where ``train.pack`` is "auto" on
+    a GPU); the projection's ``packs`` says the sizes. The engines built (attention -> Engine,
+    compiled where they compile) are left in ``engines`` for the worker that goes on in this
+    process."""
+    with cpu_threads(plan.train):
+        device = torch.device(plan.train.device)
+        data = on_device(plan.data, plan.train, device)
+        attentions = sorted({p.attention for p in plan.points})
+        e_lambda = _lambda_of(plan)
+        step, chosen = {}, {}
+        engines = {} if engines is None else engines
+        folds = len(plan.folds_of(0))
+        for a in attentions:
+            engine = engines[a] = engines.get(a) or plan_engine(plan, a)
+            lam = e_lambda if a == "simam" else None
+            size = (packs or {}).get(a)
+            if size is None and (plan.train.pack == "auto" and auto_packs(device) and folds > 1):
+                chosen[a], step[a], _ = pick_pack(plan, engine, data, lam, block_seconds=block_seconds)
+                continue
+            if size is None:
+                size = 1 if plan.train.pack == "auto" else min(plan.train.pack, folds)
+            chosen[a], step[a] = size, _per_training(plan, engine, data, lam, size, block_seconds)
+        eval_rate = _eval_images_per_s(engine, data, plan, chosen[attentions[-1]])
+        return project(plan, step, eval_rate, packs=chosen)
 
 
 def worker_pack(plan: Plan, engine: Engine) -> tuple[int, dict[int, float]]:
@@ -449,7 +468,8 @@ def worker_pack(plan: Plan, engine: Engine) -> tuple[int, dict[int, float]]:
     if plan.train.pack != "auto" or folds == 1 or not auto_packs(engine.device):
         return (1 if plan.train.pack == "auto" else min(folds, plan.train.pack)), {}
     lam = _lambda_of(plan) if engine.spec["attention"] == "simam" else None
-    size, _, seconds = pick_pack(plan, engine, on_device(plan.data, plan.train, engine.device), lam)
+    with cpu_threads(plan.train):
+        size, _, seconds = pick_pack(plan, engine, on_device(plan.data, plan.train, engine.device), lam)
     return size, seconds
 
 

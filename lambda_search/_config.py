@@ -51,7 +51,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
                     "a non-empty list of numbers > 0"),
         "repeats": (1, lambda v: _int(v) and v >= 1, "an integer >= 1"),
         "baseline": (False, lambda v: isinstance(v, bool), "true or false"),
-        "workers": (1, lambda v: _int(v) and v >= 1, "an integer >= 1"),
+        "workers": ("auto", lambda v: v == "auto" or (_int(v) and v >= 1),
+                    "'auto' (CPU cores / train.threads, or one per GPU) or an integer >= 1"),
     },
     "data": {
         "dataset": (None, lambda v: isinstance(v, str), "a data set name string"),
@@ -85,6 +86,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "cuda_graphs": (None, lambda v: isinstance(v, bool), "true or false (not set: on for CUDA)"),
         "pack": ("auto", lambda v: v == "auto" or (_int(v) and v >= 1),
                  "'auto' or an integer >= 1 (folds trained at once as one packed network)"),
+        "threads": (1, lambda v: _int(v) and v >= 1, "an integer >= 1 (CPU threads per training)"),
         "eval_every": (1, lambda v: _int(v) and v >= 1, "an integer >= 1"),
         "checkpoint_every_epochs": (1, lambda v: _int(v) and v >= 1, "an integer >= 1"),
         "checkpoint_every_seconds": (120.0, lambda v: _real(v) and math.isfinite(v) and v >= 0,
@@ -93,11 +95,12 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 }
 
 # Keys that say where and how fast a study runs, not what it computes: they may differ when
-# a study is resumed or joined by a worker on another machine.
+# a study is resumed or joined by a worker on another machine. What changes the rounding of
+# a training (train.threads, train.pack, train.compile, train.amp, train.channels_last) is
+# not among them: a study keeps it (see lambda_search._numerics).
 IDENTITY_EXEMPT = frozenset({
     "study.storage", "study.checkpoint_dir", "search.workers", "data.root", "data.download",
-    "train.device", "train.compile", "train.cuda_graphs", "train.pack",
-    "train.checkpoint_every_epochs", "train.checkpoint_every_seconds",
+    "train.device", "train.cuda_graphs", "train.checkpoint_every_epochs", "train.checkpoint_every_seconds",
 })
 
 

@@ -3,11 +3,14 @@ that torch.compile uses on the CPU, cached, loaded with ctypes.
 
 Where it cannot be built (no compiler, a read-only cache, ``LAMBDA_SEARCH_KERNELS=0``),
 :func:`cpu_kernel` returns None, warns once, and SimAM runs as plain PyTorch operations:
-slower, the same numbers to float32 rounding.
+slower, the same numbers to float32 rounding (not the same bits: a study pins which of the
+two its trainings use, with :func:`use_kernels`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -20,7 +23,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["cpu_kernel", "kernel_cache_dir", "KERNELS_ENV", "CACHE_ENV"]
+__all__ = ["cpu_kernel", "kernel_cache_dir", "kernel_isa", "kernels_enabled", "use_kernels", "KERNELS_ENV", "CACHE_ENV"]
 
 KERNELS_ENV = "LAMBDA_SEARCH_KERNELS"  # "0": never build or load, use PyTorch operations
 CACHE_ENV = "LAMBDA_SEARCH_CACHE"  # where built kernels are kept (default ~/.cache/lambda_search)
@@ -28,6 +31,8 @@ SOURCE = Path(__file__).with_name("_simam_cpu.c")
 # x86: the widest vectors the processor has (compilers default to 256 bits on AVX-512 parts;
 # 512 makes the kernel about 20 % faster on a Xeon), ignored without AVX-512
 _WIDE = ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ()
+# use_kernels(): on or off within a block (a study's pin), whatever the environment says
+_SWITCH: contextvars.ContextVar[bool | None] = contextvars.ContextVar("lambda_search_kernels", default=None)
 FLAGS = ("-O3", "-march=native", *_WIDE, "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC")
 
 
@@ -79,11 +84,44 @@ def _build(compiler: str) -> Path:
     return target
 
 
-@functools.lru_cache(maxsize=1)
+def kernels_enabled() -> bool:
+    """Whether SimAM may use the CPU kernel here: as :func:`use_kernels` says within its
+    block, else unless ``LAMBDA_SEARCH_KERNELS=0``."""
+    switch = _SWITCH.get()
+    if switch is not None:
+        return switch
+    return os.environ.get(KERNELS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool | None):
+    """Within the block the CPU kernel is on (where it can be built) or off; None leaves it
+    as it is. A study pins this at creation, so that every training of it rounds alike."""
+    token = _SWITCH.set(enabled) if enabled is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _SWITCH.reset(token)
+
+
+def kernel_isa() -> str:
+    """The vector instructions the kernel is built for (-march=native): 'avx512' (512-bit
+    vectors), 'avx2', or the machine's name elsewhere."""
+    flags = set(_cpu_signature().split())
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else platform.machine().lower()
+
+
 def cpu_kernel() -> ctypes.CDLL | None:
-    """The loaded kernel library, or None where it cannot be had (a warning says why, once)."""
-    if os.environ.get(KERNELS_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None
+    """The loaded kernel library, or None where it is switched off or cannot be had (a
+    warning says why, once)."""
+    return _load() if kernels_enabled() else None
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> ctypes.CDLL | None:
     if sys.platform == "win32":
         return None
     compiler = _compiler()

@@ -21,8 +21,9 @@ from ._config import ConfigError
 from ._data import ImageData, dataset_fingerprint, load_dataset
 from ._folds import Fold, derive_seed, folds_fingerprint, make_folds
 from ._models import MODEL_NAMES
+from ._numerics import training_numerics
 from ._pack import train_pack
-from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, train_fold
+from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, engine_for, train_fold
 
 __all__ = ["Point", "Plan", "PointOutcome", "grid_points", "fold_names", "make_plan", "summarize", "run_point",
            "train_config"]
@@ -153,10 +154,12 @@ def summarize(accuracies: list[float]) -> dict:
     return dict(mean=mean, std=std, std_ddof=STD_DDOF, sem=sem, n=n)
 
 
-def fold_record(result: FoldResult) -> dict:
+def fold_record(result: FoldResult, numerics: dict | None = None) -> dict:
+    """A fold's stored record; ``numerics``: what it was trained under (training_numerics)."""
     return dict(status=result.status, val_accuracy=result.val_accuracy, val_loss=result.val_loss,
                 seconds=round(result.seconds, 3), iterations=result.iterations, seed=result.seed,
-                diverged_at_step=result.diverged_at_step, resumed_from_iteration=result.resumed_from_iteration)
+                diverged_at_step=result.diverged_at_step, resumed_from_iteration=result.resumed_from_iteration,
+                numerics=numerics)
 
 
 @dataclass
@@ -187,21 +190,27 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
               should_stop: Callable[[], bool] | None = None, pack: int = 1) -> PointOutcome:
     """Train ``point`` on every fold of its repeat that ``done`` (fold name -> record) does
     not hold yet, in fold order, and summarise. A fold with a checkpoint resumes from it.
-    ``pack`` > 1 trains that many folds at once as one packed network (same results).
-    ``on_fold(fold, record, all_records)`` runs as each fold finishes."""
+    ``pack`` > 1 trains that many folds at once as one packed network (same results to float
+    rounding; the packs are the repeat's folds cut in runs of ``pack``, whichever are done,
+    so that a resumed point packs its folds as an uninterrupted one). Each record says what
+    its fold was trained under (``numerics``). ``on_fold(fold, record, all_records)`` runs as
+    each fold finishes."""
     records = dict(done or {})
     for name, record in records.items():
         if record["status"] == "diverged":
             return PointOutcome("diverged", records, reason=_diverged(name, record))
     model = plan.config["model"]
+    engine = engine_for(engine, plan.data, plan.train, model["name"], point.attention, model["shortcut"])
     folder = checkpoint_folder(checkpoint_dir, point)
-    todo = [f for f in plan.folds_of(point.repeat) if f.name not in records]
-    for start in range(0, len(todo), max(1, pack)):
-        group = todo[start : start + max(1, pack)]
+    folds, size = plan.folds_of(point.repeat), max(1, pack)
+    for start in range(0, len(folds), size):
+        group = [f for f in folds[start : start + size] if f.name not in records]
+        if not group:
+            continue
         common = dict(model=model["name"], attention=point.attention, shortcut=model["shortcut"], engine=engine,
                       should_stop=should_stop)
         paths = [folder / f"{f.name}.pt" if folder is not None else None for f in group]
-        if len(group) == 1 and torch.device(plan.train.device).type == "cpu":  # a pack of one on GPUs
+        if len(group) == 1 and engine.device.type == "cpu":  # on GPUs a pack of one: its step is a CUDA graph
             fold = group[0]
             results = [train_fold(plan.data, fold, point.e_lambda, plan.train, seed=plan.train_seed(fold),
                                   callback=(lambda m, fold=fold: on_epoch(fold, m)) if on_epoch is not None else None,
@@ -211,9 +220,10 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
                                  seeds=[plan.train_seed(f) for f in group],
                                  callback=(lambda i, m: on_epoch(group[i], m)) if on_epoch is not None else None,
                                  checkpoints=paths, **common)
+        numerics = training_numerics(engine, plan.train, len(group))
         for fold, result in zip(group, results):  # finished folds are kept, also when others stopped
             if result.status != "stopped":
-                records[fold.name] = fold_record(result)
+                records[fold.name] = fold_record(result, numerics)
                 if on_fold is not None:
                     on_fold(fold, records[fold.name], records)
         for fold, result in zip(group, results):

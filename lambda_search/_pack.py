@@ -34,8 +34,8 @@ from ._folds import Fold, derive_seed
 from ._models import BasicBlock, PadShortcut, ResNet
 from ._simam import SimAM, set_e_lambda, simam
 from ._train import (CHECKPOINT_VERSION, Engine, EpochMetrics, FoldResult, TrainConfig, _epoch_permutation,
-                     _evaluate, checked_lambda, checkpoint_key, engine_for, load_checkpoint, make_optimizer,
-                     on_device, save_checkpoint)
+                     _evaluate, checked_lambda, checkpoint_key, cpu_threads, engine_for, load_checkpoint,
+                     make_optimizer, on_device, save_checkpoint)
 
 __all__ = ["Pack", "pack_for", "train_pack"]
 
@@ -334,6 +334,13 @@ def train_pack(
     A member that diverges ends "diverged" and the others go on. Returns the members'
     FoldResults in order; ``seconds`` of each is the pack's wall time.
     """
+    with cpu_threads(config):
+        return _train_pack(data, folds, e_lambdas, config, seeds, model, attention, shortcut, engine, callback,
+                           checkpoints, should_stop)
+
+
+def _train_pack(data, folds, e_lambdas, config, seeds, model, attention, shortcut, engine, callback, checkpoints,
+                should_stop) -> list[FoldResult]:
     n = len(folds)
     if n < 1 or len(e_lambdas) != n or len(seeds) != n or (checkpoints is not None and len(checkpoints) != n):
         raise ValueError(f"train_pack needs one lambda, seed (and checkpoint) per fold; got {n} folds, "

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from ._numerics import numerics_label
 from ._study import StudyStatus
 
-__all__ = ["status_table", "results_frame", "folds_frame", "export_csv"]
+__all__ = ["status_table", "numerics_lines", "results_frame", "folds_frame", "export_csv"]
 
 
 def _lam(point) -> str:
@@ -33,7 +34,22 @@ def status_table(status: StudyStatus) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
     ddof = "std over folds, ddof=1"
     lines.append(f"{status.complete} of {status.total} points complete ({ddof})")
-    return "\n".join(lines)
+    return "\n".join(lines + numerics_lines(status))
+
+
+def numerics_lines(status: StudyStatus) -> list[str]:
+    """What the finished folds were trained under: one line, or a warning and one line per
+    numerics when they were trained under more than one."""
+    kinds = status.numerics
+    if not kinds:
+        return []
+    if len(kinds) == 1:
+        return [f"trained under one numerics: {numerics_label(kinds[0]['numerics'])}"]
+    total = sum(k["folds"] for k in kinds)
+    lines = [f"WARNING: the {total} finished folds were trained under {len(kinds)} numerics, so lambdas are not "
+             "compared bit for bit (differences within float noise may be numerics, not lambda):"]
+    lines += [f"  {k['folds']:>4} folds: {numerics_label(k['numerics'])}" for k in kinds]
+    return lines
 
 
 def results_frame(status: StudyStatus) -> pd.DataFrame:
@@ -62,7 +78,7 @@ def results_frame(status: StudyStatus) -> pd.DataFrame:
 
 def folds_frame(status: StudyStatus) -> pd.DataFrame:
     """One row per finished fold: e_lambda, repeat, baseline, fold, status, val_accuracy,
-    val_loss, seconds, iterations, seed."""
+    val_loss, seconds, iterations, seed, numerics (what it was trained under, in words)."""
     rows = []
     for p in status.points:
         for name in p.fold_names:
@@ -71,9 +87,10 @@ def folds_frame(status: StudyStatus) -> pd.DataFrame:
                 rows.append({"e_lambda": p.point.e_lambda, "repeat": p.point.repeat, "baseline": p.point.baseline,
                              "fold": name, "status": r.get("status"), "val_accuracy": r.get("val_accuracy"),
                              "val_loss": r.get("val_loss"), "seconds": r.get("seconds"),
-                             "iterations": r.get("iterations"), "seed": r.get("seed")})
+                             "iterations": r.get("iterations"), "seed": r.get("seed"),
+                             "numerics": numerics_label(r.get("numerics"))})
     columns = ["e_lambda", "repeat", "baseline", "fold", "status", "val_accuracy", "val_loss", "seconds",
-               "iterations", "seed"]
+               "iterations", "seed", "numerics"]
     return pd.DataFrame(rows, columns=columns)
 
 

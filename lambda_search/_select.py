@@ -119,7 +119,8 @@ def select(status: StudyStatus, prefer: str = "larger", table: list[LambdaStats]
     complete = [s for s in lambdas if s.state == "complete"]
     result = {"study": status.name, "prefer": prefer, "test_train_ratio": ratio, "std_ddof": 1,
               "best": None, "one_se": None, "baseline": baseline.to_dict() if baseline else None,
-              "complete": len(complete), "lambdas": len(lambdas), "comparisons": []}
+              "complete": len(complete), "lambdas": len(lambdas), "comparisons": [],
+              "numerics": {"mixed": status.mixed_numerics, "distinct": status.numerics}}
     if not complete:
         return result
     best = max(complete, key=lambda s: (s.mean, -s.e_lambda))
@@ -172,4 +173,8 @@ def format_selection(sel: dict) -> str:
                  f"n_test/n_train = {sel['test_train_ratio']:.3g}")
     if sel["complete"] < sel["lambdas"]:
         lines.append(f"only {sel['complete']} of {sel['lambdas']} lambdas are complete: the choice may change")
+    if sel["numerics"]["mixed"]:
+        kinds = sel["numerics"]["distinct"]
+        lines.append(f"WARNING: the folds were trained under {len(kinds)} numerics (`lambda-search status` lists "
+                     "them): lambdas are not compared bit for bit")
     return "\n".join(lines)

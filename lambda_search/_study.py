@@ -36,8 +36,10 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from ._config import IDENTITY_EXEMPT, ConfigError, config_diff, resolve_config
+from ._kernels import use_kernels
+from ._numerics import device_kind, distinct_numerics, proposed_pin
 from ._objective import Plan, Point, fold_names, grid_points, make_plan, remove_checkpoints, run_point
-from ._bench import plan_engine, quick_projection, worker_pack
+from ._bench import format_seconds, plan_engine, quick_projection, worker_pack
 from ._storage import Store, open_store, redact
 from ._train import Engine
 
@@ -49,6 +51,7 @@ FINGERPRINT_ATTR = "lambda_search:fingerprint"
 VERSIONS_ATTR = "lambda_search:versions"
 POINT_ATTR = "lambda_search:point"
 REASON_ATTR = "lambda_search:fail_reason"
+NUMERICS_ATTR = "lambda_search:numerics"  # device kind -> the pin its workers use (see _numerics)
 STORAGE_ENV = "LAMBDA_SEARCH_STORAGE"  # how a parent hands a storage URL to its workers (never argv)
 
 
@@ -102,7 +105,12 @@ def load_study_config(store: Store, name: str) -> dict:
     attrs = store.storage.get_study_user_attrs(sid)
     if CONFIG_ATTR not in attrs:
         raise StudyError(f"study {name!r} in {store.shown} was not made by lambda_search (it has no stored config)")
-    return attrs[CONFIG_ATTR]
+    return _completed(attrs[CONFIG_ATTR])
+
+
+def _completed(stored: dict) -> dict:
+    """A stored config with the defaults of keys added since it was stored (train.threads)."""
+    return resolve_config(stored, origin="the stored config")
 
 
 def create_or_resume(store: Store, config: dict, plan: Plan) -> str:
@@ -131,7 +139,7 @@ def create_or_resume(store: Store, config: dict, plan: Plan) -> str:
 
 
 def _check_same(name: str, attrs: dict, config: dict, plan: Plan) -> None:
-    diff = config_diff(attrs[CONFIG_ATTR], config)
+    diff = config_diff(_completed(attrs[CONFIG_ATTR]), config)
     if diff:
         parts = [f"{k} (stored {_show(a)}, given {_show(b)})" for k, a, b in diff[:4]]
         more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
@@ -180,6 +188,7 @@ class PointStatus:
                 "mean": self.mean, "std": self.std, "sem": self.sem,
                 "fold_accuracies": self.fold_accuracies,
                 "fold_seconds": [self.folds.get(n, {}).get("seconds") for n in self.fold_names],
+                "fold_numerics": [self.folds.get(n, {}).get("numerics") for n in self.fold_names],
                 "trial": self.trial_number, "attempts": self.attempts, "reason": self.reason}
 
 
@@ -189,6 +198,17 @@ class StudyStatus:
     config: dict
     points: list[PointStatus]
     storage: str  # redacted URL
+    pinned: dict = field(default_factory=dict)  # device kind -> pinned numerics (SimAM kernel, packs)
+
+    @property
+    def numerics(self) -> list[dict]:
+        """The distinct numerics its finished folds were trained under, [{"numerics", "folds"}]:
+        more than one, and its lambdas are not compared bit for bit."""
+        return distinct_numerics(r for p in self.points for r in p.folds.values() if r.get("status") == "completed")
+
+    @property
+    def mixed_numerics(self) -> bool:
+        return len(self.numerics) > 1
 
     @property
     def total(self) -> int:
@@ -205,6 +225,7 @@ class StudyStatus:
     def to_dict(self) -> dict:
         return {"study": self.name, "storage": self.storage, "total": self.total, "complete": self.complete,
                 "diverged": sum(p.state == "diverged" for p in self.points),
+                "numerics": {"mixed": self.mixed_numerics, "distinct": self.numerics, "pinned": self.pinned},
                 "points": [p.to_dict() for p in self.points]}
 
 
@@ -278,7 +299,36 @@ def _statuses(store: Store, name: str, config: dict, trials=None, live=None) -> 
 def study_status(store: Store, name: str) -> StudyStatus:
     """Every grid point of study ``name``: its state, finished folds, mean and std. Reads only."""
     config = load_study_config(store, name)
-    return StudyStatus(name, config, _statuses(store, name, config), store.shown)
+    return StudyStatus(name, config, _statuses(store, name, config), store.shown, _pins(store, name))
+
+
+# ---------------------------------------------------------------- pinned numerics
+
+
+def _pins(store: Store, name: str) -> dict:
+    sid = _study_id(store, name)
+    return dict(store.storage.get_study_user_attrs(sid).get(NUMERICS_ATTR, {})) if sid is not None else {}
+
+
+def _pin(store: Store, name: str, kind: str, proposal: dict) -> dict:
+    """The numerics study ``name`` pins for workers on ``kind`` devices: stored ones, else
+    ``proposal``, stored now (under the claim lock: of two first workers, one pins)."""
+    with store.locks.exclusive():
+        pins = _pins(store, name)
+        if kind not in pins:
+            pins[kind] = proposal
+            store.storage.set_study_user_attr(_study_id(store, name), NUMERICS_ATTR, pins)
+        return pins[kind]
+
+
+def _describe_pin(kind: str, pin: dict, plan: Plan) -> str:
+    packs = ", ".join(f"{f'{n} folds at once' if n > 1 else 'folds one at a time'}{' (baseline)' if a == 'none' else ''}"
+                      for a, n in sorted(pin["packs"].items(), reverse=True))
+    if kind != "cpu":
+        return f"numerics pinned for {kind} workers: {packs}"
+    kernel = "on" if pin["simam_kernel"] else "off"
+    t = plan.train.threads
+    return f"numerics pinned for cpu workers: {t} thread{'s' if t > 1 else ''} per training, SimAM's CPU kernel {kernel}, {packs}"
 
 
 # ---------------------------------------------------------------- claiming a point
@@ -432,27 +482,32 @@ def _worker_config(store: Store, name: str, overrides=()) -> dict:
     return config
 
 
-def _pack_size(plan: Plan, engine: Engine, attention: str, log, label: str) -> int:
-    size, seconds = worker_pack(plan, engine)
-    if size > 1 and seconds:
-        log(f"{label}packing {size} folds at once ({attention}): {size * seconds[1] / seconds[size]:.2f}x the "
-            f"training images/s of one at a time")
-    return size
+def _measured_pin(plan: Plan, engines: dict[str, Engine], log, label: str) -> dict:
+    """The pin a first worker of its device kind proposes: pack sizes measured (on a GPU) or
+    set by train.pack, engines built for each network of the grid."""
+    packs = {}
+    for attention in sorted({p.attention for p in plan.points}):
+        engine = engines[attention] = engines.get(attention) or plan_engine(plan, attention)
+        size, seconds = worker_pack(plan, engine)
+        if size > 1 and seconds:
+            log(f"{label}packing {size} folds at once ({attention}): {size * seconds[1] / seconds[size]:.2f}x the "
+                f"training images/s of one at a time")
+        packs[attention] = size
+    return proposed_pin(plan.train.device, packs)
 
 
-def run_worker(store: Store, name: str, *, overrides=(), device: str | None = None, threads: int | None = None,
-               label: str = "", log: Callable[[str], None] = print, progress: Callable[[str], None] | None = None,
+def run_worker(store: Store, name: str, *, overrides=(), device: str | None = None, label: str = "",
+               log: Callable[[str], None] = print, progress: Callable[[str], None] | None = None,
                should_stop: Callable[[], bool] | None = None, poll_seconds: float = 2.0, n_workers: int = 1,
-               plan: Plan | None = None, packs: dict[str, int] | None = None,
-               engines: dict[str, Engine] | None = None) -> dict:
+               plan: Plan | None = None, pin: dict | None = None, engines: dict[str, Engine] | None = None) -> dict:
     """Claim and run points of study ``name`` until every point is complete (or diverged),
     waiting while the last ones run elsewhere (to take them over if their workers die).
-    ``packs`` (attention -> pack size) is measured here when not given and train.pack is
-    "auto"; ``engines`` (attention -> Engine) are reused where given (built and compiled once).
+    Every training runs under the numerics the study pins for this worker's kind of device
+    (``pin``, read from the study where not given; the first worker of a kind pins it: pack
+    sizes measured on a GPU where train.pack is "auto", SimAM's CPU kernel on where it can be
+    built). ``engines`` (attention -> Engine) are reused where given (built and compiled once).
     Returns counts: {"completed", "diverged", "interrupted", "lost"}."""
     should_stop = should_stop or (lambda: False)
-    if threads is not None:
-        torch.set_num_threads(threads)
     if plan is None:
         config = _worker_config(store, name, overrides)
         plan = make_plan(config, device)
@@ -460,12 +515,21 @@ def run_worker(store: Store, name: str, *, overrides=(), device: str | None = No
         if stored.get(FINGERPRINT_ATTR) != plan.fingerprint:
             raise StudyError(f"the data set or its folds differ from those study {name!r} was made with; "
                              "check data.root (--set data.root=...)")
+    engines = dict(engines or {})
+    kind = device_kind(plan.train.device)
+    if pin is None:
+        pin = _pins(store, name).get(kind) or _pin(store, name, kind, _measured_pin(plan, engines, log, label))
+    with use_kernels(pin["simam_kernel"]):
+        return _work(store, name, plan, pin["packs"], engines, label=label, log=log, progress=progress,
+                     should_stop=should_stop, poll_seconds=poll_seconds, n_workers=n_workers)
+
+
+def _work(store: Store, name: str, plan: Plan, packs: dict[str, int], engines: dict[str, Engine], *, label, log,
+          progress, should_stop, poll_seconds, n_workers) -> dict:
     config = plan.config
     checkpoint_dir = config["study"]["checkpoint_dir"]
     counts = {"completed": 0, "diverged": 0, "interrupted": 0, "lost": 0}
     stats = {"folds": 0, "seconds": 0.0}
-    engines = dict(engines or {})
-    packs = dict(packs or {})
     while not should_stop():
         claim = _claim(store, name, config, label)
         if claim == "done":
@@ -478,11 +542,9 @@ def run_worker(store: Store, name: str, *, overrides=(), device: str | None = No
         attention = claim.point.attention
         if attention not in engines:
             engines[attention] = plan_engine(plan, attention)
-        if attention not in packs:
-            packs[attention] = _pack_size(plan, engines[attention], attention, log, label)
         status = _run_claim(store, plan, claim, engines[attention], checkpoint_dir=checkpoint_dir, log=log,
                             progress=progress, should_stop=should_stop, stats=stats, label=label, n_workers=n_workers,
-                            pack=packs[attention])
+                            pack=packs.get(attention, 1))
         counts["interrupted" if status == "stopped" else status] += 1
         if status == "stopped":
             break
@@ -526,13 +588,42 @@ def _devices(device: str, workers: int) -> list[str]:
     return [device] * workers
 
 
-def _spawn(name: str, url: str, label: str, device: str, threads: int, workers: int, overrides) -> subprocess.Popen:
+def _spawn(name: str, url: str, label: str, device: str, workers: int, overrides) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lambda_search", "worker", "--study", name, "--label", label,
-           "--device", device, "--threads", str(threads), "--workers-total", str(workers)]
+           "--device", device, "--workers-total", str(workers)]
     for o in overrides:
         cmd += ["--set", o]
     env = {**os.environ, STORAGE_ENV: url}
     return subprocess.Popen(cmd, env=env)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_count(config: dict, requested: int | str | None, pending: int) -> tuple[int, str | None]:
+    """How many worker processes a search starts, and a note where that is not what was
+    asked. ``requested``: a number, "auto" or None (search.workers). On the CPU every
+    training uses train.threads threads, whatever the worker count, so workers are capped at
+    cores // threads (more would only share the cores); "auto" is that many, on GPUs one per
+    GPU; never more than the ``pending`` points."""
+    requested = config["search"]["workers"] if requested is None else requested
+    train = config["train"]
+    if device_kind(train["device"]) == "cpu":
+        cap = max(1, _cores() // train["threads"])
+        if requested == "auto":
+            return max(1, min(cap, pending)), None
+        if requested > cap:
+            return cap, (f"{requested} workers asked for, {cap} started: each training uses train.threads = "
+                         f"{train['threads']} (the study's), and this machine has {_cores()} cores")
+        return requested, None
+    if requested == "auto":
+        gpus = torch.cuda.device_count() if train["device"] == "cuda" else 1
+        return max(1, min(gpus, pending)), None
+    return requested, None
 
 
 def resume_config(url: str, name: str, overrides=()) -> dict:
@@ -543,11 +634,11 @@ def resume_config(url: str, name: str, overrides=()) -> dict:
     return config
 
 
-def run_search(config: dict, *, workers: int | None = None, log: Callable[[str], None] = print,
+def run_search(config: dict, *, workers: int | str | None = None, log: Callable[[str], None] = print,
                progress: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
                resume_only: bool = False) -> tuple[str, StudyStatus]:
     """Create (or resume) the study of ``config`` and run it to the end with ``workers``
-    processes (default ``search.workers``). Everything is checked before anything is
+    processes (a number or "auto"; default ``search.workers``; see :func:`worker_count`). Everything is checked before anything is
     stored. Returns ("created"|"resumed", final status); a finished study trains nothing."""
     should_stop = should_stop or (lambda: False)
     plan = make_plan(config)  # data, folds and every value checked first
@@ -559,16 +650,23 @@ def run_search(config: dict, *, workers: int | None = None, log: Callable[[str],
     log(f"study {name!r} {how} in {store.shown}: {status.complete} of {status.total} points complete")
     if status.finished:
         return how, status
+    kind = device_kind(plan.train.device)
+    pin = _pins(store, name).get(kind)
     engines: dict[str, Engine] = {}
-    projection = quick_projection(plan, engines=engines)
-    packed = ", ".join(f"{n} folds at once{' (baseline)' if a == 'none' else ''}"
-                       for a, n in sorted(projection.packs.items(), reverse=True) if n > 1)
-    log(f"projected on one {plan.train.device} worker: {projection.describe()}{f' ({packed})' if packed else ''} "
-        f"(a quick measurement; `lambda-search bench CONFIG` measures in full)")
-    workers = workers or config["search"]["workers"]
+    with use_kernels(pin["simam_kernel"] if pin else None):  # where none is pinned yet: as this machine has it
+        projection = quick_projection(plan, engines=engines, packs=pin["packs"] if pin else None)
+        pin = pin or _pin(store, name, kind, proposed_pin(plan.train.device, projection.packs))
+    log(_describe_pin(kind, pin, plan))
+    pending = sum(p.state not in ("complete", "diverged") for p in status.points)
+    workers, note = worker_count(plan.config, workers, pending)
+    if note:
+        log(note)
+    parallel = f"; about {format_seconds(projection.seconds / workers)} on {workers} workers" if workers > 1 else ""
+    log(f"projected on one {plan.train.device} worker: {projection.describe()}{parallel} (a quick measurement; "
+        "`lambda-search bench CONFIG` measures in full)")
     if workers == 1:
-        run_worker(store, name, plan=plan, log=log, progress=progress, should_stop=should_stop,
-                   packs=projection.packs, engines=engines)
+        run_worker(store, name, plan=plan, log=log, progress=progress, should_stop=should_stop, pin=pin,
+                   engines=engines)
     else:
         _run_processes(store, name, plan.config, workers, log, should_stop)
     return how, study_status(store, name)
@@ -577,11 +675,12 @@ def run_search(config: dict, *, workers: int | None = None, log: Callable[[str],
 def _run_processes(store: Store, name: str, config: dict, workers: int, log, should_stop) -> None:
     overrides = [f"{k}={json.dumps(config[k.split('.')[0]][k.split('.')[1]])}"
                  for k in ("data.root", "study.checkpoint_dir") if config[k.split('.')[0]][k.split('.')[1]] is not None]
-    threads = max(1, (os.cpu_count() or 1) // workers)
     devices = _devices(config["train"]["device"], workers)
-    procs = {i: _spawn(name, store.url, f"w{i}", devices[i], threads, workers, overrides) for i in range(workers)}
+    procs = {i: _spawn(name, store.url, f"w{i}", devices[i], workers, overrides) for i in range(workers)}
     respawns = 3 * workers
-    log(f"started {workers} worker processes ({threads} threads each)")
+    threads = config["train"]["threads"]
+    each = f" ({threads} thread{'s' if threads > 1 else ''} each)" if device_kind(devices[0]) == "cpu" else ""
+    log(f"started {workers} worker processes{each}")
     stopping = False
     try:
         while procs:
@@ -601,7 +700,7 @@ def _run_processes(store: Store, name: str, config: dict, workers: int, log, sho
                 if rc < 0 and not stopping and respawns > 0 and not study_status(store, name).finished:
                     respawns -= 1
                     log(f"worker w{i} died ({signal.Signals(-rc).name}); starting a new one")
-                    procs[i] = _spawn(name, store.url, f"w{i}", devices[i], threads, workers, overrides)
+                    procs[i] = _spawn(name, store.url, f"w{i}", devices[i], workers, overrides)
     finally:
         for p in procs.values():
             with contextlib.suppress(ProcessLookupError):

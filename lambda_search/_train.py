@@ -6,6 +6,7 @@ never imports Optuna: progress goes to a callback, which may ask to stop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -24,7 +25,8 @@ from ._folds import Fold, derive_seed
 from ._models import build_model
 from ._simam import check_e_lambda, set_e_lambda
 
-__all__ = ["TrainConfig", "EpochMetrics", "FoldResult", "Engine", "build_engine", "make_optimizer", "train_fold"]
+__all__ = ["TrainConfig", "EpochMetrics", "FoldResult", "Engine", "build_engine", "make_optimizer", "train_fold",
+           "cpu_threads"]
 
 SCHEDULES = ("step", "cosine")
 CHECKPOINT_VERSION = 1
@@ -65,6 +67,7 @@ class TrainConfig:
     checkpoint_every_seconds: float | None = 600.0
     max_device_bytes: int = 8 << 30  # larger data sets stay on the host, batches are copied
     pack: int | str = "auto"  # folds of a point trained at once (lambda_search.train_pack); "auto": measured
+    threads: int = 1  # CPU threads of a training on the CPU: PyTorch's kernels round differently with each count
 
     def __post_init__(self) -> None:
         if (self.iterations is None) == (self.epochs is None):
@@ -75,7 +78,8 @@ class TrainConfig:
             _positive("iterations", self.iterations, numbers.Integral)
         if self.epochs is not None:
             _positive("epochs", self.epochs, numbers.Integral)
-        for name in ("batch_size", "eval_every", "eval_batch_size", "checkpoint_every_epochs", "max_device_bytes"):
+        for name in ("batch_size", "eval_every", "eval_batch_size", "checkpoint_every_epochs", "max_device_bytes",
+                     "threads"):
             _positive(name, getattr(self, name), numbers.Integral)
         _positive("lr", self.lr)
         _positive("momentum", self.momentum, allow_zero=True)
@@ -200,6 +204,23 @@ class Engine:
         loss.backward()
         optimizer.step()
         return loss.detach()
+
+
+@contextlib.contextmanager
+def cpu_threads(config: TrainConfig):
+    """Within the block PyTorch uses ``config.threads`` threads when ``config`` trains on the
+    CPU (its reductions, BatchNorm among them, split their sums by thread: each count rounds
+    differently, and a training amplifies that), as every training and every timing of a
+    study does; elsewhere the block changes nothing."""
+    if torch.device(config.device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def make_optimizer(net: torch.nn.Module, config: TrainConfig) -> torch.optim.SGD:
@@ -368,6 +389,13 @@ def train_fold(
         cfg = ls.TrainConfig(epochs=15, batch_size=64, lr=0.05)
         print(ls.train_fold(data, fold, 1e-4, cfg, model="resnet20").val_accuracy)  # about 0.97
     """
+    with cpu_threads(config):
+        return _train_fold(data, fold, e_lambda, config, model, attention, shortcut, seed, engine, callback,
+                           checkpoint, should_stop)
+
+
+def _train_fold(data, fold, e_lambda, config, model, attention, shortcut, seed, engine, callback, checkpoint,
+                should_stop) -> FoldResult:
     e_lambda = checked_lambda(e_lambda, attention)
     engine = engine_for(engine, data, config, model, attention, shortcut)
     device = engine.device

@@ -45,6 +45,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= 1, got {text!r}") from None
+
+
 def _count(text: str) -> int:
     try:
         value = int(text)
@@ -124,7 +133,7 @@ def _worker(args: argparse.Namespace) -> int:
     store = open_store(url)
     label = f"[{args.label}] " if args.label else ""
     with stop_on_signals() as stop:
-        run_worker(store, args.study, overrides=args.set, device=args.device, threads=args.threads, label=label,
+        run_worker(store, args.study, overrides=args.set, device=args.device, label=label,
                    log=_say, progress=_progress(), should_stop=stop, n_workers=args.workers_total or 1)
     return _interrupted(stop) if stop() else 0
 
@@ -190,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("config", help="a study config (TOML), e.g. studies/quickstart.toml")
     search.add_argument("--storage", metavar="URL", help="default: sqlite:///<config folder>/<study>.db")
     search.add_argument("--study", metavar="NAME", help="default: study.name, or the config's file name")
-    search.add_argument("--workers", type=_positive_int, help="worker processes (default: search.workers)")
+    search.add_argument("--workers", type=_workers, help="worker processes, or 'auto': one per CPU core / train.threads "
+                        "(per GPU on CUDA); default search.workers, 'auto' unless set")
     search.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value (a TOML value, or a plain string)")
     search.set_defaults(run=_search)
@@ -208,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser("resume", help="continue a study from its database alone")
     _study_args(resume)
-    resume.add_argument("--workers", type=_positive_int)
+    resume.add_argument("--workers", type=_workers, help="worker processes, or 'auto' (as search)")
     resume.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="change where or how fast it runs (train.device, data.root, ...)")
     resume.set_defaults(run=_resume)
@@ -216,7 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="join a running study from another process, GPU or machine")
     _study_args(worker, storage_required=False)
     worker.add_argument("--device", help="torch device for this worker (default: train.device)")
-    worker.add_argument("--threads", type=_positive_int, help="CPU threads for this worker")
     worker.add_argument("--label", default="", help="a prefix for this worker's lines")
     worker.add_argument("--workers-total", type=int, default=0, help=argparse.SUPPRESS)
     worker.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")

@@ -11,6 +11,7 @@ name = "{name}"
 [search]
 lambdas = {lambdas}
 baseline = {baseline}
+workers = 1                    # in this process: tests that stop a search in-process need it
 
 [data]
 dataset = "synthetic"

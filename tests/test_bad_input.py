@@ -67,7 +67,7 @@ CASES = [
     (["status", "--storage", "not a url", "--study", "tiny"], "not a url"),
     (["worker", "--storage", DB, "--study", "tiny", "--device", "cuda"], "GPU"),
     # CLI flags
-    (["search", "{tmp}/tiny.toml", "--workers", "0"], "must be an integer >= 1, got '0'"),
+    (["search", "{tmp}/tiny.toml", "--workers", "0"], "must be 'auto' or an integer >= 1, got '0'"),
     (["bench", "--loader-workers", "-1"], "-1"),
     (["select", "--storage", DB, "--study", "tiny", "--prefer", "middle"], "invalid choice: 'middle'"),
 ]

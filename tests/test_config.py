@@ -103,7 +103,10 @@ def test_unreadable_configs(tmp_path):
 def test_config_diff_ignores_where_and_how_fast(tiny_config):
     a = ls.load_config(tiny_config())
     b = ls.load_config(tiny_config(), ["train.device=cuda:1", "study.storage=sqlite:///x.db", "data.root=/x",
-                                       "train.compile=false", "train.cuda_graphs=false"])
+                                       "train.cuda_graphs=false", "search.workers=3"])
     assert ls.config_diff(a, b) == []
     c = ls.load_config(tiny_config(), ["train.epochs=5", "search.lambdas=[1e-4]"])
     assert [k for k, _, _ in ls.config_diff(a, c)] == ["search.lambdas", "train.epochs"]
+    # what changes the rounding of a training is part of what a study computes
+    d = ls.load_config(tiny_config(), ["train.threads=2", "train.pack=2", "train.compile=false"])
+    assert [k for k, _, _ in ls.config_diff(a, d)] == ["train.compile", "train.pack", "train.threads"]

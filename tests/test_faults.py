@@ -85,7 +85,7 @@ def test_the_data_folder_vanishing(tmp_path, capsys, monkeypatch):
     root = tmp_path / "data"
     write_cifar10(root, per_batch=12)
     path = tmp_path / "cifar.toml"
-    path.write_text(f'[search]\nlambdas = [1e-3, 1e-1]\n[data]\ndataset = "cifar10"\nroot = "{root}"\nfolds = 2\n'
+    path.write_text(f'[search]\nlambdas = [1e-3, 1e-1]\nworkers = 1\n[data]\ndataset = "cifar10"\nroot = "{root}"\nfolds = 2\n'
                     '[train]\nepochs = 1\nbatch_size = 8\n')
     from lambda_search import _objective
 

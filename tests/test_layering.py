@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lambda_search"
-# config -> data and folds -> model -> train -> objective -> study -> report -> CLI
-LAYERS = ["_config", "_data", "_augment", "_folds", "_kernels", "_simam", "_models", "_checkpoint", "_train", "_pack", "_objective", "_bench",
+# config -> data and folds -> model -> train (one, packed) -> numerics -> objective -> bench -> study -> report -> CLI
+LAYERS = ["_config", "_data", "_augment", "_folds", "_kernels", "_simam", "_models", "_checkpoint", "_train", "_pack", "_numerics", "_objective", "_bench",
           "_storage", "_study", "_report", "_select", "_plot", "cli"]
 OPTUNA_FREE = set(LAYERS[: LAYERS.index("_bench") + 1])
 

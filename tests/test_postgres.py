@@ -118,11 +118,11 @@ def test_the_server_stopping_mid_search_and_coming_back(postgres, tiny_config, c
     path = tiny_config(name="pgstop", lambdas="[1e-3, 1e-1]")
     real, finished = _objective.fold_record, []
 
-    def fold_record(result):
+    def fold_record(result, numerics=None):
         finished.append(result)
         if len(finished) == 1:
             postgres.stop()
-        return real(result)
+        return real(result, numerics)
 
     monkeypatch.setattr(_objective, "fold_record", fold_record)
     try:

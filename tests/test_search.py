@@ -95,7 +95,8 @@ def test_a_packed_search_interrupted_and_resumed(tiny_config, capsys):
     how, status = ls.run_search(config, log=print, should_stop=lambda: calls.append(1) or len(calls) > 14)
     assert status.complete < 3
     out = capsys.readouterr().out
-    assert "(2 folds at once, 2 folds at once (baseline))" in out and "interrupted" in out
+    assert "numerics pinned for cpu workers: 1 thread per training" in out and "interrupted" in out
+    assert ", 2 folds at once, 2 folds at once (baseline)\n" in out
     how, status = ls.run_search(config, log=lambda s: None)
     assert how == "resumed" and status.finished
     plan = ls.make_plan(config)
