@@ -291,6 +291,26 @@ def measure_packs(plan: Plan, engine: Engine, data: ImageData, e_lambda: float |
     return seconds
 
 
+def static_pack(plan: Plan, device: torch.device) -> int | None:
+    """The pack size a point's folds train at when it needs no measurement: ``train.pack``
+    as a number (at most the folds), 1 for "auto" on the CPU or with one fold; None where
+    "auto" measures (on a GPU)."""
+    folds = len(plan.folds_of(0))
+    if plan.train.pack != "auto":
+        return min(plan.train.pack, folds)
+    return 1 if folds == 1 or not auto_packs(device) else None
+
+
+def _per_training(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, size: int, *,
+                  rounds: int = 1, block_seconds: float = 0.5) -> tuple[float, dict[int, float]]:
+    """Seconds per iteration of one training when a point's folds train in packs of
+    ``size`` (as run_point cuts them), and the seconds per step of each pack size measured."""
+    folds = len(plan.folds_of(0))
+    seconds = measure_packs(plan, engine, data, e_lambda, sorted({size, *_chunks(folds, size)}), rounds=rounds,
+                            block_seconds=block_seconds)
+    return sum(seconds[c] for c in _chunks(folds, size)) / folds, seconds
+
+
 def pick_pack(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, *, rounds: int = 1,
               block_seconds: float = 0.5) -> tuple[int, float, dict[int, float]]:
     """The pack size for one point's folds on ``engine``: ``train.pack`` when it is a number;
@@ -298,19 +318,15 @@ def pick_pack(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | Non
     one at a time by 5 %), on the CPU 1 (measured all the same). Returns (size, seconds per iteration of one
     training, {size: seconds per pack step})."""
     folds = len(plan.folds_of(0))
-    asked = plan.train.pack
-    if asked != "auto":
-        size = min(asked, folds)
-        sizes = sorted({size, *_chunks(folds, size)})
-    else:  # one at a time or all at once: on GPUs images/s grows with the pack (measured by bench)
-        sizes = [1, folds]
-    seconds = measure_packs(plan, engine, data, e_lambda, sizes, rounds=rounds, block_seconds=block_seconds)
-    per_point = {s: sum(seconds[c] for c in _chunks(folds, s)) for s in sizes
+    if plan.train.pack != "auto":
+        size = static_pack(plan, engine.device)
+        return (size, *_per_training(plan, engine, data, e_lambda, size, rounds=rounds, block_seconds=block_seconds))
+    # one at a time or all at once: on GPUs images/s grows with the pack (measured by bench)
+    seconds = measure_packs(plan, engine, data, e_lambda, [1, folds], rounds=rounds, block_seconds=block_seconds)
+    per_point = {s: sum(seconds[c] for c in _chunks(folds, s)) for s in seconds
                  if all(c in seconds for c in _chunks(folds, s))}
-    if asked != "auto":
-        return size, per_point[size] / folds, seconds
     best = min(per_point, key=per_point.get)
-    if per_point[best] > 0.95 * per_point[1] or not auto_packs(engine.device):
+    if per_point[best] > 0.95 * per_point[1] or static_pack(plan, engine.device) == 1:
         best = 1
     return best, per_point[best] / folds, seconds
 
@@ -422,41 +438,28 @@ def _run_bench(plan: Plan, rounds: int, block_seconds: float, workers: int | Non
                  eval_rate, projection, {s: s * batch / t for s, t in sorted(pack_seconds.items())}, size)
 
 
-def _per_training(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, size: int,
-                  block_seconds: float) -> float:
-    """Seconds per iteration of one training when a point's folds train in packs of ``size``."""
-    folds = len(plan.folds_of(0))
-    seconds = measure_packs(plan, engine, data, e_lambda, sorted(set(_chunks(folds, size))),
-                            block_seconds=block_seconds)
-    return sum(seconds[c] for c in _chunks(folds, size)) / folds
-
-
 def quick_projection(plan: Plan, block_seconds: float = 0.5, engines: dict[str, Engine] | None = None,
                      packs: dict[str, int] | None = None) -> Projection:
     """The projection a search prints as it starts, from one short round of the engine at
     the pack size of each network: ``packs`` (attention -> size, a study's pinned sizes) where
-    given, else picked as :func:`pick_pack` does (measured where ``train.pack`` is "auto" on
-    a GPU); the projection's ``packs`` says the sizes. The engines built (attention -> Engine,
-    compiled where they compile) are left in ``engines`` for the worker that goes on in this
-    process."""
+    given, else as :func:`worker_pack` decides; the projection's ``packs`` says the sizes. The
+    engines built (attention -> Engine, compiled where they compile) are left in ``engines``
+    for the worker that goes on in this process."""
     with cpu_threads(plan.train):
         device = torch.device(plan.train.device)
         data = on_device(plan.data, plan.train, device)
         attentions = sorted({p.attention for p in plan.points})
-        e_lambda = _lambda_of(plan)
         step, chosen = {}, {}
         engines = {} if engines is None else engines
-        folds = len(plan.folds_of(0))
         for a in attentions:
             engine = engines[a] = engines.get(a) or plan_engine(plan, a)
-            lam = e_lambda if a == "simam" else None
-            size = (packs or {}).get(a)
-            if size is None and (plan.train.pack == "auto" and auto_packs(device) and folds > 1):
-                chosen[a], step[a], _ = pick_pack(plan, engine, data, lam, block_seconds=block_seconds)
-                continue
+            lam = _lambda_of(plan) if a == "simam" else None
+            size = (packs or {}).get(a) or static_pack(plan, device)
             if size is None:
-                size = 1 if plan.train.pack == "auto" else min(plan.train.pack, folds)
-            chosen[a], step[a] = size, _per_training(plan, engine, data, lam, size, block_seconds)
+                chosen[a], step[a], _ = pick_pack(plan, engine, data, lam, block_seconds=block_seconds)
+            else:
+                chosen[a], (step[a], _) = size, _per_training(plan, engine, data, lam, size,
+                                                              block_seconds=block_seconds)
         eval_rate = _eval_images_per_s(engine, data, plan, chosen[attentions[-1]])
         return project(plan, step, eval_rate, packs=chosen)
 
@@ -464,9 +467,9 @@ def quick_projection(plan: Plan, block_seconds: float = 0.5, engines: dict[str, 
 def worker_pack(plan: Plan, engine: Engine) -> tuple[int, dict[int, float]]:
     """The pack size of a worker's ``engine`` (train.pack as a number, or "auto": measured on
     a GPU, 1 on the CPU) and the pack steps measured to pick it ({} where none was)."""
-    folds = len(plan.folds_of(0))
-    if plan.train.pack != "auto" or folds == 1 or not auto_packs(engine.device):
-        return (1 if plan.train.pack == "auto" else min(folds, plan.train.pack)), {}
+    size = static_pack(plan, engine.device)
+    if size is not None:
+        return size, {}
     lam = _lambda_of(plan) if engine.spec["attention"] == "simam" else None
     with cpu_threads(plan.train):
         size, _, seconds = pick_pack(plan, engine, on_device(plan.data, plan.train, engine.device), lam)

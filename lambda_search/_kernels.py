@@ -23,7 +23,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["cpu_kernel", "kernel_cache_dir", "kernel_isa", "kernels_enabled", "use_kernels", "KERNELS_ENV", "CACHE_ENV"]
+__all__ = ["cpu_kernel", "cpu_model", "kernel_build", "kernel_cache_dir", "kernel_isa", "kernels_enabled", "use_kernels",
+           "KERNELS_ENV", "CACHE_ENV"]
 
 KERNELS_ENV = "LAMBDA_SEARCH_KERNELS"  # "0": never build or load, use PyTorch operations
 CACHE_ENV = "LAMBDA_SEARCH_CACHE"  # where built kernels are kept (default ~/.cache/lambda_search)
@@ -50,14 +51,28 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
 def _cpu_signature() -> str:
     """What -march=native depends on: the processor model and its flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        wanted = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "\n".join(sorted(set(wanted)))
-    except OSError:
+    lines = _cpuinfo()
+    if not lines:
         return platform.processor() or platform.machine()
+    wanted = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(sorted(set(wanted)))
+
+
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo), or what the platform says."""
+    for line in _cpuinfo():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def _build(compiler: str) -> Path:
@@ -112,6 +127,12 @@ def kernel_isa() -> str:
     if "avx512f" in flags:
         return "avx512"
     return "avx2" if "avx2" in flags else platform.machine().lower()
+
+
+def kernel_build(lib: ctypes.CDLL) -> str:
+    """What the loaded kernel ``lib`` was built from: the first digits of the hash of its
+    source, compiler version, processor and flags (its file name in the cache)."""
+    return Path(lib._name).stem.rsplit("_", 1)[-1][:12]
 
 
 def cpu_kernel() -> ctypes.CDLL | None:

@@ -12,21 +12,22 @@ What a machine decides, SimAM's kernel and a pack size measured on a GPU, is *pi
 first worker of a kind of device (cpu, cuda) proposes it and the study stores it; every
 later worker of that kind uses it. Every fold records what it was trained under
 (:func:`training_numerics`), so that a study whose folds were trained under more than one is
-reported as such (:func:`distinct_numerics`): its lambdas are then not compared bit for bit.
+reported as such (:func:`mixed_folds`): its lambdas are then not compared bit for bit.
+
+On a GPU the same numerics give the same numbers within float noise, not the same bits:
+cuDNN picks its algorithms by timing them, and some reduce with atomics.
 """
 
 from __future__ import annotations
 
 import json
-import platform
-from pathlib import Path
 
 import torch
 
-from ._kernels import cpu_kernel, kernel_isa
+from ._kernels import cpu_kernel, cpu_model, kernel_build, kernel_isa
 from ._train import Engine, TrainConfig
 
-__all__ = ["training_numerics", "proposed_pin", "numerics_label", "distinct_numerics", "device_kind"]
+__all__ = ["training_numerics", "proposed_pin", "numerics_label", "distinct_numerics", "mixed_folds", "device_kind"]
 
 
 def device_kind(device) -> str:
@@ -34,29 +35,24 @@ def device_kind(device) -> str:
     return torch.device(device).type
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def training_numerics(engine: Engine, config: TrainConfig, pack: int) -> dict:
     """What a training on ``engine`` with ``config``, in a pack of ``pack``, rounds with: the
-    record each fold stores (``threads`` and ``simam_kernel`` only on the CPU)."""
-    cpu = engine.device.type == "cpu"
-    kernel = (kernel_isa() if cpu_kernel() is not None else "off") if cpu else None
+    record each fold stores. ``threads`` and ``simam_kernel`` only on the CPU; SimAM's kernel
+    is "off" where SimAM runs as the PyTorch formula (switched off, not built, or compiled);
+    a network without SimAM carries its worker's setting all the same."""
+    device = engine.device
+    cpu = device.type == "cpu"
+    lib = cpu_kernel() if cpu and not engine.compile else None
     return {
-        "device": engine.device.type,
-        "processor": _cpu_model() if cpu else torch.cuda.get_device_name(engine.device),
+        "device": device.type,
+        "processor": cpu_model() if cpu else (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                               else str(device)),
         "isa": torch.backends.cpu.get_cpu_capability().lower() if cpu else None,  # PyTorch's vector code
         "dtype": str(engine.dtype).removeprefix("torch."),
         "autocast": "bfloat16" if engine.amp else None,
         "threads": config.threads if cpu else None,
-        "simam_kernel": kernel,
+        "simam_kernel": (kernel_isa() if lib is not None else "off") if cpu else None,
+        "kernel_build": kernel_build(lib) if lib is not None else None,
         "pack": pack,
         "compile": engine.compile,
         "channels_last": engine.channels_last,
@@ -87,14 +83,22 @@ def numerics_label(numerics: dict | None) -> str:
     return ", ".join(parts)
 
 
+def _key(numerics: dict | None) -> str:
+    return json.dumps(numerics, sort_keys=True)
+
+
 def distinct_numerics(records) -> list[dict]:
     """The distinct numerics of fold ``records`` (dicts with a "numerics" entry; a record
     without one counts as None), in order of first appearance: [{"numerics", "folds"}]."""
     seen: dict[str, dict] = {}
     for record in records:
         n = record.get("numerics")
-        key = json.dumps(n, sort_keys=True)
-        if key not in seen:
-            seen[key] = {"numerics": n, "folds": 0}
-        seen[key]["folds"] += 1
+        seen.setdefault(_key(n), {"numerics": n, "folds": 0})["folds"] += 1
     return list(seen.values())
+
+
+def mixed_folds(records: dict[str, list[dict]]) -> list[str]:
+    """The folds (fold name -> the records of every point on that fold) that were trained
+    under more than one numerics: there the points are not compared bit for bit. Folds may
+    differ from each other (the last, shorter pack of a point, say): they are never compared."""
+    return [name for name, rs in records.items() if len({_key(r.get("numerics")) for r in rs}) > 1]

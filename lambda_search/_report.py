@@ -37,18 +37,31 @@ def status_table(status: StudyStatus) -> str:
     return "\n".join(lines + numerics_lines(status))
 
 
+def _folds(n: int) -> str:
+    return f"{n} fold{'s' if n != 1 else ''}"
+
+
 def numerics_lines(status: StudyStatus) -> list[str]:
-    """What the finished folds were trained under: one line, or a warning and one line per
-    numerics when they were trained under more than one."""
+    """What the finished folds were trained under (see lambda_search._numerics): one line,
+    or a warning and one line per numerics when the points of a fold were trained under more
+    than one."""
     kinds = status.numerics
     if not kinds:
         return []
-    if len(kinds) == 1:
-        return [f"trained under one numerics: {numerics_label(kinds[0]['numerics'])}"]
-    total = sum(k["folds"] for k in kinds)
-    lines = [f"WARNING: the {total} finished folds were trained under {len(kinds)} numerics, so lambdas are not "
-             "compared bit for bit (differences within float noise may be numerics, not lambda):"]
-    lines += [f"  {k['folds']:>4} folds: {numerics_label(k['numerics'])}" for k in kinds]
+    labels = [f"{numerics_label(k['numerics'])}" + (f" ({_folds(k['folds'])})" if len(kinds) > 1 else "")
+              for k in kinds]
+    if status.mixed_numerics:
+        mixed = status.mixed_folds
+        lines = [f"WARNING: on {_folds(len(mixed))} ({', '.join(mixed)}) the points were trained under more than one "
+                 "numerics, so lambdas are not compared bit for bit there (differences within float noise may be "
+                 "numerics, not lambda):"] + [f"  {label}" for label in labels]
+    elif len(kinds) == 1:
+        lines = [f"trained under one numerics: {labels[0]}"]
+    else:  # e.g. the last, shorter pack of a point: each fold alike for every point
+        lines = ["each fold trained under one numerics for every point: " + "; ".join(labels)]
+    if any((k["numerics"] or {}).get("device") == "cuda" for k in kinds):
+        lines.append("(on a GPU, one numerics gives the same numbers within float noise, not the same bits: cuDNN "
+                     "picks its algorithms by timing them)")
     return lines
 
 

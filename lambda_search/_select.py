@@ -120,7 +120,8 @@ def select(status: StudyStatus, prefer: str = "larger", table: list[LambdaStats]
     result = {"study": status.name, "prefer": prefer, "test_train_ratio": ratio, "std_ddof": 1,
               "best": None, "one_se": None, "baseline": baseline.to_dict() if baseline else None,
               "complete": len(complete), "lambdas": len(lambdas), "comparisons": [],
-              "numerics": {"mixed": status.mixed_numerics, "distinct": status.numerics}}
+              "numerics": {"mixed": status.mixed_numerics, "mixed_folds": status.mixed_folds,
+                           "distinct": status.numerics}}
     if not complete:
         return result
     best = max(complete, key=lambda s: (s.mean, -s.e_lambda))
@@ -174,7 +175,7 @@ def format_selection(sel: dict) -> str:
     if sel["complete"] < sel["lambdas"]:
         lines.append(f"only {sel['complete']} of {sel['lambdas']} lambdas are complete: the choice may change")
     if sel["numerics"]["mixed"]:
-        kinds = sel["numerics"]["distinct"]
-        lines.append(f"WARNING: the folds were trained under {len(kinds)} numerics (`lambda-search status` lists "
-                     "them): lambdas are not compared bit for bit")
+        mixed = sel["numerics"]["mixed_folds"]
+        lines.append(f"WARNING: the points of {', '.join(mixed)} were trained under more than one numerics "
+                     "(`lambda-search status` lists them): lambdas are not compared bit for bit there")
     return "\n".join(lines)

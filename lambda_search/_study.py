@@ -36,8 +36,8 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from ._config import IDENTITY_EXEMPT, ConfigError, config_diff, resolve_config
-from ._kernels import use_kernels
-from ._numerics import device_kind, distinct_numerics, proposed_pin
+from ._kernels import cpu_kernel, use_kernels
+from ._numerics import device_kind, distinct_numerics, mixed_folds, proposed_pin
 from ._objective import Plan, Point, fold_names, grid_points, make_plan, remove_checkpoints, run_point
 from ._bench import format_seconds, plan_engine, quick_projection, worker_pack
 from ._storage import Store, open_store, redact
@@ -200,15 +200,26 @@ class StudyStatus:
     storage: str  # redacted URL
     pinned: dict = field(default_factory=dict)  # device kind -> pinned numerics (SimAM kernel, packs)
 
+    def _finished(self):
+        return [(n, r) for p in self.points for n, r in p.folds.items() if r.get("status") == "completed"]
+
     @property
     def numerics(self) -> list[dict]:
-        """The distinct numerics its finished folds were trained under, [{"numerics", "folds"}]:
-        more than one, and its lambdas are not compared bit for bit."""
-        return distinct_numerics(r for p in self.points for r in p.folds.values() if r.get("status") == "completed")
+        """The distinct numerics its finished folds were trained under, [{"numerics", "folds"}]."""
+        return distinct_numerics(r for _, r in self._finished())
+
+    @property
+    def mixed_folds(self) -> list[str]:
+        """The folds whose points were trained under more than one numerics: on those, lambdas
+        (and the baseline) are not compared bit for bit."""
+        by_fold: dict[str, list[dict]] = {}
+        for name, record in self._finished():
+            by_fold.setdefault(name, []).append(record)
+        return mixed_folds(by_fold)
 
     @property
     def mixed_numerics(self) -> bool:
-        return len(self.numerics) > 1
+        return bool(self.mixed_folds)
 
     @property
     def total(self) -> int:
@@ -225,7 +236,8 @@ class StudyStatus:
     def to_dict(self) -> dict:
         return {"study": self.name, "storage": self.storage, "total": self.total, "complete": self.complete,
                 "diverged": sum(p.state == "diverged" for p in self.points),
-                "numerics": {"mixed": self.mixed_numerics, "distinct": self.numerics, "pinned": self.pinned},
+                "numerics": {"mixed": self.mixed_numerics, "mixed_folds": self.mixed_folds, "distinct": self.numerics,
+                             "pinned": self.pinned},
                 "points": [p.to_dict() for p in self.points]}
 
 
@@ -322,13 +334,13 @@ def _pin(store: Store, name: str, kind: str, proposal: dict) -> dict:
 
 
 def _describe_pin(kind: str, pin: dict, plan: Plan) -> str:
-    packs = ", ".join(f"{f'{n} folds at once' if n > 1 else 'folds one at a time'}{' (baseline)' if a == 'none' else ''}"
-                      for a, n in sorted(pin["packs"].items(), reverse=True))
-    if kind != "cpu":
-        return f"numerics pinned for {kind} workers: {packs}"
-    kernel = "on" if pin["simam_kernel"] else "off"
-    t = plan.train.threads
-    return f"numerics pinned for cpu workers: {t} thread{'s' if t > 1 else ''} per training, SimAM's CPU kernel {kernel}, {packs}"
+    packs = [(f"{n} folds at once" if n > 1 else "folds one at a time") + (" (baseline)" if a == "none" else "")
+             for a, n in sorted(pin["packs"].items(), reverse=True)]
+    if kind == "cpu":
+        t = plan.train.threads
+        packs[:0] = [f"{t} thread{'s' if t > 1 else ''} per training",
+                     f"SimAM's CPU kernel {'on' if pin['simam_kernel'] else 'off'}"]
+    return f"numerics pinned for {kind} workers: " + ", ".join(packs)
 
 
 # ---------------------------------------------------------------- claiming a point
@@ -520,6 +532,9 @@ def run_worker(store: Store, name: str, *, overrides=(), device: str | None = No
     if pin is None:
         pin = _pins(store, name).get(kind) or _pin(store, name, kind, _measured_pin(plan, engines, log, label))
     with use_kernels(pin["simam_kernel"]):
+        if pin["simam_kernel"] and cpu_kernel() is None:
+            log(f"{label}warning: the study pins SimAM's CPU kernel on, but it cannot be built here: this worker's "
+                "folds run the PyTorch formula, and status will report them as trained under other numerics")
         return _work(store, name, plan, pin["packs"], engines, label=label, log=log, progress=progress,
                      should_stop=should_stop, poll_seconds=poll_seconds, n_workers=n_workers)
 
@@ -608,8 +623,8 @@ def worker_count(config: dict, requested: int | str | None, pending: int) -> tup
     """How many worker processes a search starts, and a note where that is not what was
     asked. ``requested``: a number, "auto" or None (search.workers). On the CPU every
     training uses train.threads threads, whatever the worker count, so workers are capped at
-    cores // threads (more would only share the cores); "auto" is that many, on GPUs one per
-    GPU; never more than the ``pending`` points."""
+    cores // threads (more would only share the cores; fewer leave cores idle, and the note
+    says so); "auto" is that many, on GPUs one per GPU; never more than the ``pending`` points."""
     requested = config["search"]["workers"] if requested is None else requested
     train = config["train"]
     if device_kind(train["device"]) == "cpu":
@@ -619,6 +634,10 @@ def worker_count(config: dict, requested: int | str | None, pending: int) -> tup
         if requested > cap:
             return cap, (f"{requested} workers asked for, {cap} started: each training uses train.threads = "
                          f"{train['threads']} (the study's), and this machine has {_cores()} cores")
+        if requested < min(cap, pending):
+            return requested, (f"{requested} worker{'s' if requested > 1 else ''} of {train['threads']} thread"
+                               f"{'s' if train['threads'] > 1 else ''} on {_cores()} cores: --workers auto would "
+                               f"use {min(cap, pending)}")
         return requested, None
     if requested == "auto":
         gpus = torch.cuda.device_count() if train["device"] == "cuda" else 1
@@ -638,8 +657,9 @@ def run_search(config: dict, *, workers: int | str | None = None, log: Callable[
                progress: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
                resume_only: bool = False) -> tuple[str, StudyStatus]:
     """Create (or resume) the study of ``config`` and run it to the end with ``workers``
-    processes (a number or "auto"; default ``search.workers``; see :func:`worker_count`). Everything is checked before anything is
-    stored. Returns ("created"|"resumed", final status); a finished study trains nothing."""
+    processes (a number or "auto"; default ``search.workers``; see :func:`worker_count`).
+    Everything is checked before anything is stored. Returns ("created"|"resumed", final
+    status); a finished study trains nothing."""
     should_stop = should_stop or (lambda: False)
     plan = make_plan(config)  # data, folds and every value checked first
     name = config["study"]["name"]

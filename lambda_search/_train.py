@@ -320,12 +320,13 @@ def on_device(data: ImageData, config: TrainConfig, device: torch.device) -> Ima
 
 def checkpoint_key(data: ImageData, fold: Fold, e_lambda: float | None, seed: int, engine: Engine,
                    config: TrainConfig) -> dict:
-    """What a fold checkpoint must match to be resumed: the run, not where or how fast it runs."""
+    """What a fold checkpoint must match to be resumed: the run, not where or how fast it runs,
+    nor its numerics (a study fixes those; a fold resumed under others records them)."""
     key = dict(e_lambda=e_lambda, seed=seed, fold=fold.name, fold_seed=fold.seed, n_train=len(fold.train),
                n_val=len(fold.val), data=data.name, n_data=len(data), **engine.spec,
                config={k: v for k, v in asdict(config).items()
                        if k not in ("device", "compile", "cuda_graphs", "eval_batch_size", "checkpoint_every_epochs",
-                                    "checkpoint_every_seconds", "max_device_bytes", "pack")})
+                                    "checkpoint_every_seconds", "max_device_bytes", "pack", "threads")})
     key["config"]["milestones"] = list(config.milestones)
     return key
 

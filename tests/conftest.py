@@ -1,5 +1,6 @@
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,13 @@ def cli_env():
 
 
 SCRIPT = Path(sys.executable).parent / "lambda-search"
+
+
+def poll(predicate, timeout=120, every=0.05) -> bool:
+    """Whether ``predicate()`` came true within ``timeout`` seconds, asked every ``every``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False

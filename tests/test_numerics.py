@@ -25,6 +25,10 @@ def test_a_training_runs_on_train_threads_and_gives_the_threads_back():
         ls.TrainConfig(iterations=2, threads=0)
 
 
+needs_kernel = pytest.mark.skipif(_kernels._load() is None, reason="SimAM's CPU kernel cannot be built here")
+
+
+@needs_kernel
 def test_use_kernels_switches_the_kernel_within_a_block(monkeypatch):
     monkeypatch.delenv(_kernels.KERNELS_ENV, raising=False)
     built = _kernels.cpu_kernel()
@@ -53,10 +57,11 @@ def test_each_fold_records_its_numerics_and_the_study_its_pin(tiny_config, capsy
     assert only["folds"] == 6 and not status.mixed_numerics
     assert n["device"] == "cpu" and n["dtype"] == "float32" and n["autocast"] is None and n["threads"] == 1
     assert n["simam_kernel"] == (_kernels.kernel_isa() if kernel else "off")
+    assert (n["kernel_build"] is not None) == kernel
     assert n["pack"] == 1 and n["compile"] is False and n["channels_last"] is True and n["torch"] == torch.__version__
     assert n["isa"] == torch.backends.cpu.get_cpu_capability().lower()
     out = status.to_dict()
-    assert out["numerics"] == {"mixed": False, "distinct": status.numerics, "pinned": status.pinned}
+    assert out["numerics"] == {"mixed": False, "mixed_folds": [], "distinct": status.numerics, "pinned": status.pinned}
     assert all(p["fold_numerics"] == [n, n] for p in out["points"])
     assert f"trained under one numerics: cpu ({n['processor']}, {n['isa']}), float32, 1 thread" in \
         ls.status_table(status)
@@ -78,21 +83,50 @@ def test_folds_trained_under_two_numerics_are_reported(tiny_config, capsys, monk
     url = ls.load_config(path)["study"]["storage"]
     assert main(["search", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "WARNING: the 6 finished folds were trained under 2 numerics" in out
-    assert "   1 folds: cpu (AMD EPYC 7763, avx2), float32, 1 thread, SimAM kernel avx2, pack 1" in out
-    assert "WARNING: the folds were trained under 2 numerics (`lambda-search status` lists them)" in out
+    assert "WARNING: on 1 fold (r0f1) the points were trained under more than one numerics, so lambdas are not" in out
+    assert "  cpu (AMD EPYC 7763, avx2), float32, 1 thread, SimAM kernel avx2, pack 1, torch" in out
+    assert "(5 folds)" in out and "(1 fold)" in out
+    assert "WARNING: the points of r0f1 were trained under more than one numerics" in out
     status = ls.study_status(ls.open_store(url), "tiny")
-    assert status.mixed_numerics and [k["folds"] for k in status.numerics] == [5, 1]
+    assert status.mixed_numerics and status.mixed_folds == ["r0f1"]
+    assert [k["folds"] for k in status.numerics] == [5, 1]
     assert main(["status", "--storage", url, "--study", "tiny", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["numerics"]["mixed"] is True and len(out["numerics"]["distinct"]) == 2
+    assert out["numerics"]["mixed"] is True and out["numerics"]["mixed_folds"] == ["r0f1"]
+    assert len(out["numerics"]["distinct"]) == 2
     point = next(p for p in out["points"] if p["e_lambda"] == 0.1)
     assert point["fold_numerics"][1]["processor"] == "AMD EPYC 7763"
     assert main(["select", "--storage", url, "--study", "tiny", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["numerics"]["mixed"] is True
 
 
-@pytest.mark.skipif(_kernels._load() is None, reason="SimAM's CPU kernel cannot be built here")
+def test_a_shorter_last_pack_is_not_mixed_numerics(tiny_config):
+    # 3 folds in packs of 2: fold r0f2 trains alone, for every point alike
+    config = ls.load_config(tiny_config(baseline="true", samples=60), ["data.folds=3", "train.pack=2"])
+    _, status = ls.run_search(config, log=lambda s: None)
+    assert status.finished and not status.mixed_numerics
+    assert sorted((k["numerics"]["pack"], k["folds"]) for k in status.numerics) == [(1, 3), (2, 6)]
+    assert "each fold trained under one numerics for every point: " in ls.status_table(status)
+
+
+def test_a_checkpoint_from_before_train_threads_resumes(tmp_path):
+    # fold checkpoints written before train.threads existed have no threads in their key
+    data = ls.load_dataset("synthetic", num_samples=40, num_classes=2, image_size=8)
+    fold = ls.make_folds(data.labels, n_splits=2, seed=0)[0]
+    cfg = ls.TrainConfig(epochs=3, batch_size=5, lr=0.05, checkpoint_every_seconds=None)
+    path = tmp_path / "f.pt"
+    steps = []
+    ls.train_fold(data, fold, 1e-3, cfg, checkpoint=path, should_stop=lambda: steps.append(1) or len(steps) >= 5)
+    payload = torch.load(path, weights_only=True)
+    steps_done = payload["iteration"]
+    payload["key"]["config"].pop("threads", None)
+    torch.save(payload, path)
+    resumed = ls.train_fold(data, fold, 1e-3, cfg, checkpoint=path)
+    assert resumed.resumed_from_iteration == steps_done > 0
+    assert resumed.val_loss == ls.train_fold(data, fold, 1e-3, cfg).val_loss
+
+
+@needs_kernel
 def test_a_study_keeps_the_kernel_it_was_created_with(tiny_config, monkeypatch):
     config = ls.load_config(tiny_config(lambdas="[1e-3, 1e-1]"))
     url = config["study"]["storage"]
@@ -127,7 +161,10 @@ def test_workers_on_the_cpu_are_capped_at_cores_over_threads(monkeypatch, tiny_c
     config = ls.load_config(tiny_config())
     assert _study.worker_count(config, "auto", pending=10) == (4, None)
     assert _study.worker_count(config, "auto", pending=3) == (3, None)
-    assert _study.worker_count(config, 2, pending=10) == (2, None)
+    assert _study.worker_count(config, 4, pending=10) == (4, None)
+    assert _study.worker_count(config, 2, pending=2) == (2, None)
+    assert _study.worker_count(config, 2, pending=10) == (
+        2, "2 workers of 1 thread on 4 cores: --workers auto would use 4")
     n, note = _study.worker_count(config, 6, pending=10)
     assert n == 4 and note == ("6 workers asked for, 4 started: each training uses train.threads = 1 (the "
                                "study's), and this machine has 4 cores")
@@ -135,3 +172,5 @@ def test_workers_on_the_cpu_are_capped_at_cores_over_threads(monkeypatch, tiny_c
     assert _study.worker_count(config, "auto", pending=10) == (1, None)
     config["train"]["threads"] = 8
     assert _study.worker_count(config, None, pending=10)[0] == 1  # tiny.toml: search.workers = 1
+    config["train"]["threads"], config["search"]["workers"] = 2, "auto"
+    assert _study.worker_count(config, None, pending=10) == (2, None)

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import optuna
 import pytest
@@ -16,7 +15,7 @@ import torch
 import lambda_search as ls
 from lambda_search.cli import main
 
-from conftest import SCRIPT, write_config
+from conftest import SCRIPT, poll, write_config
 
 
 def trials_of(url, name):
@@ -83,12 +82,14 @@ def test_a_trials_accuracies_are_train_folds_own(tiny_config):
     plan = ls.make_plan(config)
     for fold, accuracy in zip(plan.folds, trial.user_attrs["fold_accuracies"]):
         result = ls.train_fold(plan.data, fold, 1e-3, plan.train, seed=plan.train_seed(fold))
-        assert result.val_accuracy == accuracy
+        assert result.val_accuracy == accuracy  # the same numerics: the same bits
+        assert result.val_loss == trial.user_attrs["fold_results"][fold.name]["val_loss"]
 
 
 def test_a_packed_search_interrupted_and_resumed(tiny_config, capsys):
     """train.pack=2: both folds of a point train as one network; a stop mid-pack keeps each
-    fold's checkpoint, and the resumed study equals train_fold's results fold by fold."""
+    fold's checkpoint, and the resumed study equals an uninterrupted pack's results, bit for
+    bit (a pack against one fold at a time sums in another order: test_pack.py)."""
     config = ls.load_config(tiny_config(lambdas="[1e-3, 1e-1]", baseline="true"), ["train.pack=2"])
     url, name = config["study"]["storage"], config["study"]["name"]
     calls = []
@@ -105,11 +106,12 @@ def test_a_packed_search_interrupted_and_resumed(tiny_config, capsys):
         point = next(p for p in plan.points if p.key == key)
         records = trial.user_attrs["fold_results"]
         resumed += [r["resumed_from_iteration"] for r in records.values() if r["resumed_from_iteration"]]
-        for fold in plan.folds:
-            alone = ls.train_fold(plan.data, fold, point.e_lambda, plan.train, attention=point.attention,
-                                  seed=plan.train_seed(fold))
-            assert records[fold.name]["val_accuracy"] == alone.val_accuracy
-            assert records[fold.name]["val_loss"] == pytest.approx(alone.val_loss, rel=1e-3)
+        packed = ls.train_pack(plan.data, plan.folds, [point.e_lambda] * 2, plan.train, attention=point.attention,
+                               seeds=[plan.train_seed(f) for f in plan.folds])
+        for fold, alone in zip(plan.folds, packed):
+            assert (records[fold.name]["val_accuracy"], records[fold.name]["val_loss"]) == \
+                   (alone.val_accuracy, alone.val_loss)
+            assert records[fold.name]["numerics"]["pack"] == 2
     assert len(resumed) == 2  # both folds of the interrupted point went on from their checkpoints
 
 
@@ -199,15 +201,6 @@ def test_bad_storage_and_study_input(tiny_config, tmp_path, capsys, args, messag
 # ---------------------------------------------------------------- processes that die
 
 
-def _poll(predicate, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _slow_config(folder, name="slow"):
     # 16 px, 96 training images per fold, 8 epochs: a few seconds per fold on one thread
     path = write_config(folder, name=name, samples=192, epochs=8)
@@ -253,7 +246,7 @@ def test_a_search_killed_mid_fold_resumes_to_the_uninterrupted_result(uninterrup
         by_point = trials_of(url, "slow")
         return any(t.user_attrs.get("fold_results") for t in by_point.get("e_lambda=0.0001/repeat=0", []))
 
-    assert _poll(one_fold_and_a_checkpoint), proc.communicate()
+    assert poll(one_fold_and_a_checkpoint), proc.communicate()
     proc.send_signal(how)
     out, err = proc.communicate(timeout=120)
     if how == signal.SIGTERM:
