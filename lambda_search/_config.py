@@ -9,6 +9,7 @@ overrides are read as TOML values, or as plain strings when they are not one.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import numbers
 import re
@@ -210,7 +211,8 @@ def resolve_config(raw: dict, overrides=(), origin: str = "config", name: str | 
 def load_config(path, overrides=()) -> dict:
     """Read, override, check and complete a study config file. Defaults: the study is named
     after the file; it is stored in SQLite beside the file (``<name>.db``) with checkpoints
-    in ``<name>.ckpt``."""
+    in ``<name>.ckpt`` (``<name>-<storage tag>.ckpt`` for another storage, and its plot
+    beside it)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -227,11 +229,18 @@ def load_config(path, overrides=()) -> dict:
     stem = p.stem if study_name_ok(p.stem) else None
     config = resolve_config(raw, overrides, origin=str(p), name=stem)
     study = config["study"]
+    default_storage = f"sqlite:///{(p.parent / (study['name'] + '.db')).as_posix()}"
     if study["storage"] is None:
-        study["storage"] = f"sqlite:///{(p.parent / (study['name'] + '.db')).as_posix()}"
-    if study["checkpoint_dir"] is None:
-        study["checkpoint_dir"] = (p.parent / f"{study['name']}.ckpt").as_posix()
+        study["storage"] = default_storage
+    if study["checkpoint_dir"] is None:  # one folder per storage: two studies of one name never share it
+        tag = "" if study["storage"] == default_storage else f"-{storage_tag(study['storage'])}"
+        study["checkpoint_dir"] = (p.parent / f"{study['name']}{tag}.ckpt").as_posix()
     return config
+
+
+def storage_tag(url: str) -> str:
+    """Eight hex digits that tell storages apart in a folder name (the password left out)."""
+    return hashlib.sha256(re.sub(r"(://[^:/@]*):[^@/]*@", r"\1@", url).encode()).hexdigest()[:8]
 
 
 def _flatten(config: dict, prefix="") -> dict:

@@ -23,10 +23,10 @@ from ._folds import Fold, derive_seed, folds_fingerprint, make_folds
 from ._models import MODEL_NAMES
 from ._numerics import training_numerics
 from ._pack import train_pack
-from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, engine_for, train_fold
+from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, engine_for, set_aside, train_fold
 
 __all__ = ["Point", "Plan", "PointOutcome", "grid_points", "fold_names", "make_plan", "summarize", "run_point",
-           "train_config"]
+           "train_config", "own_checkpoints"]
 
 STD_DDOF = 1  # the standard deviation over folds is the sample one (n - 1)
 
@@ -175,6 +175,35 @@ class PointOutcome:
 
 def checkpoint_folder(checkpoint_dir, point: Point) -> Path | None:
     return None if checkpoint_dir is None else Path(checkpoint_dir) / point.slug
+
+
+OWNER_FILE = "RUN"  # in a point's checkpoint folder: the run (study) whose checkpoints it holds
+
+
+def own_checkpoints(checkpoint_dir, point: Point, run: str) -> str | None:
+    """Make ``point``'s checkpoint folder the one of ``run`` (a study's run id) before it
+    trains: a folder another run left there (another study of this name, in another storage
+    or before its database was deleted) is set aside, never adopted. Returns the warning to
+    show, or None."""
+    folder = checkpoint_folder(checkpoint_dir, point)
+    if folder is None:
+        return None
+    marker = folder / OWNER_FILE
+    note = None
+    if folder.exists():
+        try:
+            owner = marker.read_text().strip()
+        except OSError:
+            owner = None
+        if owner != run:
+            note = (f"set aside checkpoint folder {folder} as {set_aside(folder).name}: another run's (not written "
+                    "by this study), never adopted")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        tmp = folder / f".{OWNER_FILE}.{os.getpid()}"
+        tmp.write_text(run + "\n")
+        os.replace(tmp, marker)
+    return note
 
 
 def remove_checkpoints(checkpoint_dir, point: Point) -> None:

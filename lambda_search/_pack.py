@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._augment import eval_batch, train_batch
-from ._data import ImageData
+from ._data import ImageData, dataset_fingerprint
 from ._folds import Fold, derive_seed
 from ._models import BasicBlock, PadShortcut, ResNet
 from ._simam import SimAM, set_e_lambda, simam
@@ -351,6 +351,8 @@ def _train_pack(data, folds, e_lambdas, config, seeds, model, attention, shortcu
     for fold in folds:
         if config.batch_size > len(fold.train):
             raise ValueError(f"batch_size={config.batch_size} exceeds fold {fold.name}'s {len(fold.train)} training images")
+    checkpointed = checkpoints is not None and any(c is not None for c in checkpoints)
+    data_key = dataset_fingerprint(data) if checkpointed else None
     data = on_device(data, config, device)
     index_device = data.images.device
     pack = pack_for(engine, n)
@@ -359,7 +361,7 @@ def _train_pack(data, folds, e_lambdas, config, seeds, model, attention, shortcu
     for i, (fold, lam, seed) in enumerate(zip(folds, e_lambdas, seeds)):
         path = Path(checkpoints[i]) if checkpoints is not None and checkpoints[i] is not None else None
         spe = len(fold.train) // config.batch_size
-        m = _Member(fold, lam, seed, checkpoint_key(data, fold, lam, seed, engine, config), path,
+        m = _Member(fold, lam, seed, checkpoint_key(data, fold, lam, seed, engine, config, data_key), path,
                     torch.as_tensor(fold.train, device=index_device), torch.as_tensor(fold.val, device=index_device),
                     spe, config.total_iterations(len(fold.train)),
                     torch.Generator(device=device).manual_seed(derive_seed(seed, 1)))

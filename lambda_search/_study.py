@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,8 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from ._config import IDENTITY_EXEMPT, ConfigError, config_diff, resolve_config
 from ._kernels import cpu_kernel, use_kernels
 from ._numerics import device_kind, distinct_numerics, mixed_folds, proposed_pin
-from ._objective import Plan, Point, fold_names, grid_points, make_plan, remove_checkpoints, run_point
+from ._objective import (Plan, Point, fold_names, grid_points, make_plan, own_checkpoints, remove_checkpoints,
+                         run_point)
 from ._bench import format_seconds, plan_engine, quick_projection, worker_pack
 from ._storage import Store, open_store, redact
 from ._train import Engine
@@ -51,6 +53,7 @@ FINGERPRINT_ATTR = "lambda_search:fingerprint"
 VERSIONS_ATTR = "lambda_search:versions"
 POINT_ATTR = "lambda_search:point"
 REASON_ATTR = "lambda_search:fail_reason"
+RUN_ATTR = "lambda_search:run"  # a study's own id: its checkpoint folders carry it (never another's adopted)
 NUMERICS_ATTR = "lambda_search:numerics"  # device kind -> the pin its workers use (see _numerics)
 STORAGE_ENV = "LAMBDA_SEARCH_STORAGE"  # how a parent hands a storage URL to its workers (never argv)
 
@@ -132,6 +135,7 @@ def create_or_resume(store: Store, config: dict, plan: Plan) -> str:
                 raise StudyError(f"study {name!r} in {store.shown} was not made by lambda_search; choose another study.name")
             store.storage.set_study_user_attr(sid, FINGERPRINT_ATTR, plan.fingerprint)
             store.storage.set_study_user_attr(sid, VERSIONS_ATTR, _versions())
+            store.storage.set_study_user_attr(sid, RUN_ATTR, uuid.uuid4().hex)
             store.storage.set_study_user_attr(sid, CONFIG_ATTR, stored_config)  # last: marks the study complete
             return "created"
         _check_same(name, attrs, stored_config, plan)
@@ -322,6 +326,19 @@ def _pins(store: Store, name: str) -> dict:
     return dict(store.storage.get_study_user_attrs(sid).get(NUMERICS_ATTR, {})) if sid is not None else {}
 
 
+def _run_id(store: Store, name: str) -> str:
+    """Study ``name``'s run id (given to a study made before run ids were, on first use)."""
+    sid = _study_id(store, name)
+    run = store.storage.get_study_user_attrs(sid).get(RUN_ATTR)
+    if run is None:
+        with store.locks.exclusive():
+            run = store.storage.get_study_user_attrs(sid).get(RUN_ATTR)
+            if run is None:
+                run = uuid.uuid4().hex
+                store.storage.set_study_user_attr(sid, RUN_ATTR, run)
+    return run
+
+
 def _pin(store: Store, name: str, kind: str, proposal: dict) -> dict:
     """The numerics study ``name`` pins for workers on ``kind`` devices: stored ones, else
     ``proposal``, stored now (under the claim lock: of two first workers, one pins)."""
@@ -446,6 +463,9 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engine: Engine, *, checkp
         val = f" val {m.val_accuracy:.4f}" if m.val_accuracy is not None else ""
         progress(f"{label}{point.label()} fold {fold.name} epoch {m.epoch}/{epochs} loss {m.train_loss:.4f}{val}")
 
+    note = own_checkpoints(checkpoint_dir, point, _run_id(store, plan.config["study"]["name"]))
+    if note:
+        log(f"{label}warning: {note}")
     reused = [n for n in names if n in claim.done]
     log(f"{label}{'baseline ' if point.baseline else ''}trial {claim.number}: {point.label()}" + (f" (keeps finished folds {', '.join(reused)})" if reused else ""))
     try:

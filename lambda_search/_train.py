@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ._augment import eval_batch, train_batch
-from ._data import ImageData
+from ._data import ImageData, dataset_fingerprint
 from ._folds import Fold, derive_seed
 from ._models import build_model
 from ._simam import check_e_lambda, set_e_lambda
@@ -263,8 +263,22 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     _fsync_dir(path.parent)
 
 
+def set_aside(path: Path) -> Path:
+    """Rename ``path`` (a checkpoint file or folder that is not this run's) out of the way,
+    to ``<name>.stale-N``: kept, never adopted. Returns the new path."""
+    n = 1
+    while path.with_name(f"{path.name}.stale-{n}").exists():
+        n += 1
+    target = path.with_name(f"{path.name}.stale-{n}")
+    os.replace(path, target)
+    return target
+
+
 def load_checkpoint(path: Path, key: dict) -> dict | None:
-    """The newest readable checkpoint of this run (``key`` must match), or None."""
+    """The newest readable checkpoint of this run (``key`` must match), or None. A checkpoint
+    of another run (another lambda, seed, fold, data set or protocol) is never adopted: it
+    is set aside (renamed ``.stale-N``) with one warning, and the training starts afresh."""
+    aside, differ, found = [], set(), None
     for candidate in (path, path.with_name(path.name + ".prev")):
         if not candidate.exists():
             continue
@@ -276,11 +290,17 @@ def load_checkpoint(path: Path, key: dict) -> dict | None:
         if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
             warnings.warn(f"ignoring checkpoint {candidate}: not a lambda_search fold checkpoint", stacklevel=3)
             continue
-        if payload["key"] != key:
-            differ = sorted(k for k in set(key) | set(payload["key"]) if key.get(k) != payload["key"].get(k))
-            raise ValueError(f"checkpoint {candidate} belongs to another run; it differs in {', '.join(differ)}")
-        return payload
-    return None
+        if payload.get("key") != key:
+            other = payload["key"] if isinstance(payload.get("key"), dict) else {}
+            differ |= {k for k in set(key) | set(other) if key.get(k) != other.get(k)}
+            aside.append(f"{candidate.name} as {set_aside(candidate).name}")
+            continue
+        found = payload
+        break
+    if aside:
+        warnings.warn(f"set aside checkpoint {path.parent / aside[0]}{''.join(f', {a}' for a in aside[1:])}: "
+                      f"another run's (it differs in {', '.join(sorted(differ))}), never adopted", stacklevel=3)
+    return found
 
 
 # ---------------------------------------------------------------- training
@@ -319,11 +339,12 @@ def on_device(data: ImageData, config: TrainConfig, device: torch.device) -> Ima
 
 
 def checkpoint_key(data: ImageData, fold: Fold, e_lambda: float | None, seed: int, engine: Engine,
-                   config: TrainConfig) -> dict:
-    """What a fold checkpoint must match to be resumed: the run, not where or how fast it runs,
-    nor its numerics (a study fixes those; a fold resumed under others records them)."""
+                   config: TrainConfig, data_key: str) -> dict:
+    """What a fold checkpoint must match to be resumed: the run (``data_key``: the data set's
+    fingerprint, its content), not where or how fast it runs, nor its numerics (a study fixes
+    those; a fold resumed under others records them)."""
     key = dict(e_lambda=e_lambda, seed=seed, fold=fold.name, fold_seed=fold.seed, n_train=len(fold.train),
-               n_val=len(fold.val), data=data.name, n_data=len(data), **engine.spec,
+               n_val=len(fold.val), data=data.name, n_data=len(data), data_fingerprint=data_key, **engine.spec,
                config={k: v for k, v in asdict(config).items()
                        if k not in ("device", "compile", "cuda_graphs", "eval_batch_size", "checkpoint_every_epochs",
                                     "checkpoint_every_seconds", "max_device_bytes", "pack", "threads")})
@@ -403,6 +424,8 @@ def _train_fold(data, fold, e_lambda, config, model, attention, shortcut, seed, 
     n_train = len(fold.train)
     if config.batch_size > n_train:
         raise ValueError(f"batch_size={config.batch_size} exceeds the fold's {n_train} training images")
+    path = Path(checkpoint) if checkpoint is not None else None
+    key = checkpoint_key(data, fold, e_lambda, seed, engine, config, dataset_fingerprint(data)) if path else None
     data = on_device(data, config, device)
     index_device = data.images.device
     train_index = torch.as_tensor(fold.train, device=index_device)
@@ -415,8 +438,6 @@ def _train_fold(data, fold, e_lambda, config, model, attention, shortcut, seed, 
     optimizer = make_optimizer(net, config)
     generator = torch.Generator(device=device).manual_seed(derive_seed(seed, 1))
 
-    path = Path(checkpoint) if checkpoint is not None else None
-    key = checkpoint_key(data, fold, e_lambda, seed, engine, config)
     iteration, curve, seconds_before, resumed_from, payload = 0, [], 0.0, None, None
     if path is not None:
         payload = load_checkpoint(path, key)

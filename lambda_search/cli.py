@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import sys
+import warnings
 
 from . import (MODEL_NAMES, STORAGE_ENV, ConfigError, StorageError, StudyError, __version__, build_model,
                default_plot_path, export_csv, format_bench, format_selection, load_config, open_store,
@@ -268,7 +269,12 @@ def _in_chain(exc: BaseException | None, test) -> BaseException | None:
     return None
 
 
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    return f"lambda-search: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line  # a warning is one line, as an error is
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -1,5 +1,6 @@
 """Training one (lambda, fold): the protocol, determinism, resume, divergence."""
 
+import dataclasses
 import math
 
 import pytest
@@ -139,12 +140,29 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(small, tmp_path):
     same_result(whole, resumed)
 
 
-def test_a_checkpoint_of_another_run_is_refused(small, tmp_path):
+@pytest.mark.parametrize("change", ["e_lambda", "lr", "data", "seed"])
+def test_a_checkpoint_of_another_run_is_set_aside_never_adopted(small, tmp_path, change):
     data, fold = small
     ckpt = tmp_path / "fold.pt"
-    ls.train_fold(data, fold, 1e-4, CFG, checkpoint=ckpt, callback=lambda m: True)
-    with pytest.raises(ValueError, match="belongs to another run; it differs in e_lambda"):
-        ls.train_fold(data, fold, 1e-2, CFG, checkpoint=ckpt)
+    ls.train_fold(data, fold, 1e-4, CFG, checkpoint=ckpt, callback=lambda m: m.epoch == 2)  # .pt and .prev
+    lam, cfg, seed, other = 1e-4, CFG, 0, data
+    if change == "e_lambda":
+        lam = 1e-2
+    elif change == "lr":
+        cfg = dataclasses.replace(CFG, lr=CFG.lr / 2)
+    elif change == "data":
+        other = dataclasses.replace(data, images=data.images.flip(-1).contiguous())  # same name and size
+    else:
+        seed = 1
+    differs = {"lr": "config", "data": "data_fingerprint"}.get(change, change)
+    with pytest.warns(UserWarning) as caught:
+        result = ls.train_fold(other, fold, lam, cfg, checkpoint=ckpt, seed=seed)
+    assert [str(w.message) for w in caught] == [
+        f"set aside checkpoint {ckpt} as fold.pt.stale-1, fold.pt.prev as fold.pt.prev.stale-1: another run's (it "
+        f"differs in {differs}), never adopted"]
+    assert result.resumed_from_iteration is None
+    same_result(ls.train_fold(other, fold, lam, cfg, seed=seed), result)
+    assert (tmp_path / "fold.pt.stale-1").exists() and (tmp_path / "fold.pt.prev.stale-1").exists()
 
 
 def test_divergence_ends_the_fold_with_the_step(small):
