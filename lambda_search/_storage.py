@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import sqlite3
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,6 +225,54 @@ def _rdb(url: str, create: bool, **engine_kwargs) -> optuna.storages.RDBStorage:
         raise StorageError(f"cannot open storage {redact(url)!r}: {_scrub(exc, url)}") from None
 
 
+def _whole_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def _repair_journal_tail(path: Path) -> None:
+    """A journal whose last record was torn (a power loss or a full disk mid-write) ends
+    without a newline; Optuna would append after it and make the file unreadable from there
+    on. Under Optuna's own journal lock, move the torn bytes to ``<file>.torn`` (kept) and
+    cut the journal after its last whole record, with one warning."""
+    if not path.stat().st_size:
+        return
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+    lock = optuna.storages.journal.JournalFileSymlinkLock(str(path))
+    while not lock.acquire():
+        pass
+    try:
+        data = path.read_bytes()
+        keep = data.rfind(b"\n") + 1
+        if keep == len(data):  # repaired meanwhile
+            return
+        if _whole_record(data[keep:]):  # only its newline was lost
+            with open(path, "ab") as f:
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            warnings.warn(f"journal {str(path)!r} lacked the newline after its last record: added", stacklevel=3)
+            return
+        torn = path.with_name(path.name + ".torn")
+        with open(torn, "ab") as f:
+            f.write(data[keep:] + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        lock.release()
+    warnings.warn(f"journal {str(path)!r} ended in a torn record ({len(data) - keep} bytes, as a power loss or a "
+                  f"full disk leaves it): moved to {torn.name}; every whole record is kept", stacklevel=3)
+
+
 def open_store(url: str, create: bool = False) -> Store:
     """Open the storage at ``url`` (``sqlite:///FILE``, ``postgresql://...``, or
     ``journal:FILE`` for Optuna's journal file). Unless ``create``, the database must exist;
@@ -280,6 +330,8 @@ def open_store(url: str, create: bool = False) -> Store:
                 raise StorageError(f"storage {url!r}: no journal file {str(path)!r}; `lambda-search search CONFIG` creates one")
             if not path.parent.is_dir():
                 raise StorageError(f"storage {url!r}: folder {str(path.parent)!r} does not exist")
+        if path.exists() and os.access(path, os.W_OK):
+            _repair_journal_tail(path)
         backend = optuna.storages.journal.JournalFileBackend(str(path))
         try:
             storage = optuna.storages.JournalStorage(backend)

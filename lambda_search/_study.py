@@ -133,6 +133,7 @@ def create_or_resume(store: Store, config: dict, plan: Plan) -> str:
         if CONFIG_ATTR not in attrs:
             if store.storage.get_all_trials(sid, deepcopy=False):
                 raise StudyError(f"study {name!r} in {store.shown} was not made by lambda_search; choose another study.name")
+            _check_adoptable(store, name, sid)
             store.storage.set_study_user_attr(sid, FINGERPRINT_ATTR, plan.fingerprint)
             store.storage.set_study_user_attr(sid, VERSIONS_ATTR, _versions())
             store.storage.set_study_user_attr(sid, RUN_ATTR, uuid.uuid4().hex)
@@ -140,6 +141,25 @@ def create_or_resume(store: Store, config: dict, plan: Plan) -> str:
             return "created"
         _check_same(name, attrs, stored_config, plan)
         return created
+
+
+def _check_adoptable(store: Store, name: str, sid: int) -> None:
+    """An empty study lambda_search did not make (or its baseline companion) is adopted only
+    where it maximizes one value, as lambda_search's accuracies need: else Optuna's
+    best_params would name the worst lambda."""
+    maximize = [optuna.study.StudyDirection.MAXIMIZE]
+    for study, study_id in ((name, sid), (baseline_study_name(name), _study_id(store, baseline_study_name(name)))):
+        if study_id is None:
+            continue
+        directions = store.storage.get_study_directions(study_id)
+        if study != name and store.storage.get_all_trials(study_id, deepcopy=False):
+            raise StudyError(f"study {study!r} in {store.shown} was not made by lambda_search and has trials; "
+                             "choose another study.name")
+        if directions != maximize:
+            shown = ", ".join(d.name.lower() for d in directions)
+            raise StudyError(f"study {study!r} in {store.shown} was not made by lambda_search and its direction is "
+                             f"{shown}, not maximize (lambda_search maximizes accuracy); choose another study.name or "
+                             f"delete it: optuna delete-study --study-name {study!r} --storage URL")
 
 
 def _check_same(name: str, attrs: dict, config: dict, plan: Plan) -> None:

@@ -85,3 +85,72 @@ def test_a_fold_checkpoint_of_another_run_is_one_warning_line(tiny_config, tmp_p
     assert result.stderr.splitlines() == [
         f"lambda-search: warning: set aside checkpoint {ckpt} as r0f0.pt.stale-1: another run's (it differs in "
         "seed), never adopted"]
+
+
+@pytest.mark.parametrize("directions", [["minimize"], ["maximize", "maximize"], "baseline minimize"])
+def test_an_empty_foreign_study_is_adopted_only_if_it_maximizes(tiny_config, tmp_path, capsys, directions):
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    if directions == "baseline minimize":
+        optuna.create_study(storage=url, study_name="empty", direction="maximize")
+        optuna.create_study(storage=url, study_name="empty:baseline")
+    else:
+        optuna.create_study(storage=url, study_name="empty", directions=directions)
+    before = (tmp_path / "other.db").read_bytes()
+    assert main(["search", str(tiny_config(baseline="true")), "--storage", url, "--study", "empty"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "was not made by lambda_search and its direction is" in err[0], err
+    assert "not maximize" in err[0]
+    study = optuna.load_study(study_name="empty", storage=url)
+    assert study.trials == [] and study.user_attrs == {}
+    assert (tmp_path / "other.db").read_bytes() == before  # nothing stored changed
+
+
+def test_an_empty_foreign_study_that_maximizes_is_adopted(tiny_config, tmp_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'other.db'}"
+    optuna.create_study(storage=url, study_name="empty", direction="maximize")
+    assert main(["search", str(tiny_config(lambdas="[1e-3]")), "--storage", url, "--study", "empty"]) == 0
+    study = optuna.load_study(study_name="empty", storage=url)
+    assert study.best_params == {"e_lambda": 1e-3} and len(study.trials) == 1
+
+
+@pytest.mark.parametrize("cut", [2, 40, "the whole last line but one byte"])
+def test_a_torn_journal_tail_is_set_aside_and_the_search_completes(tiny_config, tmp_path, cut):
+    path = tiny_config(baseline="true")
+    log = tmp_path / "tiny.log"
+    url = f"journal:{log}"
+    assert main(["search", str(path), "--storage", url]) == 0
+    data = log.read_bytes()
+    last = data[:-1].rfind(b"\n") + 1
+    cut = len(data) - last - 1 if isinstance(cut, str) else cut
+    log.write_bytes(data[:-cut])  # the tail a power loss leaves
+    with pytest.warns(UserWarning, match=f"ended in a torn record \\({len(data) - cut - last} bytes"):
+        assert main(["search", str(path), "--storage", url]) == 0
+    assert log.read_bytes().startswith(data[:last])  # every whole record kept, the search appended after them
+    assert (tmp_path / "tiny.log.torn").read_bytes() == data[last:-cut] + b"\n"
+    status = ls.study_status(ls.open_store(url), "tiny")
+    assert status.finished and status.complete == 3
+    with_complete = {}
+    for study in ("tiny", "tiny:baseline"):
+        import optuna
+
+        for t in optuna.load_study(study_name=study, storage=ls.open_store(url).storage).trials:
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                key = t.system_attrs["lambda_search:point"]
+                with_complete[key] = with_complete.get(key, 0) + 1
+    assert sorted(with_complete.values()) == [1, 1, 1]  # each point complete exactly once
+
+
+def test_a_journal_that_lost_only_its_last_newline_keeps_its_last_record(tiny_config, tmp_path):
+    path = tiny_config()
+    log = tmp_path / "tiny.log"
+    url = f"journal:{log}"
+    assert main(["search", str(path), "--storage", url]) == 0
+    data = log.read_bytes()
+    log.write_bytes(data[:-1])
+    with pytest.warns(UserWarning, match="lacked the newline after its last record: added"):
+        status = ls.study_status(ls.open_store(url), "tiny")
+    assert log.read_bytes() == data and status.finished and not (tmp_path / "tiny.log.torn").exists()
