@@ -483,12 +483,12 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engine: Engine, *, checkp
         val = f" val {m.val_accuracy:.4f}" if m.val_accuracy is not None else ""
         progress(f"{label}{point.label()} fold {fold.name} epoch {m.epoch}/{epochs} loss {m.train_loss:.4f}{val}")
 
-    note = own_checkpoints(checkpoint_dir, point, _run_id(store, plan.config["study"]["name"]))
-    if note:
-        log(f"{label}warning: {note}")
     reused = [n for n in names if n in claim.done]
     log(f"{label}{'baseline ' if point.baseline else ''}trial {claim.number}: {point.label()}" + (f" (keeps finished folds {', '.join(reused)})" if reused else ""))
     try:
+        note = own_checkpoints(checkpoint_dir, point, _run_id(store, plan.config["study"]["name"]))
+        if note:
+            log(f"{label}warning: {note}")
         outcome = run_point(plan, point, claim.done, engine=engine, checkpoint_dir=checkpoint_dir,
                             on_fold=on_fold, on_epoch=on_epoch, should_stop=should_stop, pack=pack)
         if outcome.status == "completed":
