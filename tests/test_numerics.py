@@ -129,11 +129,11 @@ def test_a_checkpoint_from_before_train_threads_resumes(tmp_path):
 @needs_kernel
 def test_a_study_keeps_the_kernel_it_was_created_with(tiny_config, monkeypatch):
     config = ls.load_config(tiny_config(lambdas="[1e-3, 1e-1]"))
-    url = config["study"]["storage"]
     monkeypatch.setenv(_kernels.KERNELS_ENV, "0")  # created with the kernel off
     done = []
-    ls.run_search(config, log=lambda s: done.append(s) if "complete:" in s else None,
-                  should_stop=lambda: bool(done))
+    _, first = ls.run_search(config, log=lambda s: done.append(s) if "complete:" in s else None,
+                             should_stop=lambda: bool(done))
+    assert first.complete == 1 and not first.finished  # the other point trains after the resume
     monkeypatch.delenv(_kernels.KERNELS_ENV)  # resumed where it is on: the study's pin decides
     _, status = ls.run_search(config, log=lambda s: None)
     assert status.finished and status.pinned["cpu"]["simam_kernel"] is False
