@@ -9,13 +9,13 @@ from ._models import MODEL_NAMES, BasicBlock, ResNet, build_model
 from ._simam import SimAM, check_e_lambda, set_e_lambda, simam, simam_batch_norm, simam_reference
 from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, train_fold
 from ._pack import Pack, train_pack
-from ._objective import Plan, Point, PointOutcome, grid_points, make_plan, run_point, summarize
+from ._objective import Plan, Point, PointOutcome, format_lambda, grid_points, make_plan, run_point, summarize
 from ._bench import Bench, Projection, format_bench, paper_figure4_config, project, quick_projection, run_bench
 from ._storage import StorageError, Store, open_store, redact
 from ._study import (STORAGE_ENV, PointStatus, StudyError, StudyStatus, baseline_study_name, create_or_resume,
-                     load_study_config, resume_config, run_search, run_worker, stop_on_signals, study_status)
-from ._report import export_csv, folds_frame, results_frame, status_table
-from ._select import LambdaStats, corrected_t_test, format_selection, lambda_stats, select
+                     list_studies, load_study_config, resume_config, run_search, run_worker, stop_on_signals, study_status)
+from ._report import export_csv, export_tables, folds_frame, format_studies, results_frame, status_table, table_text
+from ._select import LambdaStats, corrected_t_test, format_selection, lambda_stats, nothing_selected, select
 from ._plot import default_plot_path, draw_figure4, figure4_data, plot_figure4, plot_title
 
 __version__ = "0.1.0"
@@ -28,6 +28,7 @@ __all__ = [
     "resolve_config",
     "Plan",
     "Point",
+    "format_lambda",
     "PointOutcome",
     "grid_points",
     "make_plan",
@@ -57,6 +58,11 @@ __all__ = [
     "stop_on_signals",
     "study_status",
     "export_csv",
+    "export_tables",
+    "table_text",
+    "format_studies",
+    "list_studies",
+    "nothing_selected",
     "folds_frame",
     "results_frame",
     "status_table",

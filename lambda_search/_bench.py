@@ -14,7 +14,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -32,7 +32,7 @@ from ._train import Engine, _evaluate, build_engine, cpu_threads, make_optimizer
 
 __all__ = ["Bench", "Projection", "PAPER_FIGURE4", "paper_figure4_config", "project", "run_bench", "measure_steps", "measure_packs",
            "pick_pack", "plan_engine", "quick_projection", "worker_pack",
-           "format_bench", "format_seconds"]
+           "format_bench", "format_seconds", "format_range", "project_rounds"]
 
 # The paper's Figure 4 search on CIFAR-100-shaped data: ResNet-20, 5 folds x 6 lambdas, 64k
 # iterations at batch 128 (what `lambda-search bench` projects when given no config).
@@ -57,12 +57,32 @@ class Projection:
     trainings: int  # (point, fold) pairs
     iterations: int  # training steps of all of them
     eval_images: int  # validation images evaluated, epoch after epoch
-    seconds: float
+    seconds: float  # the central estimate: from the median round of each measurement
     packs: dict | None = None  # attention ("simam"/"none") -> folds trained at once
+    low: float | None = None  # seconds from the fastest round of each measurement
+    high: float | None = None  # seconds from the slowest round of each measurement
+    rounds: int = 0  # timed rounds behind low..high (0: step times given, not measured)
+    steps: int = 0  # training steps a round timed
+    cpu_share: float | None = None  # CPU time the timed steps got / (wall time x threads); CPU only
 
     def describe(self) -> str:
-        return (f"{self.trainings} trainings, {self.iterations:,} iterations and {self.eval_images:,} "
+        """One line: the work, the central estimate and, where measured, the range of the
+        timed rounds; where the timed steps did not get their CPU (a busy machine), the share
+        they got and the estimate scaled by it (the study's time should the machine free up)."""
+        text = (f"{self.trainings} trainings, {self.iterations:,} iterations and {self.eval_images:,} "
                 f"validation images: {format_seconds(self.seconds)}")
+        if self.rounds and self.low is not None and self.high is not None:
+            text += (f" ({format_range(self.low, self.high)}: {self.rounds} round{'s' if self.rounds > 1 else ''} "
+                     f"of {self.steps} step{'s' if self.steps > 1 else ''}, fastest..slowest)")
+        if self.cpu_share is not None and self.cpu_share < BUSY_SHARE:
+            text += (f"; the timed steps got {self.cpu_share:.0%} of their CPU time, a busy machine: about "
+                     f"{format_seconds(self.seconds * self.cpu_share)} at full speed")
+        return text
+
+
+# below this share of their CPU time (process CPU time / wall time x threads) the timed
+# steps waited on other jobs, and describe() says so
+BUSY_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -107,14 +127,26 @@ class Bench:
         return out
 
 
-def format_seconds(seconds: float) -> str:
+def _unit(seconds: float) -> tuple[float, str, str]:
+    """(divisor, suffix, number format) format_seconds writes ``seconds`` in."""
     if seconds < 120:
-        return f"{seconds:.0f} s"
+        return 1, " s", ".0f"
     if seconds < 2 * 3600:
-        return f"{seconds / 60:.1f} min"
+        return 60, " min", ".1f"
     if seconds < 3 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
+        return 3600, " h", ".1f"
+    return 86400, " days", ".1f"
+
+
+def format_seconds(seconds: float) -> str:
+    divisor, suffix, fmt = _unit(seconds)
+    return f"{seconds / divisor:{fmt}}{suffix}"
+
+
+def format_range(low: float, high: float) -> str:
+    """``low``-``high`` seconds in the unit of ``high``: "45-110 s", "1.2-3.4 min"."""
+    divisor, suffix, fmt = _unit(high)
+    return f"{low / divisor:{fmt}}-{high / divisor:{fmt}}{suffix}"
 
 
 # ---------------------------------------------------------------- projection
@@ -139,6 +171,21 @@ def project(plan: Plan, step_seconds: dict[str, float], eval_images_per_s: float
             eval_images += evaluated * len(fold.val)
             seconds += total * step_seconds[point.attention] + evaluated * len(fold.val) / eval_images_per_s
     return Projection(trainings, iterations, eval_images, seconds, packs)
+
+
+def project_rounds(plan: Plan, step_rounds: dict[str, list[float]], eval_rates: list[float],
+                   packs: dict | None = None, steps: int = 0, cpu_share: float | None = None) -> Projection:
+    """:func:`project` from timed rounds: ``step_rounds[attention]`` the seconds per iteration
+    of one training in each round, ``eval_rates`` validation images/s of each timed pass.
+    ``seconds`` from the medians; ``low`` from the fastest round of each, ``high`` from the
+    slowest (so low <= seconds <= high)."""
+    def at(pick_step, pick_eval) -> Projection:
+        return project(plan, {a: pick_step(v) for a, v in step_rounds.items()}, pick_eval(eval_rates), packs)
+
+    central = at(statistics.median, statistics.median)
+    rounds = min((len(v) for v in step_rounds.values()), default=0)
+    return replace(central, low=at(min, max).seconds, high=at(max, min).seconds, rounds=rounds, steps=steps,
+                   cpu_share=cpu_share)
 
 
 # ---------------------------------------------------------------- the three pipelines
@@ -281,14 +328,20 @@ def _chunks(folds: int, size: int) -> list[int]:
     return [size] * (folds // size) + ([folds % size] if folds % size else [])
 
 
-def measure_packs(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, sizes, *,
-                  rounds: int = 1, block_seconds: float = 0.5) -> dict[int, float]:
-    """Seconds per step of a pack of each size in ``sizes`` (size 1 on the CPU: the engine's
+def _pack_rounds(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, sizes, *,
+                 rounds: int = 1, block_seconds: float = 0.5) -> _Rounds:
+    """The timed rounds of a pack of each size in ``sizes`` (size 1 on the CPU: the engine's
     own step; with CUDA graphs, a pack of one, as the search trains it there)."""
     steps = {size: (_one_step(plan, engine, data, e_lambda) if size == 1
                     else _pack_step(plan, engine, data, e_lambda, size)) for size in sizes}
-    seconds, _ = measure_steps(steps, engine.device, rounds, block_seconds, warmup=1)
-    return seconds
+    return _time_rounds(steps, engine.device, rounds, block_seconds, warmup=1)
+
+
+def measure_packs(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, sizes, *,
+                  rounds: int = 1, block_seconds: float = 0.5) -> dict[int, float]:
+    """Seconds per step of a pack of each size in ``sizes`` (the median over ``rounds``)."""
+    return _medians(_pack_rounds(plan, engine, data, e_lambda, sizes, rounds=rounds,
+                                 block_seconds=block_seconds).seconds)
 
 
 def static_pack(plan: Plan, device: torch.device) -> int | None:
@@ -301,14 +354,38 @@ def static_pack(plan: Plan, device: torch.device) -> int | None:
     return 1 if folds == 1 or not auto_packs(device) else None
 
 
-def _per_training(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, size: int, *,
-                  rounds: int = 1, block_seconds: float = 0.5) -> tuple[float, dict[int, float]]:
-    """Seconds per iteration of one training when a point's folds train in packs of
-    ``size`` (as run_point cuts them), and the seconds per step of each pack size measured."""
+def _training_rounds(plan: Plan, timed: _Rounds, size: int) -> list[float]:
+    """Seconds per iteration of one training in each round of ``timed`` when a point's folds
+    train in packs of ``size`` (as run_point cuts them)."""
     folds = len(plan.folds_of(0))
-    seconds = measure_packs(plan, engine, data, e_lambda, sorted({size, *_chunks(folds, size)}), rounds=rounds,
-                            block_seconds=block_seconds)
-    return sum(seconds[c] for c in _chunks(folds, size)) / folds, seconds
+    chunks = _chunks(folds, size)
+    return [sum(timed.seconds[c][r] for c in chunks) / folds for r in range(timed.rounds)]
+
+
+def _best_pack(plan: Plan, device: torch.device, seconds: dict[int, float]) -> int:
+    """train.pack = "auto": the size of the fastest point of those whose packs ``seconds``
+    (size -> seconds per pack step) covers; a pack must beat one fold at a time by 5 %, and
+    the CPU trains one at a time."""
+    folds = len(plan.folds_of(0))
+    per_point = {s: sum(seconds[c] for c in _chunks(folds, s)) for s in seconds
+                 if all(c in seconds for c in _chunks(folds, s))}
+    best = min(per_point, key=per_point.get)
+    if per_point[best] > 0.95 * per_point[1] or static_pack(plan, device) == 1:
+        best = 1
+    return best
+
+
+def _pick_rounds(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, size: int | None, *,
+                 rounds: int = 1, block_seconds: float = 0.5) -> tuple[int, list[float], _Rounds]:
+    """Time a point's folds in packs of ``size`` (None: "auto", the faster of one fold at a
+    time and all folds at once, as :func:`_best_pack` picks). Returns (size, seconds per
+    iteration of one training in each round, the rounds of every pack size timed)."""
+    folds = len(plan.folds_of(0))
+    sizes = [1, folds] if size is None else sorted({size, *_chunks(folds, size)})
+    timed = _pack_rounds(plan, engine, data, e_lambda, sizes, rounds=rounds, block_seconds=block_seconds)
+    if size is None:
+        size = _best_pack(plan, engine.device, _medians(timed.seconds))
+    return size, _training_rounds(plan, timed, size), timed
 
 
 def pick_pack(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, *, rounds: int = 1,
@@ -316,19 +393,11 @@ def pick_pack(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | Non
     """The pack size for one point's folds on ``engine``: ``train.pack`` when it is a number;
     "auto": on a GPU the faster of one fold at a time and all folds at once (a pack must beat
     one at a time by 5 %), on the CPU 1 (measured all the same). Returns (size, seconds per iteration of one
-    training, {size: seconds per pack step})."""
-    folds = len(plan.folds_of(0))
-    if plan.train.pack != "auto":
-        size = static_pack(plan, engine.device)
-        return (size, *_per_training(plan, engine, data, e_lambda, size, rounds=rounds, block_seconds=block_seconds))
-    # one at a time or all at once: on GPUs images/s grows with the pack (measured by bench)
-    seconds = measure_packs(plan, engine, data, e_lambda, [1, folds], rounds=rounds, block_seconds=block_seconds)
-    per_point = {s: sum(seconds[c] for c in _chunks(folds, s)) for s in seconds
-                 if all(c in seconds for c in _chunks(folds, s))}
-    best = min(per_point, key=per_point.get)
-    if per_point[best] > 0.95 * per_point[1] or static_pack(plan, engine.device) == 1:
-        best = 1
-    return best, per_point[best] / folds, seconds
+    training, {size: seconds per pack step}), medians over ``rounds``."""
+    size = _pack_setting(plan, engine.device)
+    size, per_training, timed = _pick_rounds(plan, engine, data, e_lambda, size, rounds=rounds,
+                                             block_seconds=block_seconds)
+    return size, statistics.median(per_training), _medians(timed.seconds)
 
 
 def _sync(device: torch.device) -> None:
@@ -336,12 +405,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_steps(steps: dict[str, Callable[[], None]], device: torch.device, rounds: int, block_seconds: float,
-                  warmup: int = 2) -> tuple[dict[str, float], int]:
-    """Seconds per step of each of ``steps``: ``warmup`` untimed steps each, then ``rounds``
-    rounds of one block of k steps each (k sized so that a block of the fastest takes about
-    ``block_seconds``), the order rotating from round to round. Returns the median over
-    rounds of each block's seconds per step, and k."""
+@dataclass(frozen=True)
+class _Rounds:
+    seconds: dict  # name -> seconds per step in each round
+    steps: int  # steps a block timed
+    cpu_share: dict  # name -> process CPU time / (wall time x threads) over its blocks (CPU only)
+
+    @property
+    def rounds(self) -> int:
+        return min(len(v) for v in self.seconds.values())
+
+
+def _medians(seconds: dict) -> dict:
+    return {name: statistics.median(v) for name, v in seconds.items()}
+
+
+def _time_rounds(steps: dict[str, Callable[[], None]], device: torch.device, rounds: int, block_seconds: float,
+                 warmup: int = 2) -> _Rounds:
+    """``warmup`` untimed steps of each of ``steps`` (the first calls: kernels, compilation,
+    allocations), one timed step that sizes the blocks, then ``rounds`` rounds of one block of
+    k steps each (k sized so that a block of the fastest takes about ``block_seconds``), the
+    order rotating from round to round."""
     first = {}
     for name, step in steps.items():
         for _ in range(warmup):
@@ -354,20 +438,36 @@ def measure_steps(steps: dict[str, Callable[[], None]], device: torch.device, ro
     k = max(2, math.ceil(block_seconds / max(min(first.values()), 1e-6)))
     names = list(steps)
     per_round: dict[str, list[float]] = {name: [] for name in names}
+    wall, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             _sync(device)
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             for _ in range(k):
                 steps[name]()
             _sync(device)
-            per_round[name].append((time.perf_counter() - t) / k)
-    return {name: statistics.median(v) for name, v in per_round.items()}, k
+            elapsed = time.perf_counter() - t
+            cpu[name] += time.process_time() - c
+            wall[name] += elapsed
+            per_round[name].append(elapsed / k)
+    threads = torch.get_num_threads()
+    share = {name: min(1.0, cpu[name] / max(wall[name] * threads, 1e-9)) for name in names} \
+        if device.type == "cpu" else {}
+    return _Rounds(per_round, k, share)
 
 
-def _eval_images_per_s(engine: Engine, data: ImageData, plan: Plan, size: int = 1) -> float:
-    """Validation images/s: of the engine, or of a pack of ``size`` (members whose epochs end
-    together are evaluated in one packed pass)."""
+def measure_steps(steps: dict[str, Callable[[], None]], device: torch.device, rounds: int, block_seconds: float,
+                  warmup: int = 2) -> tuple[dict[str, float], int]:
+    """Seconds per step of each of ``steps``, timed as :func:`_time_rounds` does. Returns the
+    median over rounds of each block's seconds per step, and k (the steps of a block)."""
+    timed = _time_rounds(steps, device, rounds, block_seconds, warmup)
+    return _medians(timed.seconds), timed.steps
+
+
+def _eval_rates(engine: Engine, data: ImageData, plan: Plan, size: int = 1, passes: int = 1) -> list[float]:
+    """Validation images/s of each of ``passes`` timed passes (after one untimed): of the
+    engine, or of a pack of ``size`` (members whose epochs end together are evaluated in
+    one packed pass)."""
     val = torch.as_tensor(plan.folds[0].val, device=data.images.device)
     val = val[: max(1, min(len(val), 2 * plan.train.eval_batch_size))]
     batch = plan.train.eval_batch_size
@@ -380,9 +480,17 @@ def _eval_images_per_s(engine: Engine, data: ImageData, plan: Plan, size: int = 
         def run(index):
             pack.evaluate(data, [index] * size, batch)
     run(val[:batch])  # warm up
-    t = time.perf_counter()
-    run(val)
-    return size * len(val) / (time.perf_counter() - t)
+    rates = []
+    for _ in range(passes):
+        t = time.perf_counter()
+        run(val)
+        rates.append(size * len(val) / (time.perf_counter() - t))
+    return rates
+
+
+def _eval_images_per_s(engine: Engine, data: ImageData, plan: Plan, size: int = 1, passes: int = 1) -> float:
+    """Validation images/s (the median of ``passes`` timed passes), as :func:`_eval_rates`."""
+    return statistics.median(_eval_rates(engine, data, plan, size, passes))
 
 
 def _lambda_of(plan: Plan) -> float:
@@ -416,52 +524,69 @@ def _run_bench(plan: Plan, rounds: int, block_seconds: float, workers: int | Non
     baseline_engine = plan_engine(plan, "none")
     reference = _reference_step(plan, e_lambda, device, workers)
     try:
-        seconds, k = measure_steps({"reference": reference,
-                                    "engine": _one_step(plan, simam_engine, data, e_lambda),
-                                    "baseline": _one_step(plan, baseline_engine, data, None)},
-                                   device, rounds, block_seconds)
+        timed = _time_rounds({"reference": reference,
+                              "engine": _one_step(plan, simam_engine, data, e_lambda),
+                              "baseline": _one_step(plan, baseline_engine, data, None)},
+                             device, rounds, block_seconds)
     finally:
         reference.close()
+    seconds, k = _medians(timed.seconds), timed.steps
     batch = plan.train.batch_size
     say("bench: packed training")
-    size, per_training, pack_seconds = pick_pack(plan, simam_engine, data, e_lambda, rounds=max(1, rounds // 2),
-                                                 block_seconds=block_seconds)
-    eval_rate = _eval_images_per_s(simam_engine, data, plan, size)
+    size, per_training, packed = _pick_rounds(plan, simam_engine, data, e_lambda, _pack_setting(plan, device),
+                                              rounds=max(1, rounds // 2), block_seconds=block_seconds)
+    eval_rates = _eval_rates(simam_engine, data, plan, size, passes=3)
     size_none = 1
-    step = {"simam": seconds["engine"], "none": seconds["baseline"]}
+    step = {"simam": timed.seconds["engine"], "none": timed.seconds["baseline"]}
+    shares = [timed.cpu_share.get("engine"), timed.cpu_share.get("baseline")]
     if size > 1:
         step["simam"] = per_training
-        size_none, step["none"], _ = pick_pack(plan, baseline_engine, data, None, block_seconds=block_seconds)
-    projection = project(plan, step, eval_rate, packs={"simam": size, "none": size_none})
+        size_none, step["none"], _ = _pick_rounds(plan, baseline_engine, data, None, _pack_setting(plan, device),
+                                                  rounds=max(1, rounds // 2), block_seconds=block_seconds)
+    projection = project_rounds(plan, step, eval_rates, {"simam": size, "none": size_none}, k, _least(shares))
     return Bench(str(device), config["model"]["name"], data.input_size, batch, torch.get_num_threads(), workers,
                  rounds, k, batch / seconds["reference"], batch / seconds["engine"], batch / seconds["baseline"],
-                 eval_rate, projection, {s: s * batch / t for s, t in sorted(pack_seconds.items())}, size)
+                 statistics.median(eval_rates), projection,
+                 {s: s * batch / t for s, t in sorted(_medians(packed.seconds).items())}, size)
 
 
-def quick_projection(plan: Plan, block_seconds: float = 0.5, engines: dict[str, Engine] | None = None,
-                     packs: dict[str, int] | None = None) -> Projection:
-    """The projection a search prints as it starts, from one short round of the engine at
-    the pack size of each network: ``packs`` (attention -> size, a study's pinned sizes) where
-    given, else as :func:`worker_pack` decides; the projection's ``packs`` says the sizes. The
-    engines built (attention -> Engine, compiled where they compile) are left in ``engines``
-    for the worker that goes on in this process."""
+def _pack_setting(plan: Plan, device: torch.device) -> int | None:
+    """The pack size train.pack sets (see :func:`static_pack`), None for "auto" (measured)."""
+    return None if plan.train.pack == "auto" else static_pack(plan, device)
+
+
+def _least(shares) -> float | None:
+    """The lowest CPU share of those measured (None where none was: on a GPU)."""
+    return min((s for s in shares if s is not None), default=None)
+
+
+def quick_projection(plan: Plan, block_seconds: float = 0.15, engines: dict[str, Engine] | None = None,
+                     packs: dict[str, int] | None = None, rounds: int = 5) -> Projection:
+    """The projection a search prints as it starts, from ``rounds`` short rounds (blocks of
+    about ``block_seconds``, after a warm-up step) of the engine at the pack size of each
+    network, and 3 timed validation passes: ``packs`` (attention -> size, a study's pinned
+    sizes) where given, else as :func:`worker_pack` decides; the projection's ``packs`` says
+    the sizes, its ``low``..``high`` the fastest and slowest rounds. The engines built
+    (attention -> Engine, compiled where they compile) are left in ``engines`` for the
+    worker that goes on in this process."""
     with cpu_threads(plan.train):
         device = torch.device(plan.train.device)
+        if device.type == "cpu":
+            cpu_kernel()  # build SimAM's CPU kernel before anything is timed
         data = on_device(plan.data, plan.train, device)
         attentions = sorted({p.attention for p in plan.points})
-        step, chosen = {}, {}
+        step, chosen, ks, shares = {}, {}, [], []
         engines = {} if engines is None else engines
         for a in attentions:
             engine = engines[a] = engines.get(a) or plan_engine(plan, a)
             lam = _lambda_of(plan) if a == "simam" else None
             size = (packs or {}).get(a) or static_pack(plan, device)
-            if size is None:
-                chosen[a], step[a], _ = pick_pack(plan, engine, data, lam, block_seconds=block_seconds)
-            else:
-                chosen[a], (step[a], _) = size, _per_training(plan, engine, data, lam, size,
-                                                              block_seconds=block_seconds)
-        eval_rate = _eval_images_per_s(engine, data, plan, chosen[attentions[-1]])
-        return project(plan, step, eval_rate, packs=chosen)
+            chosen[a], step[a], timed = _pick_rounds(plan, engine, data, lam, size, rounds=rounds,
+                                                     block_seconds=block_seconds)
+            ks.append(timed.steps)
+            shares += timed.cpu_share.values()
+        eval_rates = _eval_rates(engine, data, plan, chosen[attentions[-1]], passes=3)
+        return project_rounds(plan, step, eval_rates, chosen, min(ks), _least(shares))
 
 
 def worker_pack(plan: Plan, engine: Engine) -> tuple[int, dict[int, float]]:

@@ -17,7 +17,13 @@ import tomllib
 from pathlib import Path
 
 __all__ = ["ConfigError", "load_config", "resolve_config", "parse_override", "config_diff",
-           "IDENTITY_EXEMPT", "study_name_ok"]
+           "IDENTITY_EXEMPT", "study_name_ok", "E_LAMBDA_MIN"]
+
+# The smallest lambda: the smallest normal float32, float(torch.finfo(torch.float32).tiny)
+# (written out: this module imports no torch). SimAM computes in float32; below it lambda is
+# a subnormal or 0 there, and 4 * (v + lambda) loses it (0/0 for a constant channel).
+# lambda_search._simam takes it from here.
+E_LAMBDA_MIN = 1.1754943508222875e-38
 
 
 class ConfigError(ValueError):
@@ -163,6 +169,9 @@ def _semantic(config: dict, origin: str) -> dict:
         if not math.isfinite(v) or v <= 0:
             raise ConfigError(f"{origin}: every lambda must be a finite number > 0, got search.lambdas "
                               f"entry {_fmt(v)}")
+        if v < E_LAMBDA_MIN:
+            raise ConfigError(f"{origin}: every lambda must be >= {E_LAMBDA_MIN!r} (the smallest normal float32: "
+                              f"SimAM computes in float32), got search.lambdas entry {_fmt(v)}")
     floats = [float(v) for v in lambdas]
     if len(set(floats)) != len(floats):
         dup = next(v for v in floats if floats.count(v) > 1)
@@ -209,11 +218,29 @@ def resolve_config(raw: dict, overrides=(), origin: str = "config", name: str | 
 
 
 def load_config(path, overrides=()) -> dict:
-    """Read, override, check and complete a study config file. Defaults: the study is named
-    after the file; it is stored in SQLite beside the file (``<name>.db``) with checkpoints
-    in ``<name>.ckpt`` (``<name>-<storage tag>.ckpt`` for another storage, and its plot
-    beside it)."""
+    """Read, override, check and complete a study config file. A relative path written in
+    the file (study.storage as ``sqlite:///PATH`` or ``journal:PATH``, study.checkpoint_dir,
+    data.root) is relative to the file's folder; one given in ``overrides`` (``--set``,
+    ``--storage``) is relative to the current folder. Defaults: the study is named after the
+    file; it is stored in SQLite beside the file (``<name>.db``) with checkpoints in
+    ``<name>.ckpt`` (``<name>-<storage tag>.ckpt`` for another storage, and its plot beside it).
+    data.folds and data.holdout are exclusive: giving both is refused."""
     p = Path(path)
+    raw = _read_toml(p)
+    stem = p.stem if study_name_ok(p.stem) else None
+    config = resolve_config(_beside(raw, p.parent), overrides, origin=str(p), name=stem)
+    _one_split(raw, overrides, str(p), config["data"])
+    study = config["study"]
+    default_storage = f"sqlite:///{(p.parent / (study['name'] + '.db')).as_posix()}"
+    if study["storage"] is None:
+        study["storage"] = default_storage
+    if study["checkpoint_dir"] is None:  # one folder per storage: two studies of one name never share it
+        tag = "" if study["storage"] == default_storage else f"-{storage_tag(study['storage'])}"
+        study["checkpoint_dir"] = (p.parent / f"{study['name']}{tag}.ckpt").as_posix()
+    return config
+
+
+def _read_toml(p: Path) -> dict:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -223,19 +250,58 @@ def load_config(path, overrides=()) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {str(p)!r} cannot be read ({exc.__class__.__name__})") from None
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}") from None
-    stem = p.stem if study_name_ok(p.stem) else None
-    config = resolve_config(raw, overrides, origin=str(p), name=stem)
-    study = config["study"]
-    default_storage = f"sqlite:///{(p.parent / (study['name'] + '.db')).as_posix()}"
-    if study["storage"] is None:
-        study["storage"] = default_storage
-    if study["checkpoint_dir"] is None:  # one folder per storage: two studies of one name never share it
-        tag = "" if study["storage"] == default_storage else f"-{storage_tag(study['storage'])}"
-        study["checkpoint_dir"] = (p.parent / f"{study['name']}{tag}.ckpt").as_posix()
-    return config
+
+
+def _rebase(path: str, folder: Path) -> str:
+    """``path`` relative to ``folder`` when it is relative; absolute and ``~`` paths as they are."""
+    if path.startswith("~") or Path(path).is_absolute():
+        return path
+    return (folder / path).as_posix()
+
+
+def _rebase_storage(url: str, folder: Path) -> str:
+    """A ``sqlite:///PATH`` or ``journal:PATH`` URL with a relative PATH, relative to ``folder``;
+    any other URL (``sqlite:////abs``, ``sqlite:///:memory:``, ``postgresql://...``) as it is."""
+    if url.startswith("sqlite:///"):
+        rest = url[len("sqlite:///"):]
+        if rest and not rest.startswith(("?", ":memory:")):
+            return "sqlite:///" + _rebase(rest, folder)
+    elif url.startswith("journal:"):
+        rest = url[len("journal:"):]
+        lead = "//" if rest.startswith("//") else ""  # journal://PATH reads as journal:PATH
+        if rest[len(lead):]:
+            return "journal:" + lead + _rebase(rest[len(lead):], folder)
+    return url
+
+
+def _beside(raw: dict, folder: Path) -> dict:
+    """``raw`` (a config file's table) with its relative paths made relative to ``folder``."""
+    raw = copy.deepcopy(raw)
+    for section, key in (("study", "storage"), ("study", "checkpoint_dir"), ("data", "root")):
+        table = raw.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str) and table[key]:
+            rebase = _rebase_storage if key == "storage" else _rebase
+            table[key] = rebase(table[key], folder)
+    return raw
+
+
+def _one_split(raw: dict, overrides, origin: str, data: dict) -> None:
+    """Refuse data.folds and data.holdout given together (in the file, by --set, or one each)."""
+    data_table = raw.get("data")
+    given = {key: "the file" for key in ("folds", "holdout")
+             if isinstance(data_table, dict) and key in data_table}
+    for text in overrides:
+        section, key, _ = parse_override(text)
+        if section == "data" and key in ("folds", "holdout"):
+            given[key] = "--set"
+    if len(given) == 2:
+        raise ConfigError(f"{origin}: data.folds and data.holdout are exclusive: data.holdout={_fmt(data['holdout'])} "
+                          f"is one train/validation split, data.folds={_fmt(data['folds'])} is {data['folds']}-fold "
+                          f"cross-validation; give one (data.folds from {given['folds']}, data.holdout from "
+                          f"{given['holdout']})")
 
 
 def storage_tag(url: str) -> str:

@@ -25,10 +25,21 @@ from ._numerics import training_numerics
 from ._pack import train_pack
 from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, engine_for, set_aside, train_fold
 
-__all__ = ["Point", "Plan", "PointOutcome", "grid_points", "fold_names", "make_plan", "summarize", "run_point",
-           "train_config", "own_checkpoints"]
+__all__ = ["Point", "format_lambda", "Plan", "PointOutcome", "grid_points", "fold_names", "make_plan", "summarize",
+           "run_point", "train_config", "own_checkpoints", "check_device"]
 
 STD_DDOF = 1  # the standard deviation over folds is the sample one (n - 1)
+
+
+def format_lambda(value: float) -> str:
+    """A lambda as people read it: the shortest scientific form (Python's ``e`` style, a
+    two-digit exponent at least) that reads back as exactly ``value``: 1e-3 -> "1e-03",
+    1.2e-3 -> "1.2e-03", so that distinct lambdas never share a label."""
+    for digits in range(18):
+        text = f"{value:.{digits}e}"
+        if float(text) == value:
+            return text
+    return repr(value)  # NaN: never equal to itself
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,7 @@ class Point:
         return ("baseline" if self.baseline else f"lambda-{self.e_lambda!r}") + f"-r{self.repeat}"
 
     def label(self) -> str:
-        what = "baseline (no SimAM)" if self.baseline else f"lambda={self.e_lambda:.0e}"
+        what = "baseline (no SimAM)" if self.baseline else f"lambda={format_lambda(self.e_lambda)}"
         return what if self.repeat == 0 else f"{what} repeat {self.repeat}"
 
 
@@ -108,15 +119,33 @@ def fold_names(config: dict, repeat: int = 0) -> list[str]:
     return [f"r{repeat}f{i}" for i in range(n)]
 
 
+def check_device(device: str) -> None:
+    """Refuse a device lambda_search cannot train on here (before anything is stored): only
+    the CPU and CUDA GPUs that exist."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"train.device must be 'cpu', 'cuda' or 'cuda:N', got train.device={device!r}")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise ConfigError(f"train.device={device!r} asks for a GPU, but none is available here; "
+                              "use --set train.device=cpu (or --device cpu for a worker)")
+        index = torch.device(device).index
+        if index is not None and index >= count:
+            raise ConfigError(f"train.device={device!r}: this machine has {count} GPU{'s' if count > 1 else ''}, "
+                              f"cuda:0 to cuda:{count - 1}")
+
+
 def make_plan(config: dict, device: str | None = None) -> Plan:
     """Load the data, make the folds and check every value of a resolved config."""
     data_cfg, model_cfg, search = config["data"], config["model"], config["search"]
     if model_cfg["name"] not in MODEL_NAMES:
         raise ConfigError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got model.name={model_cfg['name']!r}")
+    check_device(device or config["train"]["device"])
     train = train_config(config["train"], device)
-    if torch.device(train.device).type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={train.device!r} asks for a GPU, but none is available here; "
-                          "use --set train.device=cpu (or --device cpu for a worker)")
     root = data_cfg["root"]
     try:
         data = load_dataset(data_cfg["dataset"], root=root, split="train", download=data_cfg["download"],

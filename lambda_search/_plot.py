@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._config import ConfigError
+from ._objective import format_lambda
 from ._select import lambda_stats, select
 from ._study import StudyStatus
 
@@ -16,6 +17,8 @@ __all__ = ["figure4_data", "draw_figure4", "plot_figure4", "plot_title", "defaul
 
 PLOT_FORMATS = (".png", ".svg", ".pdf")
 _DATASETS = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "digits": "digits (8x8)", "synthetic": "synthetic data"}
+CROWDED_RATIO = 3.0  # neighbouring lambdas closer than this factor on the log axis: slanted tick labels
+CROWDED_TICKS = 8  # more ticks than this: slanted tick labels
 _MODELS = {"resnet20": "ResNet-20", "resnet32": "ResNet-32", "resnet44": "ResNet-44", "resnet56": "ResNet-56",
            "resnet110": "ResNet-110", "resnet18": "ResNet-18"}
 
@@ -34,10 +37,18 @@ def plot_title(config: dict) -> str:
     return f"Cross-validation accuracy on {dataset}, {model}"
 
 
+def _crowded_ticks(lambdas: list[float]) -> bool:
+    """Whether the tick labels of ``lambdas`` (ascending) would collide on the log axis: two
+    neighbours closer than a factor CROWDED_RATIO, or more than CROWDED_TICKS ticks."""
+    close = any(a <= 0 or b / a < CROWDED_RATIO for a, b in zip(lambdas, lambdas[1:]))
+    return close or len(lambdas) > CROWDED_TICKS
+
+
 def figure4_data(status: StudyStatus, prefer: str = "larger") -> dict:
     """What Figure 4 shows, in percent: per lambda (ascending) its mean, std (ddof=1), fold
     accuracies and whether it is finished; the baseline's mean and std (or None); the
-    chosen lambda (one-standard-error rule, ``prefer``) and the best-mean lambda; labels."""
+    chosen lambda (one-standard-error rule, ``prefer``) and the best-mean lambda; labels,
+    the x tick labels (``format_lambda``, exact) and whether they are crowded (slanted)."""
     stats = lambda_stats(status)
     sel = select(status, prefer, stats)
     points = []
@@ -61,6 +72,8 @@ def figure4_data(status: StudyStatus, prefer: str = "larger") -> dict:
         "ylabel": "validation accuracy (%)",
         "bar_label": f"mean +- std over {n} folds (ddof=1)",
         "points": points,
+        "tick_labels": [format_lambda(p["e_lambda"]) for p in points],
+        "crowded_ticks": _crowded_ticks([p["e_lambda"] for p in points]),
         "baseline": baseline,
         "chosen": sel["one_se"]["e_lambda"] if sel["one_se"] else None,
         "best": sel["best"]["e_lambda"] if sel["best"] else None,
@@ -115,13 +128,16 @@ def draw_figure4(data: dict, path) -> Path:
             chosen = next(p for p in pts if p["e_lambda"] == data["chosen"])
             ax.axvline(chosen["e_lambda"], color="tab:orange", lw=1, ls=":", zorder=1)
             ax.plot([chosen["e_lambda"]], [chosen["mean"]], marker="*", ms=14, color="tab:orange", zorder=4, ls="none",
-                    label=f"chosen: lambda = {chosen['e_lambda']:.0e} (one-SE rule, {data['prefer']})")
+                    label=f"chosen: lambda = {format_lambda(chosen['e_lambda'])} (one-SE rule, {data['prefer']})")
         ax.set_xscale("log")
         if pts:
             xs = [p["e_lambda"] for p in pts]
             ax.set_xlim(min(xs) / 2.5, max(xs) * 2.5)
             ax.set_xticks(xs)
-            ax.set_xticklabels([f"{x:.0e}" for x in xs], fontsize=8)
+            if data["crowded_ticks"]:
+                ax.set_xticklabels(data["tick_labels"], fontsize=7, rotation=45, ha="right", rotation_mode="anchor")
+            else:
+                ax.set_xticklabels(data["tick_labels"], fontsize=8)
             ax.minorticks_off()
             ax.invert_xaxis()  # as the paper: from 1e-1 on the left down to the smallest lambda
         title = data["title"] + ("" if data["finished"] else " (still running)")
@@ -129,7 +145,8 @@ def draw_figure4(data: dict, path) -> Path:
         ax.set_xlabel(data["xlabel"])
         ax.set_ylabel(data["ylabel"])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        if ax.get_legend_handles_labels()[0]:  # nothing finished yet: no legend
+            ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         fig.savefig(path)
     finally:
@@ -142,9 +159,12 @@ def default_plot_path(status: StudyStatus) -> Path:
     return Path(status.config["study"]["checkpoint_dir"]).with_suffix(".png")
 
 
-def plot_figure4(status: StudyStatus, path, prefer: str = "larger") -> Path:
-    """Write Figure 4 of ``status`` to ``path``; the format follows the extension."""
+def plot_figure4(status: StudyStatus, path, prefer: str = "larger", make_folder: bool = False) -> Path:
+    """Write Figure 4 of ``status`` to ``path``; the format follows the extension. With
+    ``make_folder`` (the search's own plot), its folder is made where missing."""
     path = Path(path)
     if path.suffix.lower() not in PLOT_FORMATS:
         raise ConfigError(f"the plot file must end in .png, .svg or .pdf, got {str(path)!r}")
+    if make_folder:
+        path.parent.mkdir(parents=True, exist_ok=True)
     return draw_figure4(figure4_data(status, prefer), path)

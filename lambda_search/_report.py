@@ -7,14 +7,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from ._config import ConfigError
 from ._numerics import numerics_label
+from ._objective import format_lambda
 from ._study import StudyStatus
 
-__all__ = ["status_table", "numerics_lines", "results_frame", "folds_frame", "export_csv"]
+__all__ = ["status_table", "numerics_lines", "results_frame", "folds_frame", "export_csv", "export_tables",
+           "table_text", "format_studies", "EXPORT_FORMATS"]
 
 
 def _lam(point) -> str:
-    return "baseline" if point.baseline else f"{point.e_lambda:.0e}"
+    return "baseline" if point.baseline else format_lambda(point.e_lambda)
 
 
 def status_table(status: StudyStatus) -> str:
@@ -107,11 +110,62 @@ def folds_frame(status: StudyStatus) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
+EXPORT_FORMATS = ("csv", "json")
+
+
+def _text(frame: pd.DataFrame, fmt: str) -> str:
+    if fmt == "json":  # records; NaN and missing values as null
+        return frame.to_json(orient="records", indent=1) + "\n"
+    return frame.to_csv(index=False)
+
+
+def table_text(status: StudyStatus, folds: bool = False, fmt: str = "csv") -> str:
+    """The per-point table (or with ``folds`` the per-fold one) as CSV or JSON text."""
+    return _text(folds_frame(status) if folds else results_frame(status), fmt)
+
+
+def export_tables(status: StudyStatus, path, folds_only: bool = False, fmt: str | None = None) -> list[Path]:
+    """Write the per-point table to ``path`` and the per-fold table beside it
+    (``NAME.folds.csv`` or ``.json``), or with ``folds_only`` the per-fold table alone to
+    ``path``. The format is ``fmt`` or the extension of ``path`` (.csv or .json); any other
+    extension, or one that contradicts ``fmt``, is refused. Returns the paths written."""
+    path = Path(path)
+    ext = path.suffix.lower().lstrip(".")
+    if ext not in EXPORT_FORMATS or (fmt is not None and fmt != ext):
+        want = f".{fmt}" if fmt else ".csv or .json"
+        raise ConfigError(f"export writes {want} files (or - for standard output), got -o {str(path)!r}")
+    if folds_only:
+        path.write_text(table_text(status, True, ext))
+        return [path]
+    folds_path = path.with_name(path.stem + ".folds" + path.suffix)
+    path.write_text(table_text(status, False, ext))
+    folds_path.write_text(table_text(status, True, ext))
+    return [path, folds_path]
+
+
 def export_csv(status: StudyStatus, path) -> tuple[Path, Path]:
     """Write the per-point table to ``path`` and the per-fold table beside it
-    (``NAME.folds.csv``). Returns both paths."""
+    (``NAME.folds.csv``), as CSV whatever the extension. Returns both paths."""
     path = Path(path)
     folds_path = path.with_name(path.stem + ".folds" + (path.suffix or ".csv"))
     results_frame(status).to_csv(path, index=False)
     folds_frame(status).to_csv(folds_path, index=False)
     return path, folds_path
+
+
+def format_studies(studies: list[dict], storage: str) -> str:
+    """The studies of a storage (``list_studies``) as a table, companions under their study."""
+    if not studies:
+        return f"no studies in {storage}"
+    rows = []
+    for s in studies:
+        if s["lambda_search"]:
+            state = "finished" if s["finished"] else "not finished"
+            rows.append([s["study"], f"{s['complete']}/{s['total']} points complete", state])
+        else:
+            rows.append([s["study"], f"{s['trials']} trials", "not a lambda_search study"])
+        rows += [[f"  {c}", "companion", ""] for c in s["companions"]]
+    head = ["study", "points", "state"]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
+    return f"studies in {storage}:\n" + "\n".join(lines)

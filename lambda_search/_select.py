@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from scipy import stats as _stats
 
 from ._config import ConfigError
-from ._objective import summarize
+from ._objective import format_lambda, summarize
 from ._study import StudyStatus
 
-__all__ = ["LambdaStats", "lambda_stats", "corrected_t_test", "select", "format_selection", "test_train_ratio",
-           "PREFER"]
+__all__ = ["LambdaStats", "lambda_stats", "corrected_t_test", "select", "format_selection", "nothing_selected",
+           "test_train_ratio", "PREFER"]
 
 PREFER = ("larger", "smaller")
 
@@ -119,7 +119,8 @@ def select(status: StudyStatus, prefer: str = "larger", table: list[LambdaStats]
     complete = [s for s in lambdas if s.state == "complete"]
     result = {"study": status.name, "prefer": prefer, "test_train_ratio": ratio, "std_ddof": 1,
               "best": None, "one_se": None, "baseline": baseline.to_dict() if baseline else None,
-              "complete": len(complete), "lambdas": len(lambdas), "comparisons": [],
+              "complete": len(complete), "lambdas": len(lambdas),
+              "diverged": sum(s.state == "diverged" for s in lambdas), "comparisons": [],
               "numerics": {"mixed": status.mixed_numerics, "mixed_folds": status.mixed_folds,
                            "distinct": status.numerics}}
     if not complete:
@@ -152,23 +153,41 @@ def _p(test) -> str:
     return f"{100 * test['diff']:+.2f} (p={test['p']:.3f})"
 
 
+def nothing_selected(sel: dict) -> str | None:
+    """Why ``sel`` chose no lambda, in one line (None where it chose one)."""
+    if sel["best"] is not None:
+        return None
+    n, diverged = sel["lambdas"], sel.get("diverged", 0)
+    if diverged == n:
+        return f"every lambda diverged ({n} of {n}): nothing to select; try a smaller train.lr"
+    if diverged:
+        return (f"no lambda is complete yet ({n - diverged} of {n} still to run, {diverged} diverged): "
+                "nothing to select")
+    return f"no lambda is complete yet (0 of {n}): nothing to select"
+
+
 def format_selection(sel: dict) -> str:
     """The selection as text: the choice, why, and the comparison table."""
     if sel["best"] is None:
-        return f"no lambda is complete yet ({sel['complete']} of {sel['lambdas']}): nothing to select"
+        return nothing_selected(sel)
     b, o = sel["best"], sel["one_se"]
     lines = [
-        f"best mean:        lambda = {b['e_lambda']:.0e}  {_pct(b['mean'])} % +- {_pct(b['std'])} (std over folds)",
-        f"one-SE rule:      lambda = {o['e_lambda']:.0e}  {_pct(o['mean'])} % (the {sel['prefer'][:-2]}est lambda whose "
-        f"mean is >= {_pct(o['threshold'])} %, the best mean minus its standard error)",
+        f"best mean:        lambda = {format_lambda(b['e_lambda'])}  {_pct(b['mean'])} % +- {_pct(b['std'])} "
+        "(std over folds)",
+        f"one-SE rule:      lambda = {format_lambda(o['e_lambda'])}  {_pct(o['mean'])} % "
+        f"(the {sel['prefer'][:-2]}est lambda whose mean is >= {_pct(o['threshold'])} %, " + (
+            "the best mean minus its standard error)" if b["sem"] is not None else
+            "the best mean: one split per lambda has no standard error, so this is the best mean's lambda)"),
     ]
     if sel["baseline"] and sel["baseline"]["mean"] is not None:
         bl = sel["baseline"]
         lines.append(f"baseline:         no SimAM       {_pct(bl['mean'])} % +- {_pct(bl['std'])}")
     lines.append("")
-    lines.append("lambda   state      mean %  std %   vs best: diff (p)     vs baseline: diff (p)")
-    for c in sel["comparisons"]:
-        lines.append(f"{c['e_lambda']:<8.0e} {c['state']:<9} {_pct(c['mean']):>7} {_pct(c['std']):>6}   "
+    labels = [format_lambda(c["e_lambda"]) for c in sel["comparisons"]]
+    width = max([len("lambda")] + [len(x) for x in labels])
+    lines.append(f"{'lambda':<{width}}  state      mean %  std %   vs best: diff (p)     vs baseline: diff (p)")
+    for label, c in zip(labels, sel["comparisons"]):
+        lines.append(f"{label:<{width}}  {c['state']:<9} {_pct(c['mean']):>7} {_pct(c['std']):>6}   "
                      f"{_p(c['vs_best']):<20}  {_p(c['vs_baseline'])}")
     lines.append("p: two-sided corrected resampled t-test (Nadeau & Bengio 2003) over shared folds, "
                  f"n_test/n_train = {sel['test_train_ratio']:.3g}")

@@ -11,8 +11,8 @@ with several workers on SQLite, so lambda_search serialises the handing out itse
   a lease the moment its process dies, however it dies, so a dead worker's trial is known
   dead at once, with no clocks and no grace period, and its point is run again.
 
-SQLite and journal files use ``flock`` files in ``<database>.locks/`` beside the database
-(one machine, or a file system with working locks); PostgreSQL uses advisory locks, so
+SQLite and journal files use locks on the database's folder (one machine, or a file system
+with working locks; no lock file beside the database); PostgreSQL uses advisory locks, so
 workers on many machines share one study. A storage password is never shown: every
 message uses ``redact(url)``.
 """
@@ -25,7 +25,9 @@ import json
 import os
 import re
 import sqlite3
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,28 +61,46 @@ def _scrub(text: str, url: str) -> str:
 # ---------------------------------------------------------------- locks
 
 
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux: type, whence, start, len, pid
+
+
 class _FileLease:
-    def __init__(self, fd: int, path: Path):
-        self.fd, self.path = fd, path
+    def __init__(self, fd: int):
+        self.fd = fd
 
     def release(self) -> None:
-        if self.fd is None:
-            return
-        self.path.unlink(missing_ok=True)
-        os.close(self.fd)  # closing drops the lock
-        self.fd = None
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
 
 
 class FileLocks:
-    """flock files in ``<base>.locks/``; the kernel drops them when a process dies."""
+    """Locks on the folder of the database (or journal) file: the claim lock an ``flock`` of
+    the folder, a lease a Linux open-file-description lock on one byte of the folder (one
+    byte per trial of this file). The kernel drops them when their process dies. They lock
+    neither the database file (closing a descriptor of it would drop SQLite's own POSIX
+    locks) nor a lock file beside it (which a user could clean up while a search runs); a
+    folder opened for reading takes them, so a read-only copy is read as any other."""
 
-    def __init__(self, base: Path):
-        self.dir = base.with_name(base.name + ".locks")
+    def __init__(self, path: Path):
+        self.path = path
+        # this file's bytes: 2**30 trials from its own offset (a CRC of its name, so that
+        # databases in one folder keep apart)
+        self._base = zlib.crc32(path.name.encode()) << 30
+
+    def _folder(self) -> int:
+        return os.open(self.path.parent if str(self.path.parent) else ".", os.O_RDONLY | os.O_DIRECTORY)
+
+    def _lock(self, fd: int, cmd: str, kind: int, trial_id: int) -> int:
+        if not hasattr(fcntl, cmd):
+            raise StorageError(f"storage {str(self.path)!r}: searching a file storage needs Linux's open-file-"
+                               "description locks; use PostgreSQL here (reading it works)")
+        answer = fcntl.fcntl(fd, getattr(fcntl, cmd), _FLOCK.pack(kind, os.SEEK_SET, self._base + trial_id, 1, 0))
+        return _FLOCK.unpack(answer)[0]
 
     @contextlib.contextmanager
     def exclusive(self):
-        self.dir.mkdir(exist_ok=True)
-        fd = os.open(self.dir / "claim.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._folder()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -88,28 +108,27 @@ class FileLocks:
             os.close(fd)
 
     def lease(self, trial_id: int) -> _FileLease:
-        path = self.dir / f"trial-{trial_id}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = self._folder()
+        try:  # a shared lock (a folder opens for reading only); taken under the claim lock, one holder
+            self._lock(fd, "F_OFD_SETLK", fcntl.F_RDLCK, trial_id)
         except OSError:
             os.close(fd)
             raise RuntimeError(f"the lease of trial {trial_id} is held by another process") from None
-        return _FileLease(fd, path)
+        return _FileLease(fd)
 
     def alive(self, trial_id: int) -> bool:
-        """Whether a live process holds the lease of ``trial_id``; creates nothing."""
-        try:
-            fd = os.open(self.dir / f"trial-{trial_id}.lock", os.O_RDONLY)
-        except FileNotFoundError:
+        """Whether a live process holds the lease of ``trial_id``; writes nothing. (Off Linux,
+        where no worker can run on a file storage, none does.)"""
+        if not hasattr(fcntl, "F_OFD_GETLK"):
             return False
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return True
+            fd = self._folder()
+        except OSError:  # the folder cannot be opened: no lease can be seen
+            return False
+        try:
+            return self._lock(fd, "F_OFD_GETLK", fcntl.F_WRLCK, trial_id) != fcntl.F_UNLCK
         finally:
-            os.close(fd)  # also drops the lock, if we took it
-        return False
+            os.close(fd)
 
 
 class _PgLease:
@@ -273,10 +292,20 @@ def _repair_journal_tail(path: Path) -> None:
                   f"full disk leaves it): moved to {torn.name}; every whole record is kept", stacklevel=3)
 
 
-def open_store(url: str, create: bool = False) -> Store:
+def _check_writable(path: Path, url: str) -> None:
+    """A search writes the file and, beside it, SQLite's rollback journal or Optuna's journal
+    lock: both must be writable, checked before anything else is done."""
+    for what, p in (("file", path), ("folder", path.parent)):
+        if p.exists() and not os.access(p, os.W_OK):
+            raise StorageError(f"storage {redact(url)!r} is read-only here: its {what} {str(p)!r} cannot be written "
+                               "(status, select, plot and export read it; to search, copy it somewhere writable)")
+
+
+def open_store(url: str, create: bool = False, write: bool = False) -> Store:
     """Open the storage at ``url`` (``sqlite:///FILE``, ``postgresql://...``, or
     ``journal:FILE`` for Optuna's journal file). Unless ``create``, the database must exist;
-    nothing is written to a storage that is refused."""
+    with ``write`` (implied by ``create``), a file storage that cannot be written is refused
+    at once. Nothing is written to a storage that is refused."""
     if not isinstance(url, str) or not url:
         raise StorageError("a storage URL is required, such as sqlite:///studies/quickstart.db")
     if url.startswith("sqlite:///"):
@@ -288,13 +317,14 @@ def open_store(url: str, create: bool = False) -> Store:
                 raise StorageError(f"storage {redact(url)!r}: no database file {str(path)!r}; "
                                    "`lambda-search search CONFIG` creates one")
             _check_optuna_sqlite(path, url)
+            if write:
+                _check_writable(path, url)
             return Store(url, "sqlite", _rdb(url, False, connect_args={"timeout": SQLITE_TIMEOUT_S}), FileLocks(path), path)
         if path.exists() and path.stat().st_size:
             _check_optuna_sqlite(path, url, tables=False)  # refuse a foreign file before making anything beside it
         elif not path.parent.is_dir():
             raise StorageError(f"storage {redact(url)!r}: folder {str(path.parent)!r} does not exist")
-        elif not os.access(path.parent, os.W_OK):
-            raise StorageError(f"storage {redact(url)!r}: folder {str(path.parent)!r} is not writable")
+        _check_writable(path, url)
         locks = FileLocks(path)
         with locks.exclusive():  # several processes creating one new file at once
             if path.exists() and path.stat().st_size:
@@ -330,7 +360,9 @@ def open_store(url: str, create: bool = False) -> Store:
                 raise StorageError(f"storage {url!r}: no journal file {str(path)!r}; `lambda-search search CONFIG` creates one")
             if not path.parent.is_dir():
                 raise StorageError(f"storage {url!r}: folder {str(path.parent)!r} does not exist")
-        if path.exists() and os.access(path, os.W_OK):
+        if create or write:
+            _check_writable(path, url)
+        if path.exists() and os.access(path, os.W_OK) and os.access(path.parent, os.W_OK):
             _repair_journal_tail(path)
         backend = optuna.storages.journal.JournalFileBackend(str(path))
         try:

@@ -46,7 +46,8 @@ from ._storage import Store, open_store, redact
 from ._train import Engine
 
 __all__ = ["StudyError", "PointStatus", "StudyStatus", "baseline_study_name", "create_or_resume", "load_study_config",
-           "study_status", "run_worker", "run_search", "resume_config", "stop_on_signals", "STORAGE_ENV"]
+           "study_status", "run_worker", "run_search", "resume_config", "stop_on_signals", "STORAGE_ENV",
+           "list_studies"]
 
 CONFIG_ATTR = "lambda_search:config"
 FINGERPRINT_ATTR = "lambda_search:fingerprint"
@@ -336,6 +337,28 @@ def study_status(store: Store, name: str) -> StudyStatus:
     """Every grid point of study ``name``: its state, finished folds, mean and std. Reads only."""
     config = load_study_config(store, name)
     return StudyStatus(name, config, _statuses(store, name, config), store.shown, _pins(store, name))
+
+
+def list_studies(store: Store) -> list[dict]:
+    """Every study in ``store``: for lambda_search's, its points complete and whether it is
+    finished, with its companions (``<name>:baseline``...) under it; other Optuna studies
+    are listed as such. Reads only."""
+    names = store.study_names()
+    out = []
+    for name in names:
+        base = name.rsplit(":", 1)[0]
+        if ":" in name and base in names:
+            continue  # a companion, listed under its study
+        entry = {"study": name, "lambda_search": False, "trials": None, "complete": None, "total": None,
+                 "finished": None, "companions": [n for n in names if n.rsplit(":", 1)[0] == name and n != name]}
+        sid = store.storage.get_study_id_from_name(name)
+        if CONFIG_ATTR in store.storage.get_study_user_attrs(sid):
+            status = study_status(store, name)
+            entry.update(lambda_search=True, complete=status.complete, total=status.total, finished=status.finished)
+        else:
+            entry["trials"] = len(store.storage.get_all_trials(sid, deepcopy=False))
+        out.append(entry)
+    return out
 
 
 # ---------------------------------------------------------------- pinned numerics
@@ -703,10 +726,10 @@ def run_search(config: dict, *, workers: int | str | None = None, log: Callable[
     should_stop = should_stop or (lambda: False)
     plan = make_plan(config)  # data, folds and every value checked first
     name = config["study"]["name"]
-    store = open_store(config["study"]["storage"], create=not resume_only)
+    store = open_store(config["study"]["storage"], create=not resume_only, write=True)
     how = create_or_resume(store, config, plan)
     plan.config = _absolute(config)
-    status = study_status(store, name)
+    status = _effective(study_status(store, name), plan.config)
     log(f"study {name!r} {how} in {store.shown}: {status.complete} of {status.total} points complete")
     if status.finished:
         return how, status
@@ -729,7 +752,15 @@ def run_search(config: dict, *, workers: int | str | None = None, log: Callable[
                    engines=engines)
     else:
         _run_processes(store, name, plan.config, workers, log, should_stop)
-    return how, study_status(store, name)
+    return how, _effective(study_status(store, name), plan.config)
+
+
+def _effective(status: StudyStatus, config: dict) -> StudyStatus:
+    """``status`` with the config this search runs under: the stored one with the changes a
+    resume may make (where it runs: checkpoint_dir, data.root...), so outputs such as the
+    plot beside the checkpoints follow them."""
+    status.config = config
+    return status
 
 
 def _run_processes(store: Store, name: str, config: dict, workers: int, log, should_stop) -> None:

@@ -1,4 +1,5 @@
-"""The ``lambda-search`` command. It holds no logic: each command parses, calls the library, prints."""
+"""The ``lambda-search`` command: each command parses, calls the library, prints, and maps
+error types to exit codes (0 done, 1 no answer yet or interrupted, 2 bad input)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import argparse
 import errno
 import json
 import os
+import shutil
 import sys
 import warnings
 
 from . import (MODEL_NAMES, STORAGE_ENV, ConfigError, StorageError, StudyError, __version__, build_model,
-               default_plot_path, export_csv, format_bench, format_selection, load_config, open_store,
-               paper_figure4_config, plot_figure4, redact, resume_config, run_bench, run_search, run_worker, select,
-               status_table, stop_on_signals, study_status)
+               default_plot_path, export_tables, format_bench, format_selection, format_studies, list_studies,
+               load_config, nothing_selected, open_store, paper_figure4_config, plot_figure4, redact, resume_config,
+               run_bench, run_search, run_worker, select, status_table, stop_on_signals, study_status, table_text)
 
 USER_ERRORS = (ConfigError, StorageError, StudyError)
 
@@ -75,7 +77,8 @@ def _progress():
         return None
 
     def show(text: str) -> None:
-        sys.stderr.write("\r" + text[:150].ljust(150) + "\r")
+        width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)  # never wraps, however narrow
+        sys.stderr.write("\r" + text[:width].ljust(width) + "\r")
         sys.stderr.flush()
     return show
 
@@ -86,9 +89,9 @@ def _interrupted(stop) -> int:
     return 128 + int(stop.signal)
 
 
-def _write_plot(status, path, prefer="larger"):
+def _write_plot(status, path, prefer="larger", make_folder=False):
     try:
-        return plot_figure4(status, path, prefer)
+        return plot_figure4(status, path, prefer, make_folder)
     except OSError as exc:
         raise StorageError(f"cannot write the plot {str(path)!r}: {exc.strerror or exc}") from None
 
@@ -103,7 +106,7 @@ def _finish(status, stop) -> int:
         return 1
     print()
     print(format_selection(select(status)))
-    print(f"\nFigure 4: {_write_plot(status, default_plot_path(status))}")
+    print(f"\nFigure 4: {_write_plot(status, default_plot_path(status), make_folder=True)}")
     return 0
 
 
@@ -119,8 +122,15 @@ def _search(args: argparse.Namespace) -> int:
     return _finish(status, stop)
 
 
+def _url(args: argparse.Namespace) -> str:
+    url = args.storage or os.environ.get(STORAGE_ENV)
+    if not url:
+        raise StorageError(f"{args.command} needs --storage URL (or the {STORAGE_ENV} environment variable)")
+    return url
+
+
 def _resume(args: argparse.Namespace) -> int:
-    config = resume_config(args.storage, args.study, args.set)
+    config = resume_config(_url(args), args.study, args.set)
     with stop_on_signals() as stop:
         _, status = run_search(config, workers=args.workers, log=_say, progress=_progress(), should_stop=stop,
                                resume_only=True)
@@ -128,19 +138,22 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    url = args.storage or os.environ.get(STORAGE_ENV)
-    if not url:
-        raise StorageError(f"worker needs --storage URL (or the {STORAGE_ENV} environment variable)")
-    store = open_store(url)
+    store = open_store(_url(args), write=True)
     label = f"[{args.label}] " if args.label else ""
     with stop_on_signals() as stop:
-        run_worker(store, args.study, overrides=args.set, device=args.device, label=label,
-                   log=_say, progress=_progress(), should_stop=stop, n_workers=args.workers_total or 1)
-    return _interrupted(stop) if stop() else 0
+        counts = run_worker(store, args.study, overrides=args.set, device=args.device, label=label,
+                            log=_say, progress=_progress(), should_stop=stop, n_workers=args.workers_total or 1)
+    if stop():
+        return _interrupted(stop)
+    status = study_status(store, args.study)
+    ran = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no point"
+    _say(f"{label}worker done: ran {ran}; study {args.study!r}: {status.complete} of {status.total} points complete"
+         + (", finished" if status.finished else ""))
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    status = study_status(open_store(args.storage), args.study)
+    status = study_status(open_store(_url(args)), args.study)
     if args.json:
         print(json.dumps(status.to_dict(), indent=1))
     else:
@@ -149,26 +162,47 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _studies(args: argparse.Namespace) -> int:
+    store = open_store(_url(args))
+    studies = list_studies(store)
+    if args.json:
+        print(json.dumps(studies, indent=1))
+        return 0
+    print(format_studies(studies, store.shown))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
-    status = study_status(open_store(args.storage), args.study)
+    status = study_status(open_store(_url(args)), args.study)
+    if args.output == "-":
+        sys.stdout.write(table_text(status, folds=args.folds, fmt=args.format or "csv"))
+        return 0
     try:
-        points, folds = export_csv(status, args.output)
+        written = export_tables(status, args.output, folds_only=args.folds, fmt=args.format)
     except OSError as exc:
         raise StorageError(f"cannot write {args.output!r}: {exc.strerror}") from None
-    print(f"wrote {points} ({len(status.points)} points) and {folds}")
+    print("wrote " + " and ".join(str(p) for p in written) + f" ({len(status.points)} points)")
     return 0
 
 
 def _plot(args: argparse.Namespace) -> int:
-    status = study_status(open_store(args.storage), args.study)
+    status = study_status(open_store(_url(args)), args.study)
     print(f"wrote {_write_plot(status, args.output, args.prefer)}")
-    return 0
+    return _answer(select(status, args.prefer))
 
 
 def _select(args: argparse.Namespace) -> int:
-    selection = select(study_status(open_store(args.storage), args.study), args.prefer)
+    selection = select(study_status(open_store(_url(args)), args.study), args.prefer)
     print(json.dumps(selection, indent=1) if args.json else format_selection(selection))
-    return 0
+    return _answer(selection)
+
+
+def _answer(selection: dict) -> int:
+    """0 where a lambda is chosen, 1 where nothing can be chosen yet (said on stderr)."""
+    if selection["one_se"] is not None:
+        return 0
+    print(f"lambda-search: {nothing_selected(selection)}", file=sys.stderr)
+    return 1
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -182,29 +216,56 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_args(p: argparse.ArgumentParser, storage_required: bool = True) -> None:
-    p.add_argument("--storage", required=storage_required, metavar="URL",
-                   help="sqlite:///FILE, postgresql://USER:PASSWORD@HOST/DB or journal:FILE")
-    p.add_argument("--study", required=True, metavar="NAME")
+DESCRIPTION = """Choose SimAM's lambda by cross-validation, as the SimAM paper's Figure 4: train the
+network with SimAM on k-fold splits of the training set for every lambda of a log-scale
+pool, store each fold in an Optuna study, and select lambda with the one-standard-error rule.
+
+Exit codes: 0 done; 1 no answer yet (a study not finished, nothing to select) or
+interrupted; 2 bad input (one line on stderr, nothing stored is changed)."""
+
+EPILOG = ("Start with: lambda-search search studies/quickstart.toml. Every command that names a stored study takes "
+          "--storage URL, or the LAMBDA_SEARCH_STORAGE environment variable when --storage is not given (search "
+          "takes its storage from --storage or the config only).")
+STORAGE_HELP = ("sqlite:///FILE, postgresql://USER:PASSWORD@HOST/DB or journal:FILE "
+                "(default: the LAMBDA_SEARCH_STORAGE environment variable)")
+PREFER_HELP = ("which end of the one-standard-error candidates to take: 'larger' lambda (SimAM nearer to off, "
+               "the default) or 'smaller'")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lambda-search", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"lambda-search {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    models = commands.add_parser("models", help="list the networks and their parameter counts")
-    models.add_argument("--num-classes", type=_positive_int, default=100)
-    models.set_defaults(run=_models)
+def _study_args(p: argparse.ArgumentParser, study: bool = True) -> None:
+    p.add_argument("--storage", metavar="URL", help=STORAGE_HELP)
+    if study:
+        p.add_argument("--study", required=True, metavar="NAME", help="the study's name (`studies` lists them)")
 
+
+def _set_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help=what)
+
+
+def _run_commands(commands) -> None:
     search = commands.add_parser("search", help="run (or resume) the lambda search of a study config")
     search.add_argument("config", help="a study config (TOML), e.g. studies/quickstart.toml")
-    search.add_argument("--storage", metavar="URL", help="default: sqlite:///<config folder>/<study>.db")
+    search.add_argument("--storage", metavar="URL", help="default: study.storage, else sqlite:///<config folder>/"
+                        "<study>.db (LAMBDA_SEARCH_STORAGE is not used: a config names its study)")
     search.add_argument("--study", metavar="NAME", help="default: study.name, or the config's file name")
     search.add_argument("--workers", type=_workers, help="worker processes, or 'auto': one per CPU core / train.threads "
                         "(per GPU on CUDA); default search.workers, 'auto' unless set")
-    search.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value (a TOML value, or a plain string)")
+    _set_arg(search, "override a config value (a TOML value, or a plain string); repeatable")
     search.set_defaults(run=_search)
+
+    resume = commands.add_parser("resume", help="continue a study from its database alone")
+    _study_args(resume)
+    resume.add_argument("--workers", type=_workers, help="worker processes, or 'auto' (as search)")
+    _set_arg(resume, "change where or how fast it runs (train.device, data.root, study.checkpoint_dir, ...)")
+    resume.set_defaults(run=_resume)
+
+    worker = commands.add_parser("worker", help="join a running study from another process, GPU or machine")
+    _study_args(worker)
+    worker.add_argument("--device", help="torch device for this worker: cpu, cuda or cuda:N (default: train.device)")
+    worker.add_argument("--label", default="", help="a prefix for this worker's lines")
+    worker.add_argument("--workers-total", type=int, default=0, help=argparse.SUPPRESS)
+    _set_arg(worker, "change where or how fast it runs, as resume")
+    worker.set_defaults(run=_worker)
 
     bench = commands.add_parser("bench", help="measure training speed against the official pipeline; project a study")
     bench.add_argument("config", nargs="?", help="a study config (default: the paper's Figure 4 search on "
@@ -213,48 +274,55 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=_positive_int, default=7, help="timed rounds (default 7)")
     bench.add_argument("--loader-workers", type=_count, default=None, metavar="N",
                        help="DataLoader workers of the reference pipeline (default: min(4, CPU count))")
-    bench.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a config value, e.g. train.device=cpu")
+    _set_arg(bench, "override a config value, e.g. train.device=cpu")
     bench.set_defaults(run=_bench)
 
-    resume = commands.add_parser("resume", help="continue a study from its database alone")
-    _study_args(resume)
-    resume.add_argument("--workers", type=_workers, help="worker processes, or 'auto' (as search)")
-    resume.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="change where or how fast it runs (train.device, data.root, ...)")
-    resume.set_defaults(run=_resume)
 
-    worker = commands.add_parser("worker", help="join a running study from another process, GPU or machine")
-    _study_args(worker, storage_required=False)
-    worker.add_argument("--device", help="torch device for this worker (default: train.device)")
-    worker.add_argument("--label", default="", help="a prefix for this worker's lines")
-    worker.add_argument("--workers-total", type=int, default=0, help=argparse.SUPPRESS)
-    worker.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    worker.set_defaults(run=_worker)
+def _read_commands(commands) -> None:
+    studies = commands.add_parser("studies", help="list the studies of a storage, with their companions")
+    _study_args(studies, study=False)
+    studies.add_argument("--json", action="store_true", help="print the list as JSON")
+    studies.set_defaults(run=_studies)
 
     status = commands.add_parser("status", help="the points of a study: state, folds done, mean +- std")
     _study_args(status)
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true", help="print every point and fold as JSON")
     status.set_defaults(run=_status)
 
-    export = commands.add_parser("export", help="write the per-point and per-fold tables as CSV")
-    _study_args(export)
-    export.add_argument("-o", "--output", required=True, metavar="FILE.csv")
-    export.set_defaults(run=_export)
+    sel = commands.add_parser("select", help="choose lambda: best mean, one-SE rule, paired t-tests "
+                              "(exit 1 when nothing can be chosen yet)")
+    _study_args(sel)
+    sel.add_argument("--prefer", choices=("larger", "smaller"), default="larger", help=PREFER_HELP)
+    sel.add_argument("--json", action="store_true", help="print the selection as JSON")
+    sel.set_defaults(run=_select)
 
-    prefer_help = ("which end of the one-standard-error candidates to take: 'larger' lambda (SimAM nearer to off, "
-                   "the default) or 'smaller'")
-    plot = commands.add_parser("plot", help="draw Figure 4: accuracy against lambda (PNG, SVG or PDF)")
+    plot = commands.add_parser("plot", help="draw Figure 4: accuracy against lambda (PNG, SVG or PDF; exit 1 when "
+                               "it shows no chosen lambda yet)")
     _study_args(plot)
-    plot.add_argument("-o", "--output", required=True, metavar="FILE.png")
-    plot.add_argument("--prefer", choices=("larger", "smaller"), default="larger", help=prefer_help)
+    plot.add_argument("-o", "--output", required=True, metavar="FILE.png", help="the picture: .png, .svg or .pdf")
+    plot.add_argument("--prefer", choices=("larger", "smaller"), default="larger", help=PREFER_HELP)
     plot.set_defaults(run=_plot)
 
-    sel = commands.add_parser("select", help="choose lambda: best mean, one-SE rule, paired t-tests")
-    _study_args(sel)
-    sel.add_argument("--prefer", choices=("larger", "smaller"), default="larger", help=prefer_help)
-    sel.add_argument("--json", action="store_true")
-    sel.set_defaults(run=_select)
+    export = commands.add_parser("export", help="write the per-point and per-fold tables (CSV or JSON)")
+    _study_args(export)
+    export.add_argument("-o", "--output", required=True, metavar="FILE",
+                        help="FILE.csv or FILE.json (the per-fold table goes beside it, FILE.folds.csv or .json), "
+                        "or - for standard output (one table)")
+    export.add_argument("--folds", action="store_true", help="write only the per-fold table")
+    export.add_argument("--format", choices=("csv", "json"), help="the format (default: FILE's extension; csv for -)")
+    export.set_defaults(run=_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lambda-search", description=DESCRIPTION, epilog=EPILOG,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lambda-search {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _run_commands(commands)
+    _read_commands(commands)
+    models = commands.add_parser("models", help="list the networks and their parameter counts")
+    models.add_argument("--num-classes", type=_positive_int, default=100, help="classes of the last layer (default 100)")
+    models.set_defaults(run=_models)
     return parser
 
 
@@ -275,7 +343,12 @@ def _one_line(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line  # a warning is one line, as an error is
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # no command: the list of commands, and a usage error
+        parser.print_help()
+        sys.stderr.write("lambda-search: error: a command is required (listed above)\n")
+        return 2
     try:
         return args.run(args)
     except USER_ERRORS as exc:

@@ -47,6 +47,68 @@ def test_rounds_rotate_and_time_every_variant_alike():
         ["c"] * 2 + ["a"] * 2 + ["b"] * 2
 
 
+def test_time_rounds_keeps_every_round_and_the_cpu_share():
+    steps = {"a": lambda: None, "b": lambda: sum(range(1000))}
+    timed = _bench._time_rounds(steps, torch.device("cpu"), rounds=4, block_seconds=0.0, warmup=1)
+    assert timed.rounds == 4 and timed.steps == 2
+    assert {name: len(v) for name, v in timed.seconds.items()} == {"a": 4, "b": 4}
+    assert set(timed.cpu_share) == {"a", "b"} and all(0 <= s <= 1 for s in timed.cpu_share.values())
+    seconds, k = _bench.measure_steps(steps, torch.device("cpu"), rounds=3, block_seconds=0.0)
+    assert k == 2 and set(seconds) == {"a", "b"}
+
+
+def _three_fold_plan(tiny_config):
+    path = tiny_config(lambdas="[1e-3]", baseline="true", samples=60, epochs=3)
+    return ls.make_plan(ls.load_config(path, ["data.folds=3", "train.eval_every=2"]))
+
+
+def test_projection_range_runs_from_the_fastest_to_the_slowest_round(tiny_config):
+    """Made-up timings: seconds from the medians, low from the fastest round of each
+    measurement (training steps and validation passes), high from the slowest."""
+    plan = _three_fold_plan(tiny_config)
+    p = _bench.project_rounds(plan, {"simam": [0.5, 0.4, 0.6], "none": [0.25, 0.3, 0.2]}, [10.0, 8.0, 20.0],
+                          packs={"simam": 1, "none": 1}, steps=7, cpu_share=0.95)
+    mid = ls.project(plan, {"simam": 0.5, "none": 0.25}, 10.0)
+    assert (p.trainings, p.iterations, p.eval_images, p.seconds) == (mid.trainings, mid.iterations,
+                                                                     mid.eval_images, mid.seconds)
+    assert p.low == pytest.approx(3 * (15 * 0.4 + 40 / 20) + 3 * (15 * 0.2 + 40 / 20))  # 39 s
+    assert p.high == pytest.approx(3 * (15 * 0.6 + 40 / 8) + 3 * (15 * 0.3 + 40 / 8))  # 70.5 s
+    assert p.low <= p.seconds <= p.high and (p.rounds, p.steps) == (3, 7)
+    assert p.describe() == ("6 trainings, 90 iterations and 240 validation images: 58 s "
+                            "(39-70 s: 3 rounds of 7 steps, fastest..slowest)")
+    # timed steps that got under 80 % of their CPU: a busy machine, said with the full-speed figure
+    busy = _bench.project_rounds(plan, {"simam": [0.5], "none": [0.25]}, [10.0], steps=1, cpu_share=0.25)
+    assert busy.describe() == ("6 trainings, 90 iterations and 240 validation images: 58 s "
+                               "(58-58 s: 1 round of 1 step, fastest..slowest); the timed steps got 25% of "
+                               "their CPU time, a busy machine: about 14 s at full speed")
+
+
+def test_range_is_written_in_the_unit_of_its_high_end():
+    assert _bench.format_range(45, 110) == "45-110 s"
+    assert _bench.format_range(100, 200) == "1.7-3.3 min"
+    assert _bench.format_range(3000, 9000) == "0.8-2.5 h"
+    assert _bench.format_seconds(58.4) == "58 s" and _bench.format_seconds(936) == "15.6 min"
+
+
+def test_pack_pick_is_the_faster_point_on_gpus_and_one_at_a_time_on_the_cpu(tiny_config):
+    plan = _three_fold_plan(tiny_config)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _bench._best_pack(plan, cuda, {1: 1.0, 3: 2.0}) == 3  # a point: 3 steps of one or 2 s packed
+    assert _bench._best_pack(plan, cuda, {1: 1.0, 3: 2.9}) == 1  # under 5 % faster: one at a time
+    assert _bench._best_pack(plan, cpu, {1: 1.0, 3: 2.0}) == 1
+
+
+def test_quick_projection_measures_rounds_and_a_range(tiny_config):
+    plan = ls.make_plan(ls.load_config(tiny_config(lambdas="[1e-4]", baseline="true")))
+    engines = {}
+    p = ls.quick_projection(plan, engines=engines, rounds=3, block_seconds=0.02)
+    assert set(engines) == {"simam", "none"} and p.packs == {"simam": 1, "none": 1}
+    assert (p.trainings, p.rounds) == (4, 3) and p.steps >= 2
+    assert 0 < p.low <= p.seconds <= p.high
+    assert p.cpu_share is not None and 0 <= p.cpu_share <= 1
+    assert "3 rounds of" in p.describe() and "fastest..slowest" in p.describe()
+
+
 def test_reference_pipeline_runs_the_official_formula(tiny_config):
     """The reference network runs SimAM's tensor formula in eager operations, not our kernel."""
     plan = ls.make_plan(ls.load_config(tiny_config()))
@@ -75,7 +137,7 @@ def test_bench_command_prints_its_figures_as_json(tiny_config, cli_env):
 
 @pytest.mark.parametrize("args, message", [
     (["bench", "missing.toml"], "config file 'missing.toml' does not exist"),
-    (["bench", "--set", "train.device=cpux"], "device must be a torch device"),
+    (["bench", "--set", "train.device=cpux"], "'cpu', 'cuda' or 'cuda:"),
     (["bench", "--set", "train.batch_size=0"], "train.batch_size must be an integer >= 1"),
     (["bench", "--rounds", "0"], "--rounds: must be an integer >= 1"),
     (["bench", "--loader-workers", "-1"], "--loader-workers: must be an integer >= 0"),

@@ -1,5 +1,6 @@
 """The lambda-search command: installed as a console script, one-line errors with exit code 2."""
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import lambda_search
+import lambda_search.cli
 from lambda_search.cli import main
 
 SCRIPT = Path(sys.executable).parent / "lambda-search"
@@ -39,7 +41,6 @@ def test_models_lists_the_networks_with_their_sizes(capsys):
         (["models", "--num-classes", "0"], "must be an integer >= 1, got '0'"),
         (["models", "--num-classes", "ten"], "must be an integer >= 1, got 'ten'"),
         (["models", "--colour"], "unrecognized arguments: --colour"),
-        ([], "the following arguments are required: command"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
@@ -56,3 +57,20 @@ def test_console_script_bad_input_has_no_traceback():
     result = run("frobnicate")
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr
+
+
+def test_no_command_lists_the_commands_and_exits_2(capsys):
+    assert main([]) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == ["lambda-search: error: a command is required (listed above)"]
+    for command in ("search", "resume", "worker", "bench", "studies", "status", "select", "plot", "export", "models"):
+        assert f"    {command}" in out, out
+    assert "holds no logic" not in out and "Exit codes" in out
+
+
+def test_every_flag_has_help():
+    parser = lambda_search.cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.help, (name, action.option_strings or action.dest)

@@ -110,3 +110,111 @@ def test_config_diff_ignores_where_and_how_fast(tiny_config):
     # what changes the rounding of a training is part of what a study computes
     d = ls.load_config(tiny_config(), ["train.threads=2", "train.pack=2", "train.compile=false"])
     assert [k for k, _, _ in ls.config_diff(a, d)] == ["train.compile", "train.pack", "train.threads"]
+
+
+# ------------------------------------------------------------- issue 14: the lambda floor
+
+
+def test_lambda_floor_is_the_smallest_normal_float32():
+    import numpy as np
+    import torch
+
+    from lambda_search import _config, _simam
+    assert _config.E_LAMBDA_MIN == float(np.finfo(np.float32).tiny) == float(torch.finfo(torch.float32).tiny)
+    assert _simam.E_LAMBDA_MIN is _config.E_LAMBDA_MIN  # one number, defined once
+    assert np.float32(_config.E_LAMBDA_MIN) * 4 > 0 and np.float32(_config.E_LAMBDA_MIN / 2) < _config.E_LAMBDA_MIN
+
+
+@pytest.mark.parametrize("lam, shown", [("1e-50", "1e-50"), ("1e-39", "1e-39"), ("5e-324", "5e-324"),
+                                        ("1.1754943508222874e-38", "1.1754943508222874e-38")])
+def test_lambdas_below_the_float32_floor_are_refused(tiny_config, lam, shown):
+    with pytest.raises(ls.ConfigError) as info:
+        ls.load_config(tiny_config(), [f"search.lambdas=[1e-4, {lam}]"])
+    assert ("every lambda must be >= 1.1754943508222875e-38 (the smallest normal float32: SimAM computes in "
+            f"float32), got search.lambdas entry {shown}") in str(info.value)
+    assert "\n" not in str(info.value)
+    config = ls.load_config(tiny_config(), ["search.lambdas=[1.1754943508222875e-38, 1e-4]"])
+    assert config["search"]["lambdas"] == [1.1754943508222875e-38, 1e-4]
+
+
+# -------------------------------------------------- issue 14: data.folds or data.holdout
+
+
+def _without_folds(path):
+    path.write_text(path.read_text().replace("folds = 2\n", "", 1))
+    return path
+
+
+@pytest.mark.parametrize("edit, overrides, where", [
+    ("folds = 2\nholdout = 0.2\n", [], "data.folds from the file, data.holdout from the file"),
+    ("folds = 2\n", ["data.holdout=0.2"], "data.folds from the file, data.holdout from --set"),
+    ("", ["data.holdout=0.2", "data.folds=2"], "data.folds from --set, data.holdout from --set"),
+    ("holdout = 0.2\n", ["data.folds=2"], "data.folds from --set, data.holdout from the file"),
+])
+def test_folds_and_holdout_together_are_refused(tiny_config, edit, overrides, where):
+    path = tiny_config()
+    path.write_text(path.read_text().replace("folds = 2\n", edit, 1))
+    with pytest.raises(ls.ConfigError) as info:
+        ls.load_config(path, overrides)
+    message = str(info.value)
+    assert ("data.folds and data.holdout are exclusive: data.holdout=0.2 is one train/validation split, "
+            "data.folds=2 is 2-fold cross-validation; give one") in message
+    assert where in message and "\n" not in message
+
+
+def test_holdout_alone_loads_and_a_stored_config_still_resolves(tiny_config):
+    path = _without_folds(tiny_config())
+    config = ls.load_config(path, ["data.holdout=0.25"])
+    assert config["data"]["holdout"] == 0.25 and config["data"]["folds"] == 5  # the default, filled in
+    assert ls.resolve_config(config) == config  # a stored config has both, and stays usable
+    assert ls.load_config(path)["data"]["holdout"] is None
+    # the paper's own splits, as figure4_cifar100_resnet20.toml's comment says
+    fig4 = ls.load_config(STUDIES / "figure4_cifar100_resnet20.toml", ["data.holdout=0.1", "search.repeats=5"])
+    assert fig4["data"]["holdout"] == 0.1 and fig4["search"]["repeats"] == 5
+
+
+# --------------------------------------- issue 14: relative paths, one rule for file and defaults
+
+
+def test_relative_paths_in_the_file_are_beside_it_and_on_the_command_line_here(tiny_config, tmp_path, monkeypatch):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    path = tiny_config(sub)
+    path.write_text(path.read_text().replace('[study]\nname = "tiny"\n', '[study]\nname = "tiny"\nstorage = '
+                                             '"sqlite:///x.db"\ncheckpoint_dir = "ck"\n', 1)
+                    .replace('dataset = "synthetic"\n', 'dataset = "synthetic"\nroot = "d"\n', 1))
+    monkeypatch.chdir(tmp_path)
+    for given in (path, "sub/tiny.toml"):  # an absolute and a relative config path
+        folder = Path(given).parent.as_posix()
+        study, data = (c := ls.load_config(given))["study"], c["data"]
+        assert study["storage"] == f"sqlite:///{folder}/x.db"
+        assert study["checkpoint_dir"] == f"{folder}/ck" and data["root"] == f"{folder}/d"
+        assert Path(study["checkpoint_dir"]).resolve() == sub / "ck"
+    here = ls.load_config(path, ["study.checkpoint_dir=ck2", "study.storage=sqlite:///y.db", "data.root=d2"])
+    assert here["study"]["checkpoint_dir"] == "ck2" and here["data"]["root"] == "d2"
+    assert here["study"]["storage"] == "sqlite:///y.db"
+
+
+@pytest.mark.parametrize("storage, expected", [
+    ("sqlite:///x.db?timeout=5", "sqlite:///{sub}/x.db?timeout=5"),
+    ("sqlite:////abs/x.db", "sqlite:////abs/x.db"),
+    ("journal:runs/x.log", "journal:{sub}/runs/x.log"),
+    ("journal:/abs/x.log", "journal:/abs/x.log"),
+    ("postgresql://u:p@host/db", "postgresql://u:p@host/db"),
+])
+def test_only_relative_file_paths_move(tiny_config, tmp_path, storage, expected):
+    path = tiny_config()
+    path.write_text(path.read_text().replace('name = "tiny"\n', f'name = "tiny"\nstorage = "{storage}"\n'
+                                             'checkpoint_dir = "~/ck"\n', 1)
+                    .replace('dataset = "synthetic"\n', 'dataset = "synthetic"\nroot = "/abs/data"\n', 1))
+    config = ls.load_config(path)
+    assert config["study"]["storage"] == expected.format(sub=tmp_path.as_posix())
+    assert config["study"]["checkpoint_dir"] == "~/ck" and config["data"]["root"] == "/abs/data"
+
+
+def test_shipped_configs_name_the_data_folder_beside_studies():
+    repo = STUDIES.parent
+    fig4 = ls.load_config(STUDIES / "figure4_cifar100_resnet20.toml")
+    assert Path(fig4["data"]["root"]).resolve() == repo / "data"
+    imagenet = ls.load_config(STUDIES / "imagenet_resnet18_half.toml")
+    assert Path(imagenet["data"]["root"]).resolve() == repo / "data" / "imagenet" / "train"

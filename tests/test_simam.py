@@ -268,3 +268,22 @@ def test_simam_then_batch_norm_elsewhere_is_the_two_modules():
     attn.eval(), bn.eval()  # evaluation: not fused
     x = x.contiguous(memory_format=torch.channels_last)
     assert torch.equal(ls.simam_batch_norm(x, attn, bn), bn(attn(x)))
+
+
+def test_refuses_lambda_below_the_smallest_normal_float32():
+    # issue 14: below it lambda is a subnormal or 0 in float32, and 4 * (v + lambda) loses it
+    floor = lambda_search._simam.E_LAMBDA_MIN
+    assert floor == float(torch.finfo(torch.float32).tiny) == 1.1754943508222875e-38
+    for bad in (1e-50, 1e-39, 5e-324, math.nextafter(floor, 0.0)):
+        message = (f"e_lambda must be >= 1.1754943508222875e-38 (the smallest normal float32: SimAM computes "
+                   f"in float32), got e_lambda={bad!r}")
+        for build in (SimAM, lambda v: set_e_lambda(SimAM(), v), lambda v: simam(torch.randn(1, 1, 2, 2), v),
+                      lambda v: build_model("resnet20", 10, e_lambda=v)):
+            with pytest.raises(ValueError) as info:
+                build(bad)
+            assert str(info.value) == message
+    assert ls.check_e_lambda(floor) == floor
+    x = torch.randn(2, 3, 4, 4)
+    x[:, 0] = 0.0  # a dead channel: 0 / (4 * floor) stays 0, as it would not with lambda lost to 0
+    out = SimAM(floor)(x)
+    assert torch.isfinite(out).all()

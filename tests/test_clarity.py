@@ -1,0 +1,147 @@
+"""Issue 14, clarity: the storage from the environment for every command, export formats and
+standard output, the studies of a storage, exit codes a script can use, a worker that says
+what it did, a progress line that fits the terminal."""
+
+import io
+import json
+
+import optuna
+import pandas as pd
+import pytest
+
+import lambda_search as ls
+from lambda_search import cli
+from lambda_search.cli import main
+
+from conftest import write_config
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clarity")
+    path = write_config(folder, lambdas="[1e-3, 1.2e-3]", baseline="true", samples=36, epochs=1)
+    assert main(["search", str(path)]) == 0
+    return folder
+
+
+def _url(folder):
+    return f"sqlite:///{folder / 'tiny.db'}"
+
+
+@pytest.mark.parametrize("command", [["status"], ["select"], ["studies"], ["export", "-o", "-"],
+                                     ["plot", "-o", "{tmp}/env.png"]])
+def test_the_storage_may_come_from_the_environment(study, capsys, monkeypatch, command):
+    monkeypatch.setenv(ls.STORAGE_ENV, _url(study))
+    args = [a.format(tmp=study) for a in command] + ([] if command[0] == "studies" else ["--study", "tiny"])
+    assert main(args) == 0
+    assert capsys.readouterr().out
+
+
+def test_without_a_storage_the_message_names_both_ways(capsys, monkeypatch):
+    monkeypatch.delenv(ls.STORAGE_ENV, raising=False)
+    assert main(["status", "--study", "tiny"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"lambda-search status: error: status needs --storage URL (or the {ls.STORAGE_ENV} environment "
+                   "variable)"]
+
+
+def test_resume_takes_the_storage_from_the_environment(study, capsys, monkeypatch):
+    monkeypatch.setenv(ls.STORAGE_ENV, _url(study))
+    assert main(["resume", "--study", "tiny"]) == 0
+    assert "3 of 3 points complete" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ext", ["csv", "json"])
+def test_export_honours_the_extension(study, tmp_path, ext):
+    out = tmp_path / f"res.{ext}"
+    assert main(["export", "--storage", _url(study), "--study", "tiny", "-o", str(out)]) == 0
+    read = pd.read_csv if ext == "csv" else (lambda p: pd.DataFrame(json.loads(p.read_text())))
+    points, folds = read(out), read(tmp_path / f"res.folds.{ext}")
+    assert len(points) == 3 and len(folds) == 6
+    assert sorted(points["param_e_lambda"].dropna()) == [1e-3, 1.2e-3]  # exact
+    if ext == "json":
+        assert json.loads(out.read_text())[2]["param_e_lambda"] is None  # the baseline: null, not NaN
+
+
+def test_export_to_standard_output_and_the_folds_alone(study, tmp_path, capsys):
+    assert main(["export", "--storage", _url(study), "--study", "tiny", "-o", "-"]) == 0
+    assert len(pd.read_csv(io.StringIO(capsys.readouterr().out))) == 3
+    assert main(["export", "--storage", _url(study), "--study", "tiny", "-o", "-", "--folds", "--format", "json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 6
+    assert not (tmp_path / "-").exists()
+    assert main(["export", "--storage", _url(study), "--study", "tiny", "-o", str(tmp_path / "f.csv"), "--folds"]) == 0
+    assert len(pd.read_csv(tmp_path / "f.csv")) == 6 and not (tmp_path / "f.folds.csv").exists()
+
+
+@pytest.mark.parametrize("output, extra, message", [
+    ("res.txt", [], "export writes .csv or .json files (or - for standard output), got -o '{tmp}/res.txt'"),
+    ("res", [], "got -o '{tmp}/res'"),
+    ("res.csv", ["--format", "json"], "export writes .json files"),
+])
+def test_export_refuses_what_it_cannot_honour(study, tmp_path, capsys, output, extra, message):
+    assert main(["export", "--storage", _url(study), "--study", "tiny", "-o", str(tmp_path / output), *extra]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and message.format(tmp=tmp_path) in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
+def test_studies_lists_each_study_with_its_companions(study, capsys):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(storage=_url(study), study_name="someone-elses")
+    assert main(["studies", "--storage", _url(study)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"studies in {_url(study)}:"
+    rows = [ln.split() for ln in lines[2:]]
+    assert rows == [["someone-elses", "0", "trials", "not", "a", "lambda_search", "study"],
+                    ["tiny", "3/3", "points", "complete", "finished"],
+                    ["tiny:baseline", "companion"]]
+    assert main(["studies", "--storage", _url(study), "--json"]) == 0
+    listed = {s["study"]: s for s in json.loads(capsys.readouterr().out)}
+    assert listed["tiny"]["companions"] == ["tiny:baseline"] and listed["tiny"]["finished"] is True
+    assert listed["someone-elses"]["lambda_search"] is False
+
+
+def test_a_worker_on_a_finished_study_says_so(study, capsys):
+    assert main(["worker", "--storage", _url(study), "--study", "tiny"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "worker done: ran no point; study 'tiny': 3 of 3 points complete, finished"
+
+
+def test_select_and_plot_exit_1_when_nothing_can_be_chosen(tiny_config, tmp_path, capsys):
+    path = tiny_config(lambdas="[1e-3, 1e-1]", samples=36, epochs=1)
+    config = ls.load_config(path)
+    ls.run_search(config, log=lambda s: None, should_stop=lambda: True)  # stored, nothing trained
+    url = config["study"]["storage"]
+    capsys.readouterr()
+    assert main(["select", "--storage", url, "--study", "tiny"]) == 1
+    out, err = capsys.readouterr()
+    assert "no lambda is complete yet (0 of 2)" in out
+    assert err.splitlines() == ["lambda-search: no lambda is complete yet (0 of 2): nothing to select"]
+    assert main(["plot", "--storage", url, "--study", "tiny", "-o", str(tmp_path / "p.png")]) == 1
+    assert (tmp_path / "p.png").exists()
+
+
+def test_every_lambda_diverged_is_said_as_such():
+    sel = {"best": None, "lambdas": 2, "diverged": 2, "complete": 0}
+    assert ls.nothing_selected(sel) == "every lambda diverged (2 of 2): nothing to select; try a smaller train.lr"
+    sel["diverged"] = 1
+    assert ls.nothing_selected(sel) == "no lambda is complete yet (1 of 2 still to run, 1 diverged): nothing to select"
+
+
+@pytest.mark.parametrize("columns", [40, 80, 200])
+def test_the_progress_line_fits_the_terminal(monkeypatch, columns):
+    written = []
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+        def write(self, text):
+            written.append(text)
+
+    monkeypatch.setattr(cli.sys, "stderr", Tty())
+    monkeypatch.setattr(cli.shutil, "get_terminal_size", lambda fallback: __import__("os").terminal_size((columns, 24)))
+    show = cli._progress()
+    show("x" * 300)
+    line = written[0].strip("\r")
+    assert len(line) == columns - 1
