@@ -3,15 +3,19 @@
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: test quickstart install
+.PHONY: test test-fast quickstart install
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -e '.[test]'
 
-# the tests
+# the tests: all of them (what CI runs)
 test: install
 	$(VENV)/bin/python -m pytest
+
+# everyday work: the tests not marked slow (under 2 minutes on 2 CPU cores)
+test-fast: install
+	$(VENV)/bin/python -m pytest -m "not slow"
 
 # the main job: the quickstart lambda search on scikit-learn's bundled digits (about 1 min on 2 CPU cores)
 quickstart: install

@@ -10,15 +10,30 @@ from ._simam import SimAM, check_e_lambda, set_e_lambda, simam, simam_batch_norm
 from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, train_fold
 from ._pack import Pack, train_pack
 from ._objective import Plan, Point, PointOutcome, format_lambda, grid_points, make_plan, run_point, summarize
-from ._bench import Bench, Projection, format_bench, paper_figure4_config, project, quick_projection, run_bench
-from ._storage import StorageError, Store, open_store, redact
-from ._study import (STORAGE_ENV, PointStatus, StudyError, StudyStatus, baseline_study_name, create_or_resume,
-                     list_studies, load_study_config, resume_config, run_search, run_worker, stop_on_signals, study_status)
+from ._measure import Engines, Projection, project, quick_projection
+from ._storage import DiskFull, StorageError, StorageFailure, StorageLost, Store, open_store, redact
+from ._status import (STORAGE_ENV, PointStatus, StudyError, StudyStatus, baseline_study_name, list_studies,
+                      load_study_config, study_status)
+from ._worker import run_worker
+from ._study import create_or_resume, resume_config, run_search
 from ._report import export_csv, export_tables, folds_frame, format_studies, results_frame, status_table, table_text
 from ._select import LambdaStats, corrected_t_test, format_selection, lambda_stats, nothing_selected, select
 from ._plot import default_plot_path, draw_figure4, figure4_data, plot_figure4, plot_title
 
 __version__ = "0.1.0"
+
+_BENCH = ("Bench", "format_bench", "paper_figure4_config", "run_bench")
+
+
+def __getattr__(name: str):
+    """``bench``'s names, imported when first asked for: a worker never loads the reference
+    pipeline (PIL transforms, a DataLoader) that only ``bench`` times."""
+    if name in _BENCH:
+        from . import _bench
+
+        return getattr(_bench, name)
+    raise AttributeError(f"module 'lambda_search' has no attribute {name!r}")
+
 
 __all__ = [
     "ConfigError",
@@ -36,12 +51,16 @@ __all__ = [
     "summarize",
     "Bench",
     "Projection",
+    "Engines",
     "format_bench",
     "paper_figure4_config",
     "project",
     "quick_projection",
     "run_bench",
     "StorageError",
+    "StorageFailure",
+    "DiskFull",
+    "StorageLost",
     "Store",
     "open_store",
     "redact",
@@ -55,7 +74,6 @@ __all__ = [
     "resume_config",
     "run_search",
     "run_worker",
-    "stop_on_signals",
     "study_status",
     "export_csv",
     "export_tables",

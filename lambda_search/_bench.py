@@ -1,7 +1,7 @@
 """Speed, measured in one run on one device: the official code's way of training (per-sample
 PIL transforms through a DataLoader, the eager float32 network, a ``loss.item()`` every
-step) against lambda_search's engine, with and without SimAM; and the projected wall time
-of a study from those figures.
+step) against the search's own step (``_measure``), with and without SimAM and packed; and
+the projected wall time of a study from those figures. Only the CLI imports this module.
 
 The three are timed in rounds, each round running a block of steps of each in turn, and
 each figure is the median over rounds: a machine shared with other jobs slows all three
@@ -10,29 +10,26 @@ alike, and the ratios hold where the absolute figures drift.
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ._augment import train_batch
 from ._config import resolve_config
 from ._data import ImageData
 from ._kernels import cpu_kernel
 from ._models import BasicBlock, build_model
 from ._objective import Plan, make_plan
-from ._pack import pack_for
 from ._simam import SimAM, simam_reference
-from ._train import Engine, _evaluate, build_engine, cpu_threads, make_optimizer, on_device
+from ._train import cpu_threads, make_optimizer, on_device
+from ._measure import (Projection, eval_rates, lambda_of, least_share, medians, pack_setting,
+                       pick_rounds, plan_engine, project_rounds, search_step, time_rounds)
 
-__all__ = ["Bench", "Projection", "PAPER_FIGURE4", "paper_figure4_config", "project", "run_bench", "measure_steps", "measure_packs",
-           "pick_pack", "plan_engine", "quick_projection", "worker_pack",
-           "format_bench", "format_seconds", "format_range", "project_rounds"]
+__all__ = ["Bench", "PAPER_FIGURE4", "paper_figure4_config", "run_bench", "format_bench"]
+
 
 # The paper's Figure 4 search on CIFAR-100-shaped data: ResNet-20, 5 folds x 6 lambdas, 64k
 # iterations at batch 128 (what `lambda-search bench` projects when given no config).
@@ -50,39 +47,6 @@ def paper_figure4_config(overrides=()) -> dict:
     """PAPER_FIGURE4, resolved, on the GPU where there is one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return resolve_config(PAPER_FIGURE4, [f"train.device={device!r}", *overrides], origin="bench")
-
-
-@dataclass(frozen=True)
-class Projection:
-    trainings: int  # (point, fold) pairs
-    iterations: int  # training steps of all of them
-    eval_images: int  # validation images evaluated, epoch after epoch
-    seconds: float  # the central estimate: from the median round of each measurement
-    packs: dict | None = None  # attention ("simam"/"none") -> folds trained at once
-    low: float | None = None  # seconds from the fastest round of each measurement
-    high: float | None = None  # seconds from the slowest round of each measurement
-    rounds: int = 0  # timed rounds behind low..high (0: step times given, not measured)
-    steps: int = 0  # training steps a round timed
-    cpu_share: float | None = None  # CPU time the timed steps got / (wall time x threads); CPU only
-
-    def describe(self) -> str:
-        """One line: the work, the central estimate and, where measured, the range of the
-        timed rounds; where the timed steps did not get their CPU (a busy machine), the share
-        they got and the estimate scaled by it (the study's time should the machine free up)."""
-        text = (f"{self.trainings} trainings, {self.iterations:,} iterations and {self.eval_images:,} "
-                f"validation images: {format_seconds(self.seconds)}")
-        if self.rounds and self.low is not None and self.high is not None:
-            text += (f" ({format_range(self.low, self.high)}: {self.rounds} round{'s' if self.rounds > 1 else ''} "
-                     f"of {self.steps} step{'s' if self.steps > 1 else ''}, fastest..slowest)")
-        if self.cpu_share is not None and self.cpu_share < BUSY_SHARE:
-            text += (f"; the timed steps got {self.cpu_share:.0%} of their CPU time, a busy machine: about "
-                     f"{format_seconds(self.seconds * self.cpu_share)} at full speed")
-        return text
-
-
-# below this share of their CPU time (process CPU time / wall time x threads) the timed
-# steps waited on other jobs, and describe() says so
-BUSY_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -125,70 +89,6 @@ class Bench:
         out.update({k: v for k, v in asdict(self).items() if k not in out and k != "projection"})
         out["projection"] = asdict(self.projection)
         return out
-
-
-def _unit(seconds: float) -> tuple[float, str, str]:
-    """(divisor, suffix, number format) format_seconds writes ``seconds`` in."""
-    if seconds < 120:
-        return 1, " s", ".0f"
-    if seconds < 2 * 3600:
-        return 60, " min", ".1f"
-    if seconds < 3 * 86400:
-        return 3600, " h", ".1f"
-    return 86400, " days", ".1f"
-
-
-def format_seconds(seconds: float) -> str:
-    divisor, suffix, fmt = _unit(seconds)
-    return f"{seconds / divisor:{fmt}}{suffix}"
-
-
-def format_range(low: float, high: float) -> str:
-    """``low``-``high`` seconds in the unit of ``high``: "45-110 s", "1.2-3.4 min"."""
-    divisor, suffix, fmt = _unit(high)
-    return f"{low / divisor:{fmt}}-{high / divisor:{fmt}}{suffix}"
-
-
-# ---------------------------------------------------------------- projection
-
-
-def project(plan: Plan, step_seconds: dict[str, float], eval_images_per_s: float,
-            packs: dict | None = None) -> Projection:
-    """Wall time of every point and fold of ``plan`` on one worker: training steps at
-    ``step_seconds[attention]`` ("simam" or "none": seconds per iteration of one training,
-    a pack's step divided by its size) plus every validation pass."""
-    train = plan.train
-    trainings = iterations = eval_images = 0
-    seconds = 0.0
-    for point in plan.points:
-        for fold in plan.folds_of(point.repeat):
-            n_train = len(fold.train)
-            total = train.total_iterations(n_train)
-            epochs = math.ceil(total / (n_train // train.batch_size))
-            evaluated = sum(1 for e in range(1, epochs + 1) if e % train.eval_every == 0 or e == epochs)
-            trainings += 1
-            iterations += total
-            eval_images += evaluated * len(fold.val)
-            seconds += total * step_seconds[point.attention] + evaluated * len(fold.val) / eval_images_per_s
-    return Projection(trainings, iterations, eval_images, seconds, packs)
-
-
-def project_rounds(plan: Plan, step_rounds: dict[str, list[float]], eval_rates: list[float],
-                   packs: dict | None = None, steps: int = 0, cpu_share: float | None = None) -> Projection:
-    """:func:`project` from timed rounds: ``step_rounds[attention]`` the seconds per iteration
-    of one training in each round, ``eval_rates`` validation images/s of each timed pass.
-    ``seconds`` from the medians; ``low`` from the fastest round of each, ``high`` from the
-    slowest (so low <= seconds <= high)."""
-    def at(pick_step, pick_eval) -> Projection:
-        return project(plan, {a: pick_step(v) for a, v in step_rounds.items()}, pick_eval(eval_rates), packs)
-
-    central = at(statistics.median, statistics.median)
-    rounds = min((len(v) for v in step_rounds.values()), default=0)
-    return replace(central, low=at(min, max).seconds, high=at(max, min).seconds, rounds=rounds, steps=steps,
-                   cpu_share=cpu_share)
-
-
-# ---------------------------------------------------------------- the three pipelines
 
 
 class _OfficialSimAM(torch.nn.Module):
@@ -263,241 +163,6 @@ def _reference_step(plan: Plan, e_lambda: float, device: torch.device, workers: 
     return step
 
 
-def plan_engine(plan: Plan, attention: str) -> Engine:
-    """The engine of ``plan``'s network (``attention``: "simam" or "none") as its [train] asks."""
-    cfg = plan.config["model"]
-    return build_engine(plan.train, cfg["name"], plan.data.num_classes, attention, cfg["shortcut"])
-
-
-def _engine_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None) -> Callable[[], None]:
-    """lambda_search's training step on ``engine``: batches augmented on the device, no host sync."""
-    engine.reset(0, e_lambda)
-    optimizer = make_optimizer(engine.model, plan.train)
-    device = engine.device
-    index = torch.as_tensor(plan.folds[0].train, device=data.images.device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    batch = plan.train.batch_size
-
-    def step() -> None:
-        idx = index[torch.randint(len(index), (batch,), device=index.device)]
-        x = engine.batch(train_batch(data, idx, generator, device))
-        engine.step(optimizer, x, data.labels[idx].to(device, non_blocking=True))
-
-    return step
-
-
-def _pack_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, size: int) -> Callable[[], None]:
-    """A packed training step of ``size`` networks (train_pack's), on random batches of the first fold."""
-    pack = pack_for(engine, size)
-    state = engine._fresh(0).state_dict()
-    for p in range(size):
-        pack.load(p, state, None, e_lambda)
-    device = engine.device
-    index = torch.as_tensor(plan.folds[0].train, device=data.images.device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    batch = plan.train.batch_size
-
-    def step() -> None:
-        xs, ys = [], []
-        for _ in range(size):
-            idx = index[torch.randint(len(index), (batch,), device=index.device)]
-            xs.append(train_batch(data, idx, generator, device))
-            ys.append(data.labels[idx].to(device, non_blocking=True))
-        pack.step(engine.batch(torch.cat(xs, 1)), torch.stack(ys, 1), (plan.train.lr,) * size, plan.train)
-
-    return step
-
-
-def _one_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None) -> Callable[[], None]:
-    """One network's training step as the search runs it: the engine's step on the CPU, a
-    pack of one (a CUDA graph) on GPUs."""
-    if engine.cuda_graphs:
-        return _pack_step(plan, engine, data, e_lambda, 1)
-    return _engine_step(plan, engine, data, e_lambda)
-
-
-def auto_packs(device: torch.device) -> bool:
-    """Whether train.pack = "auto" may pack on ``device``: on GPUs only. On the CPU a search
-    stays bit-for-bit reproducible (a grouped convolution rounds differently from a plain one,
-    and the pick would depend on a timing); packing there is asked for with a number."""
-    return device.type != "cpu"
-
-
-def _chunks(folds: int, size: int) -> list[int]:
-    """The packs run_point makes of ``folds`` folds at pack size ``size``."""
-    return [size] * (folds // size) + ([folds % size] if folds % size else [])
-
-
-def _pack_rounds(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, sizes, *,
-                 rounds: int = 1, block_seconds: float = 0.5) -> _Rounds:
-    """The timed rounds of a pack of each size in ``sizes`` (size 1 on the CPU: the engine's
-    own step; with CUDA graphs, a pack of one, as the search trains it there)."""
-    steps = {size: (_one_step(plan, engine, data, e_lambda) if size == 1
-                    else _pack_step(plan, engine, data, e_lambda, size)) for size in sizes}
-    return _time_rounds(steps, engine.device, rounds, block_seconds, warmup=1)
-
-
-def measure_packs(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, sizes, *,
-                  rounds: int = 1, block_seconds: float = 0.5) -> dict[int, float]:
-    """Seconds per step of a pack of each size in ``sizes`` (the median over ``rounds``)."""
-    return _medians(_pack_rounds(plan, engine, data, e_lambda, sizes, rounds=rounds,
-                                 block_seconds=block_seconds).seconds)
-
-
-def static_pack(plan: Plan, device: torch.device) -> int | None:
-    """The pack size a point's folds train at when it needs no measurement: ``train.pack``
-    as a number (at most the folds), 1 for "auto" on the CPU or with one fold; None where
-    "auto" measures (on a GPU)."""
-    folds = len(plan.folds_of(0))
-    if plan.train.pack != "auto":
-        return min(plan.train.pack, folds)
-    return 1 if folds == 1 or not auto_packs(device) else None
-
-
-def _training_rounds(plan: Plan, timed: _Rounds, size: int) -> list[float]:
-    """Seconds per iteration of one training in each round of ``timed`` when a point's folds
-    train in packs of ``size`` (as run_point cuts them)."""
-    folds = len(plan.folds_of(0))
-    chunks = _chunks(folds, size)
-    return [sum(timed.seconds[c][r] for c in chunks) / folds for r in range(timed.rounds)]
-
-
-def _best_pack(plan: Plan, device: torch.device, seconds: dict[int, float]) -> int:
-    """train.pack = "auto": the size of the fastest point of those whose packs ``seconds``
-    (size -> seconds per pack step) covers; a pack must beat one fold at a time by 5 %, and
-    the CPU trains one at a time."""
-    folds = len(plan.folds_of(0))
-    per_point = {s: sum(seconds[c] for c in _chunks(folds, s)) for s in seconds
-                 if all(c in seconds for c in _chunks(folds, s))}
-    best = min(per_point, key=per_point.get)
-    if per_point[best] > 0.95 * per_point[1] or static_pack(plan, device) == 1:
-        best = 1
-    return best
-
-
-def _pick_rounds(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, size: int | None, *,
-                 rounds: int = 1, block_seconds: float = 0.5) -> tuple[int, list[float], _Rounds]:
-    """Time a point's folds in packs of ``size`` (None: "auto", the faster of one fold at a
-    time and all folds at once, as :func:`_best_pack` picks). Returns (size, seconds per
-    iteration of one training in each round, the rounds of every pack size timed)."""
-    folds = len(plan.folds_of(0))
-    sizes = [1, folds] if size is None else sorted({size, *_chunks(folds, size)})
-    timed = _pack_rounds(plan, engine, data, e_lambda, sizes, rounds=rounds, block_seconds=block_seconds)
-    if size is None:
-        size = _best_pack(plan, engine.device, _medians(timed.seconds))
-    return size, _training_rounds(plan, timed, size), timed
-
-
-def pick_pack(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, *, rounds: int = 1,
-              block_seconds: float = 0.5) -> tuple[int, float, dict[int, float]]:
-    """The pack size for one point's folds on ``engine``: ``train.pack`` when it is a number;
-    "auto": on a GPU the faster of one fold at a time and all folds at once (a pack must beat
-    one at a time by 5 %), on the CPU 1 (measured all the same). Returns (size, seconds per iteration of one
-    training, {size: seconds per pack step}), medians over ``rounds``."""
-    size = _pack_setting(plan, engine.device)
-    size, per_training, timed = _pick_rounds(plan, engine, data, e_lambda, size, rounds=rounds,
-                                             block_seconds=block_seconds)
-    return size, statistics.median(per_training), _medians(timed.seconds)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass(frozen=True)
-class _Rounds:
-    seconds: dict  # name -> seconds per step in each round
-    steps: int  # steps a block timed
-    cpu_share: dict  # name -> process CPU time / (wall time x threads) over its blocks (CPU only)
-
-    @property
-    def rounds(self) -> int:
-        return min(len(v) for v in self.seconds.values())
-
-
-def _medians(seconds: dict) -> dict:
-    return {name: statistics.median(v) for name, v in seconds.items()}
-
-
-def _time_rounds(steps: dict[str, Callable[[], None]], device: torch.device, rounds: int, block_seconds: float,
-                 warmup: int = 2) -> _Rounds:
-    """``warmup`` untimed steps of each of ``steps`` (the first calls: kernels, compilation,
-    allocations), one timed step that sizes the blocks, then ``rounds`` rounds of one block of
-    k steps each (k sized so that a block of the fastest takes about ``block_seconds``), the
-    order rotating from round to round."""
-    first = {}
-    for name, step in steps.items():
-        for _ in range(warmup):
-            step()
-        _sync(device)
-        t = time.perf_counter()
-        step()
-        _sync(device)
-        first[name] = time.perf_counter() - t
-    k = max(2, math.ceil(block_seconds / max(min(first.values()), 1e-6)))
-    names = list(steps)
-    per_round: dict[str, list[float]] = {name: [] for name in names}
-    wall, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            _sync(device)
-            c, t = time.process_time(), time.perf_counter()
-            for _ in range(k):
-                steps[name]()
-            _sync(device)
-            elapsed = time.perf_counter() - t
-            cpu[name] += time.process_time() - c
-            wall[name] += elapsed
-            per_round[name].append(elapsed / k)
-    threads = torch.get_num_threads()
-    share = {name: min(1.0, cpu[name] / max(wall[name] * threads, 1e-9)) for name in names} \
-        if device.type == "cpu" else {}
-    return _Rounds(per_round, k, share)
-
-
-def measure_steps(steps: dict[str, Callable[[], None]], device: torch.device, rounds: int, block_seconds: float,
-                  warmup: int = 2) -> tuple[dict[str, float], int]:
-    """Seconds per step of each of ``steps``, timed as :func:`_time_rounds` does. Returns the
-    median over rounds of each block's seconds per step, and k (the steps of a block)."""
-    timed = _time_rounds(steps, device, rounds, block_seconds, warmup)
-    return _medians(timed.seconds), timed.steps
-
-
-def _eval_rates(engine: Engine, data: ImageData, plan: Plan, size: int = 1, passes: int = 1) -> list[float]:
-    """Validation images/s of each of ``passes`` timed passes (after one untimed): of the
-    engine, or of a pack of ``size`` (members whose epochs end together are evaluated in
-    one packed pass)."""
-    val = torch.as_tensor(plan.folds[0].val, device=data.images.device)
-    val = val[: max(1, min(len(val), 2 * plan.train.eval_batch_size))]
-    batch = plan.train.eval_batch_size
-    if size == 1 and not engine.cuda_graphs:  # on GPUs the search evaluates through a pack of one
-        def run(index):
-            _evaluate(engine, data, index, batch)
-    else:
-        pack = pack_for(engine, size)
-
-        def run(index):
-            pack.evaluate(data, [index] * size, batch)
-    run(val[:batch])  # warm up
-    rates = []
-    for _ in range(passes):
-        t = time.perf_counter()
-        run(val)
-        rates.append(size * len(val) / (time.perf_counter() - t))
-    return rates
-
-
-def _eval_images_per_s(engine: Engine, data: ImageData, plan: Plan, size: int = 1, passes: int = 1) -> float:
-    """Validation images/s (the median of ``passes`` timed passes), as :func:`_eval_rates`."""
-    return statistics.median(_eval_rates(engine, data, plan, size, passes))
-
-
-def _lambda_of(plan: Plan) -> float:
-    lambdas = plan.config["search"]["lambdas"]
-    return 1e-4 if 1e-4 in lambdas else lambdas[len(lambdas) // 2]
-
-
 def run_bench(config: dict | None = None, *, rounds: int = 7, block_seconds: float = 1.0,
               workers: int | None = None, log: Callable[[str], None] | None = None) -> Bench:
     """Measure the three pipelines on ``config``'s data, network, batch size and device (the
@@ -517,88 +182,37 @@ def _run_bench(plan: Plan, rounds: int, block_seconds: float, workers: int | Non
         cpu_kernel()  # build SimAM's CPU kernel before anything is timed
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     data = on_device(plan.data, plan.train, device)
-    e_lambda = _lambda_of(plan)
+    e_lambda = lambda_of(plan)
     say(f"bench: {config['model']['name']} at {data.input_size} px, batch {plan.train.batch_size}, on {device} "
         f"({torch.get_num_threads()} threads); {rounds} rounds")
     simam_engine = plan_engine(plan, "simam")
     baseline_engine = plan_engine(plan, "none")
     reference = _reference_step(plan, e_lambda, device, workers)
     try:
-        timed = _time_rounds({"reference": reference,
-                              "engine": _one_step(plan, simam_engine, data, e_lambda),
-                              "baseline": _one_step(plan, baseline_engine, data, None)},
+        timed = time_rounds({"reference": reference,
+                              "engine": search_step(plan, simam_engine, data, e_lambda),
+                              "baseline": search_step(plan, baseline_engine, data, None)},
                              device, rounds, block_seconds)
     finally:
         reference.close()
-    seconds, k = _medians(timed.seconds), timed.steps
+    seconds, k = medians(timed.seconds), timed.steps
     batch = plan.train.batch_size
     say("bench: packed training")
-    size, per_training, packed = _pick_rounds(plan, simam_engine, data, e_lambda, _pack_setting(plan, device),
+    size, per_training, packed = pick_rounds(plan, simam_engine, data, e_lambda, pack_setting(plan, device),
                                               rounds=max(1, rounds // 2), block_seconds=block_seconds)
-    eval_rates = _eval_rates(simam_engine, data, plan, size, passes=3)
+    rates = eval_rates(simam_engine, data, plan, size, passes=3)
     size_none = 1
     step = {"simam": timed.seconds["engine"], "none": timed.seconds["baseline"]}
     shares = [timed.cpu_share.get("engine"), timed.cpu_share.get("baseline")]
     if size > 1:
         step["simam"] = per_training
-        size_none, step["none"], _ = _pick_rounds(plan, baseline_engine, data, None, _pack_setting(plan, device),
+        size_none, step["none"], _ = pick_rounds(plan, baseline_engine, data, None, pack_setting(plan, device),
                                                   rounds=max(1, rounds // 2), block_seconds=block_seconds)
-    projection = project_rounds(plan, step, eval_rates, {"simam": size, "none": size_none}, k, _least(shares))
+    projection = project_rounds(plan, step, rates, {"simam": size, "none": size_none}, k, least_share(shares))
     return Bench(str(device), config["model"]["name"], data.input_size, batch, torch.get_num_threads(), workers,
                  rounds, k, batch / seconds["reference"], batch / seconds["engine"], batch / seconds["baseline"],
-                 statistics.median(eval_rates), projection,
-                 {s: s * batch / t for s, t in sorted(_medians(packed.seconds).items())}, size)
-
-
-def _pack_setting(plan: Plan, device: torch.device) -> int | None:
-    """The pack size train.pack sets (see :func:`static_pack`), None for "auto" (measured)."""
-    return None if plan.train.pack == "auto" else static_pack(plan, device)
-
-
-def _least(shares) -> float | None:
-    """The lowest CPU share of those measured (None where none was: on a GPU)."""
-    return min((s for s in shares if s is not None), default=None)
-
-
-def quick_projection(plan: Plan, block_seconds: float = 0.15, engines: dict[str, Engine] | None = None,
-                     packs: dict[str, int] | None = None, rounds: int = 5) -> Projection:
-    """The projection a search prints as it starts, from ``rounds`` short rounds (blocks of
-    about ``block_seconds``, after a warm-up step) of the engine at the pack size of each
-    network, and 3 timed validation passes: ``packs`` (attention -> size, a study's pinned
-    sizes) where given, else as :func:`worker_pack` decides; the projection's ``packs`` says
-    the sizes, its ``low``..``high`` the fastest and slowest rounds. The engines built
-    (attention -> Engine, compiled where they compile) are left in ``engines`` for the
-    worker that goes on in this process."""
-    with cpu_threads(plan.train):
-        device = torch.device(plan.train.device)
-        if device.type == "cpu":
-            cpu_kernel()  # build SimAM's CPU kernel before anything is timed
-        data = on_device(plan.data, plan.train, device)
-        attentions = sorted({p.attention for p in plan.points})
-        step, chosen, ks, shares = {}, {}, [], []
-        engines = {} if engines is None else engines
-        for a in attentions:
-            engine = engines[a] = engines.get(a) or plan_engine(plan, a)
-            lam = _lambda_of(plan) if a == "simam" else None
-            size = (packs or {}).get(a) or static_pack(plan, device)
-            chosen[a], step[a], timed = _pick_rounds(plan, engine, data, lam, size, rounds=rounds,
-                                                     block_seconds=block_seconds)
-            ks.append(timed.steps)
-            shares += timed.cpu_share.values()
-        eval_rates = _eval_rates(engine, data, plan, chosen[attentions[-1]], passes=3)
-        return project_rounds(plan, step, eval_rates, chosen, min(ks), _least(shares))
-
-
-def worker_pack(plan: Plan, engine: Engine) -> tuple[int, dict[int, float]]:
-    """The pack size of a worker's ``engine`` (train.pack as a number, or "auto": measured on
-    a GPU, 1 on the CPU) and the pack steps measured to pick it ({} where none was)."""
-    size = static_pack(plan, engine.device)
-    if size is not None:
-        return size, {}
-    lam = _lambda_of(plan) if engine.spec["attention"] == "simam" else None
-    with cpu_threads(plan.train):
-        size, _, seconds = pick_pack(plan, engine, on_device(plan.data, plan.train, engine.device), lam)
-    return size, seconds
+                 statistics.median(rates), projection,
+                 {s: s * batch / t for s, t in sorted(medians(packed.seconds).items())}, size)
 
 
 def format_bench(bench: Bench) -> str:

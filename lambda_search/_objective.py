@@ -22,8 +22,8 @@ from ._data import ImageData, dataset_fingerprint, load_dataset
 from ._folds import Fold, derive_seed, folds_fingerprint, make_folds
 from ._models import MODEL_NAMES
 from ._numerics import training_numerics
-from ._pack import train_pack
-from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, engine_for, set_aside, train_fold
+from ._runs import chunk_sizes, train_group
+from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, engine_for, set_aside
 
 __all__ = ["Point", "format_lambda", "Plan", "PointOutcome", "grid_points", "fold_names", "make_plan", "summarize",
            "run_point", "train_config", "own_checkpoints", "check_device"]
@@ -260,24 +260,16 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
     model = plan.config["model"]
     engine = engine_for(engine, plan.data, plan.train, model["name"], point.attention, model["shortcut"])
     folder = checkpoint_folder(checkpoint_dir, point)
-    folds, size = plan.folds_of(point.repeat), max(1, pack)
-    for start in range(0, len(folds), size):
+    folds, start = plan.folds_of(point.repeat), 0
+    for size in chunk_sizes(len(folds), max(1, pack)):
         group = [f for f in folds[start : start + size] if f.name not in records]
+        start += size
         if not group:
             continue
-        common = dict(model=model["name"], attention=point.attention, shortcut=model["shortcut"], engine=engine,
-                      should_stop=should_stop)
         paths = [folder / f"{f.name}.pt" if folder is not None else None for f in group]
-        if len(group) == 1 and engine.device.type == "cpu":  # on GPUs a pack of one: its step is a CUDA graph
-            fold = group[0]
-            results = [train_fold(plan.data, fold, point.e_lambda, plan.train, seed=plan.train_seed(fold),
-                                  callback=(lambda m, fold=fold: on_epoch(fold, m)) if on_epoch is not None else None,
-                                  checkpoint=paths[0], **common)]
-        else:
-            results = train_pack(plan.data, group, [point.e_lambda] * len(group), plan.train,
-                                 seeds=[plan.train_seed(f) for f in group],
-                                 callback=(lambda i, m: on_epoch(group[i], m)) if on_epoch is not None else None,
-                                 checkpoints=paths, **common)
+        results = train_group(plan.data, group, point.e_lambda, plan.train, seeds=[plan.train_seed(f) for f in group],
+                              model=model["name"], attention=point.attention, shortcut=model["shortcut"],
+                              engine=engine, checkpoints=paths, on_epoch=on_epoch, should_stop=should_stop)
         numerics = training_numerics(engine, plan.train, len(group))
         for fold, result in zip(group, results):  # finished folds are kept, also when others stopped
             if result.status != "stopped":

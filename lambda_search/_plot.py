@@ -11,7 +11,7 @@ from pathlib import Path
 from ._config import ConfigError
 from ._objective import format_lambda
 from ._select import lambda_stats, select
-from ._study import StudyStatus
+from ._status import StudyStatus
 
 __all__ = ["figure4_data", "draw_figure4", "plot_figure4", "plot_title", "default_plot_path", "PLOT_FORMATS"]
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -10,7 +11,7 @@ import pandas as pd
 from ._config import ConfigError
 from ._numerics import numerics_label
 from ._objective import format_lambda
-from ._study import StudyStatus
+from ._status import StudyStatus
 
 __all__ = ["status_table", "numerics_lines", "results_frame", "folds_frame", "export_csv", "export_tables",
            "table_text", "format_studies", "EXPORT_FORMATS"]
@@ -114,8 +115,9 @@ EXPORT_FORMATS = ("csv", "json")
 
 
 def _text(frame: pd.DataFrame, fmt: str) -> str:
-    if fmt == "json":  # records; NaN and missing values as null
-        return frame.to_json(orient="records", indent=1) + "\n"
+    if fmt == "json":  # records, every float exact (pandas' to_json keeps 15 digits); NaN and missing as null
+        records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+        return json.dumps(records, indent=1, default=lambda v: v.item()) + "\n"
     return frame.to_csv(index=False)
 
 

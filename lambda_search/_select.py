@@ -15,7 +15,7 @@ from scipy import stats as _stats
 
 from ._config import ConfigError
 from ._objective import format_lambda, summarize
-from ._study import StudyStatus
+from ._status import StudyStatus
 
 __all__ = ["LambdaStats", "lambda_stats", "corrected_t_test", "select", "format_selection", "nothing_selected",
            "test_train_ratio", "PREFER"]

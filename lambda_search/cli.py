@@ -4,19 +4,48 @@ error types to exit codes (0 done, 1 no answer yet or interrupted, 2 bad input).
 from __future__ import annotations
 
 import argparse
-import errno
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sys
 import warnings
 
-from . import (MODEL_NAMES, STORAGE_ENV, ConfigError, StorageError, StudyError, __version__, build_model,
-               default_plot_path, export_tables, format_bench, format_selection, format_studies, list_studies,
-               load_config, nothing_selected, open_store, paper_figure4_config, plot_figure4, redact, resume_config,
-               run_bench, run_search, run_worker, select, status_table, stop_on_signals, study_status, table_text)
+from . import (MODEL_NAMES, STORAGE_ENV, ConfigError, StorageError, StorageFailure, StudyError, __version__, build_model,
+               default_plot_path, export_tables, format_selection, format_studies, list_studies,
+               load_config, nothing_selected, open_store, plot_figure4, resume_config,
+               run_search, run_worker, select, status_table, study_status, table_text)
 
 USER_ERRORS = (ConfigError, StorageError, StudyError)
+
+
+class _Stop:
+    """A flag set by SIGINT or SIGTERM; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Within the block, SIGINT and SIGTERM ask for a clean stop: the fold in flight saves
+    its checkpoint, the trial is marked interrupted and the process can exit."""
+    stop = _Stop()
+    previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -206,6 +235,8 @@ def _answer(selection: dict) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from ._bench import format_bench, paper_figure4_config, run_bench  # only here: workers never load it
+
     if args.config is None:
         config = paper_figure4_config(args.set)
     else:
@@ -326,17 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _in_chain(exc: BaseException | None, test) -> BaseException | None:
-    """The first exception in ``exc``'s cause/context chain that passes ``test``."""
-    for _ in range(10):
-        if exc is None:
-            return None
-        if test(exc):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 def _one_line(message, category, filename, lineno, line=None) -> str:
     return f"lambda-search: warning: {message}\n"
 
@@ -354,24 +374,6 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         sys.stderr.write(f"lambda-search {args.command}: error: {exc}\n")
         return 2
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        where = f" writing {exc.filename}" if exc.filename else ""
-        sys.stderr.write(f"lambda-search {args.command}: error: no space left on the device{where}; free some and run "
-                         "the same command again (finished folds and the last good checkpoints are kept)\n")
+    except StorageFailure as exc:
+        sys.stderr.write(f"lambda-search {args.command}: error: {exc}\n")
         return 1
-    except Exception as exc:
-        if _in_chain(exc, lambda e: "database or disk is full" in str(e)):  # SQLite's SQLITE_FULL
-            sys.stderr.write(f"lambda-search {args.command}: error: the study database is full (no space left on "
-                             "its device); free some and run the same command again (what was stored is kept)\n")
-            return 1
-        lost = _in_chain(exc, lambda e: type(e).__name__ in ("OperationalError", "InterfaceError")
-                         and type(e).__module__.startswith(("sqlalchemy", "psycopg")))
-        if lost:
-            reason = redact(str(lost).strip().splitlines()[0] if str(lost).strip() else type(lost).__name__)
-            sys.stderr.write(f"lambda-search {args.command}: error: lost the study database ({reason[:200]}); when it "
-                             "is back, run the same command again or `lambda-search resume` (finished folds and "
-                             "checkpoints are kept)\n")
-            return 1
-        raise

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import lambda_search as ls
-from lambda_search import _bench
+from lambda_search import _bench, _measure
 from lambda_search._train import on_device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,13 +154,13 @@ def variants(start: float, budget: float) -> dict:
         t = time.monotonic()
         try:
             p = replace(plan, train=train)
-            engine = _bench.plan_engine(p, attention)
+            engine = _measure.plan_engine(p, attention)
             lam = 1e-4 if attention == "simam" else None
-            seconds = _bench.measure_packs(p, engine, data, lam, [size], rounds=3, block_seconds=1.0)[size]
+            seconds = _measure.measure_packs(p, engine, data, lam, [size], rounds=3, block_seconds=1.0)[size]
             res[name] = round(size * plan.train.batch_size / seconds)
             print(f"   {name}: {res[name]:,} training images/s ({time.monotonic() - t:.0f} s)", flush=True)
             if name == "simam" and time.monotonic() - start < budget - 20:
-                step = _bench._pack_step(p, engine, data, lam, size)
+                step = _measure._pack_step(p, engine, data, lam, size)
                 engine.cuda_graphs = False
                 for _ in range(3):
                     step()
@@ -195,19 +195,19 @@ def packs(start: float, budget: float) -> dict:
                 continue
             train = replace(plan.train, compile=compile_, cuda_graphs=graphs)
             p = replace(plan, train=train)
-            engine = _bench.plan_engine(p, "simam")
+            engine = _measure.plan_engine(p, "simam")
             for size in ((1, 5, 10, 30) if not compile_ else (5, 30)) if not SMOKE else (1, 2):
                 if time.monotonic() - start > budget - 20:
                     res[f"c{int(compile_)}g{int(graphs)}p{size}"] = "skipped"
                     continue
                 t = time.monotonic()
                 try:
-                    seconds = _bench.measure_packs(p, engine, data, 1e-4, [size], rounds=3, block_seconds=1.0)[size]
+                    seconds = _measure.measure_packs(p, engine, data, 1e-4, [size], rounds=3, block_seconds=1.0)[size]
                     rate = size * plan.train.batch_size / seconds
                     key = f"c{int(compile_)}g{int(graphs)}p{size}"
                     res[key] = round(rate)
                     if graphs and size in (2, 5, 30):
-                        res[key + "_eval"] = round(_bench._eval_images_per_s(engine, data, p, size))
+                        res[key + "_eval"] = round(_measure._eval_images_per_s(engine, data, p, size))
                     print(f"   {key}: {rate:,.0f} training images/s ({time.monotonic() - t:.0f} s)", flush=True)
                 except Exception as exc:
                     traceback.print_exc()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import lambda_search as ls
-from lambda_search._study import _claim
+from lambda_search._worker import _claim
 from lambda_search.cli import main
 
 from conftest import SCRIPT, poll, write_config
@@ -84,6 +84,7 @@ def _read_only(folder: Path, what: str):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["folder", "file"])
 def test_a_read_only_database_is_read_and_never_searched(finished, cli_env, what):
     db = finished / "tiny.db"
@@ -149,6 +150,7 @@ def test_a_resumes_outputs_follow_its_config(tiny_config, tmp_path, capsys):
     assert moved.with_suffix(".png").exists() and not (tmp_path / "tiny.png").exists()
 
 
+@pytest.mark.slow
 def test_a_lease_needs_no_lock_file_and_survives_a_clean_up(tiny_config, tmp_path, cli_env):
     """Nothing beside the database holds a lease: deleting every other file while a search
     runs leaves its trial alive for other workers; killing its process frees it at once."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lambda_search as ls
-from lambda_search import _bench
+from lambda_search import _bench, _measure
 from lambda_search.cli import main
 
 from conftest import SCRIPT
@@ -39,7 +39,7 @@ def test_paper_figure4_projection_is_30_trainings_of_64k_iterations():
 def test_rounds_rotate_and_time_every_variant_alike():
     calls = []
     steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
-    seconds, k = _bench.measure_steps(steps, torch.device("cpu"), rounds=3,
+    seconds, k = _measure.measure_steps(steps, torch.device("cpu"), rounds=3,
                                       block_seconds=0.0, warmup=1)
     assert k == 2 and set(seconds) == {"a", "b", "c"} and all(s >= 0 for s in seconds.values())
     timed = calls[6:]  # warm-up and the sizing step: 2 calls each
@@ -49,11 +49,11 @@ def test_rounds_rotate_and_time_every_variant_alike():
 
 def test_time_rounds_keeps_every_round_and_the_cpu_share():
     steps = {"a": lambda: None, "b": lambda: sum(range(1000))}
-    timed = _bench._time_rounds(steps, torch.device("cpu"), rounds=4, block_seconds=0.0, warmup=1)
+    timed = _measure.time_rounds(steps, torch.device("cpu"), rounds=4, block_seconds=0.0, warmup=1)
     assert timed.rounds == 4 and timed.steps == 2
     assert {name: len(v) for name, v in timed.seconds.items()} == {"a": 4, "b": 4}
     assert set(timed.cpu_share) == {"a", "b"} and all(0 <= s <= 1 for s in timed.cpu_share.values())
-    seconds, k = _bench.measure_steps(steps, torch.device("cpu"), rounds=3, block_seconds=0.0)
+    seconds, k = _measure.measure_steps(steps, torch.device("cpu"), rounds=3, block_seconds=0.0)
     assert k == 2 and set(seconds) == {"a", "b"}
 
 
@@ -66,7 +66,7 @@ def test_projection_range_runs_from_the_fastest_to_the_slowest_round(tiny_config
     """Made-up timings: seconds from the medians, low from the fastest round of each
     measurement (training steps and validation passes), high from the slowest."""
     plan = _three_fold_plan(tiny_config)
-    p = _bench.project_rounds(plan, {"simam": [0.5, 0.4, 0.6], "none": [0.25, 0.3, 0.2]}, [10.0, 8.0, 20.0],
+    p = _measure.project_rounds(plan, {"simam": [0.5, 0.4, 0.6], "none": [0.25, 0.3, 0.2]}, [10.0, 8.0, 20.0],
                           packs={"simam": 1, "none": 1}, steps=7, cpu_share=0.95)
     mid = ls.project(plan, {"simam": 0.5, "none": 0.25}, 10.0)
     assert (p.trainings, p.iterations, p.eval_images, p.seconds) == (mid.trainings, mid.iterations,
@@ -77,48 +77,94 @@ def test_projection_range_runs_from_the_fastest_to_the_slowest_round(tiny_config
     assert p.describe() == ("6 trainings, 90 iterations and 240 validation images: 58 s "
                             "(39-70 s: 3 rounds of 7 steps, fastest..slowest)")
     # timed steps that got under 80 % of their CPU: a busy machine, said with the full-speed figure
-    busy = _bench.project_rounds(plan, {"simam": [0.5], "none": [0.25]}, [10.0], steps=1, cpu_share=0.25)
+    busy = _measure.project_rounds(plan, {"simam": [0.5], "none": [0.25]}, [10.0], steps=1, cpu_share=0.25)
     assert busy.describe() == ("6 trainings, 90 iterations and 240 validation images: 58 s "
                                "(58-58 s: 1 round of 1 step, fastest..slowest); the timed steps got 25% of "
                                "their CPU time, a busy machine: about 14 s at full speed")
 
 
 def test_range_is_written_in_the_unit_of_its_high_end():
-    assert _bench.format_range(45, 110) == "45-110 s"
-    assert _bench.format_range(100, 200) == "1.7-3.3 min"
-    assert _bench.format_range(3000, 9000) == "0.8-2.5 h"
-    assert _bench.format_seconds(58.4) == "58 s" and _bench.format_seconds(936) == "15.6 min"
+    assert _measure.format_range(45, 110) == "45-110 s"
+    assert _measure.format_range(100, 200) == "1.7-3.3 min"
+    assert _measure.format_range(3000, 9000) == "0.8-2.5 h"
+    assert _measure.format_seconds(58.4) == "58 s" and _measure.format_seconds(936) == "15.6 min"
 
 
 def test_pack_pick_is_the_faster_point_on_gpus_and_one_at_a_time_on_the_cpu(tiny_config):
     plan = _three_fold_plan(tiny_config)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert _bench._best_pack(plan, cuda, {1: 1.0, 3: 2.0}) == 3  # a point: 3 steps of one or 2 s packed
-    assert _bench._best_pack(plan, cuda, {1: 1.0, 3: 2.9}) == 1  # under 5 % faster: one at a time
-    assert _bench._best_pack(plan, cpu, {1: 1.0, 3: 2.0}) == 1
+    assert _measure._best_pack(plan, cuda, {1: 1.0, 3: 2.0}) == 3  # a point: 3 steps of one or 2 s packed
+    assert _measure._best_pack(plan, cuda, {1: 1.0, 3: 2.9}) == 1  # under 5 % faster: one at a time
+    assert _measure._best_pack(plan, cpu, {1: 1.0, 3: 2.0}) == 1
 
 
 def test_quick_projection_measures_rounds_and_a_range(tiny_config):
     plan = ls.make_plan(ls.load_config(tiny_config(lambdas="[1e-4]", baseline="true")))
-    engines = {}
+    engines = ls.Engines(plan)
     p = ls.quick_projection(plan, engines=engines, rounds=3, block_seconds=0.02)
-    assert set(engines) == {"simam", "none"} and p.packs == {"simam": 1, "none": 1}
+    assert engines.built() == ["none", "simam"] and p.packs == {"simam": 1, "none": 1}
     assert (p.trainings, p.rounds) == (4, 3) and p.steps >= 2
     assert 0 < p.low <= p.seconds <= p.high
     assert p.cpu_share is not None and 0 <= p.cpu_share <= 1
     assert "3 rounds of" in p.describe() and "fastest..slowest" in p.describe()
 
 
-def test_reference_pipeline_runs_the_official_formula(tiny_config):
-    """The reference network runs SimAM's tensor formula in eager operations, not our kernel."""
+def _official_simam(x, e_lambda):
+    """SimAM as the paper's code writes it (simam_module.forward), for comparison."""
+    b, c, h, w = x.size()
+    n = w * h - 1
+    x_minus_mu_square = (x - x.mean(dim=[2, 3], keepdim=True)).pow(2)
+    y = x_minus_mu_square / (4 * (x_minus_mu_square.sum(dim=[2, 3], keepdim=True) / n + e_lambda)) + 0.5
+    return x * torch.sigmoid(y)
+
+
+def test_reference_pipeline_runs_the_official_formula(tiny_config, monkeypatch):
+    """The reference network runs SimAM's tensor formula in eager operations, not our kernel:
+    every block's attention is the official formula with the study's lambda, lambda_search's
+    SimAM (kernel or fused) never runs, and a step trains the network."""
+    from lambda_search import _simam
+
     plan = ls.make_plan(ls.load_config(tiny_config()))
+    built, calls = [], []
+    real_build, real_formula = _bench.build_model, _bench.simam_reference
+
+    def build_model(*args, **kwargs):
+        built.append(real_build(*args, **kwargs))
+        return built[-1]
+
+    def formula(x, e_lambda):
+        y = real_formula(x, e_lambda)
+        torch.testing.assert_close(y, _official_simam(x, e_lambda), rtol=1e-5, atol=1e-6)
+        calls.append((tuple(x.shape), e_lambda))
+        return y
+
+    def ours(*args, **kwargs):
+        raise AssertionError("lambda_search's SimAM ran in the reference pipeline")
+
+    monkeypatch.setattr(_bench, "build_model", build_model)
+    monkeypatch.setattr(_bench, "simam_reference", formula)
+    monkeypatch.setattr(_simam, "simam", ours)
+    monkeypatch.setattr(_simam._SimAMFunction, "apply", ours)
+    monkeypatch.setattr(_simam._SimAMBatchNormFunction, "apply", ours)
     step = _bench._reference_step(plan, 1e-4, torch.device("cpu"), workers=0)
     try:
+        (model,) = built
+        blocks = [m for m in model.modules() if isinstance(m, ls.BasicBlock)]
+        assert len(blocks) == 9  # resnet20: 3 stages of 3 blocks
+        assert all(type(b.attn).__name__ == "_OfficialSimAM" and b.attn.e_lambda == 1e-4 for b in blocks)
+        assert not any(isinstance(m, ls.SimAM) for m in model.modules())
+        before = [p.detach().clone() for p in model.parameters()]
         step()
+        assert len(calls) == 9 and {lam for _, lam in calls} == {1e-4}
+        assert {shape[0] for shape, _ in calls} == {plan.train.batch_size}
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))  # it trained
+        step()
+        assert len(calls) == 18
     finally:
         step.close()
 
 
+@pytest.mark.slow
 def test_bench_command_prints_its_figures_as_json(tiny_config, cli_env):
     path = tiny_config(lambdas="[1e-4]", baseline="true")
     result = subprocess.run([str(SCRIPT), "bench", str(path), "--json", "--rounds", "2", "--loader-workers", "0"],

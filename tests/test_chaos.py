@@ -1,7 +1,10 @@
 """The short chaos run in CI: a handful of SIGKILLs of the parent and its 2 workers, resumed
 each time; `python tests/chaos.py --kills 50` is the long one (README, Reliability)."""
 
+import pytest
 from chaos import Chaos
+
+pytestmark = pytest.mark.slow
 
 
 def test_a_search_survives_random_kills_with_nothing_lost_or_done_twice(tmp_path):

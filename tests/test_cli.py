@@ -18,6 +18,7 @@ def run(*args):
     return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_console_script_is_installed():
     result = run("--version")
     assert result.returncode == 0, result.stderr
@@ -53,6 +54,7 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
     assert len(lines) == 1 and message in lines[0], err
 
 
+@pytest.mark.slow
 def test_console_script_bad_input_has_no_traceback():
     result = run("frobnicate")
     assert result.returncode == 2 and result.stdout == ""

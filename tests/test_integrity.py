@@ -29,6 +29,7 @@ def _fold_results(status) -> dict:
     return {(p.point.key, n): (r["val_accuracy"], r["val_loss"]) for p in status.points for n, r in p.folds.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [["data.options.noise=5.0"], ["train.lr=0.02"], []],
                          ids=["other data", "other protocol", "same config, database deleted"])
 def test_a_new_study_never_adopts_an_old_runs_checkpoints(tiny_config, tmp_path, change):
@@ -51,6 +52,7 @@ def test_a_new_study_never_adopts_an_old_runs_checkpoints(tiny_config, tmp_path,
     assert _fold_results(status) == _fold_results(clean)
 
 
+@pytest.mark.slow
 def test_the_same_study_resumes_its_own_checkpoints(tiny_config):
     config = ls.load_config(tiny_config(ckpt_seconds=0.0))
     _stopped(config)
@@ -59,6 +61,7 @@ def test_the_same_study_resumes_its_own_checkpoints(tiny_config):
     assert status.finished and any(_resumed_from(status)) and not [ln for ln in lines if "warning" in ln]
 
 
+@pytest.mark.slow
 def test_two_storages_in_one_folder_keep_apart(tiny_config, tmp_path, capsys):
     path = tiny_config(lambdas="[1e-3]")
     other = f"sqlite:///{tmp_path / 'other.db'}"
@@ -72,6 +75,7 @@ def test_two_storages_in_one_folder_keep_apart(tiny_config, tmp_path, capsys):
     assert ls._config.storage_tag("postgresql://u:secret@h/db") == ls._config.storage_tag("postgresql://u:other@h/db")
 
 
+@pytest.mark.slow
 def test_a_fold_checkpoint_of_another_run_is_one_warning_line(tiny_config, tmp_path, cli_env):
     path = tiny_config(ckpt_seconds=0.0)
     _stopped(ls.load_config(path))
@@ -117,6 +121,7 @@ def test_an_empty_foreign_study_that_maximizes_is_adopted(tiny_config, tmp_path)
     assert study.best_params == {"e_lambda": 1e-3} and len(study.trials) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cut", [2, 40, "the whole last line but one byte"])
 def test_a_torn_journal_tail_is_set_aside_and_the_search_completes(tiny_config, tmp_path, cut):
     path = tiny_config(baseline="true")

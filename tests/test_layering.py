@@ -2,15 +2,21 @@
 below the study layer imports Optuna. A new module must take its place in LAYERS."""
 
 import ast
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "lambda_search"
-# config -> data and folds -> model -> train (one, packed) -> numerics -> objective -> bench -> study -> report -> CLI
-LAYERS = ["_config", "_data", "_augment", "_folds", "_kernels", "_simam", "_models", "_checkpoint", "_train", "_pack", "_numerics", "_objective", "_bench",
-          "_storage", "_study", "_report", "_select", "_plot", "cli"]
-OPTUNA_FREE = set(LAYERS[: LAYERS.index("_bench") + 1])
+# config -> data and folds -> model -> train (one, packed) -> how a point's folds run -> objective -> timing ->
+# storage -> status -> worker -> processes -> study -> report, select, plot -> bench -> CLI
+LAYERS = ["_config", "_data", "_augment", "_folds", "_kernels", "_simam", "_models", "_checkpoint", "_engine", "_fold", "_train", "_packnet", "_packstep", "_pack", "_numerics", "_runs", "_objective",
+          "_measure", "_storage", "_status", "_worker", "_supervise", "_study", "_report", "_select", "_plot", "_bench",
+          "cli"]
+OPTUNA_FREE = set(LAYERS[: LAYERS.index("_measure") + 1]) | {"_bench"}
 
 
 def imports_of(path):
@@ -45,10 +51,109 @@ def test_imports_go_one_way():
                 assert imported != "optuna", f"{name} must not import optuna"
 
 
-def test_import_has_no_side_effects():
-    # matplotlib (a drawing backend) is loaded only to draw; the package writes no files
-    code = "import sys, os, lambda_search; print('matplotlib' in sys.modules, sorted(os.listdir('.')))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent / "tests")
-    listing = subprocess.run([sys.executable, "-c", "import os; print(sorted(os.listdir('.')))"], capture_output=True,
-                             text=True, check=True, cwd=PACKAGE.parent / "tests")
-    assert out.stdout.split(" ", 1) == ["False", listing.stdout]
+# Run in a fresh interpreter: the state of the process and the files around it before
+# `import lambda_search`, then after it. The dependencies of pyproject.toml (but matplotlib) are
+# imported first: what they do when imported is theirs, not counted (scikit-learn sets KMP_*
+# variables, torch and scipy add warnings filters and loggers). torch's thread count is set to a
+# value no default has, so that a package setting it shows.
+IMPORT_EFFECTS = r'''
+import faulthandler, gc, importlib.util, json, logging, os, signal, sys, threading, warnings
+
+package = importlib.util.find_spec("lambda_search").submodule_search_locations[0]
+roots = [os.getcwd(), os.environ["HOME"], os.environ["TMPDIR"], package]
+
+def files():
+    out = {}
+    for root in roots:
+        for folder, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            for name in dirs + names:
+                path = os.path.join(folder, name)
+                out[path] = os.path.getsize(path) if os.path.isfile(path) else "folder"
+    return out
+
+def name(handler):
+    if callable(handler):
+        return getattr(handler, "__module__", "?") + "." + getattr(handler, "__qualname__", repr(handler))
+    return repr(handler)
+
+def loggers():
+    out = {"": [logging.root.level, [type(h).__name__ for h in logging.root.handlers]]}
+    for key, lg in sorted(logging.root.manager.loggerDict.items()):
+        if isinstance(lg, logging.Logger) and (lg.handlers or lg.level or not lg.propagate or lg.disabled):
+            out[key] = [lg.level, lg.propagate, lg.disabled, [type(h).__name__ for h in lg.handlers]]
+    return out
+
+def state():
+    import torch
+    return {
+        "environment": dict(os.environ), "cwd": os.getcwd(), "sys.path": list(sys.path),
+        "umask": os.umask(os.umask(0o22)),
+        "logging": loggers(), "logging.disable": logging.root.manager.disable,
+        "warnings filters": [[a, getattr(m, "pattern", m), c.__name__, getattr(mod, "pattern", mod), n]
+                             for a, m, c, mod, n in warnings.filters],
+        "signal handlers": {s.name: name(signal.getsignal(s)) for s in signal.valid_signals()
+                            if isinstance(s, signal.Signals)},
+        "excepthook": name(sys.excepthook), "threads": sorted(t.name for t in threading.enumerate()),
+        "stdio": [type(f).__name__ for f in (sys.stdin, sys.stdout, sys.stderr)],
+        "recursion limit": sys.getrecursionlimit(), "faulthandler": faulthandler.is_enabled(), "gc": gc.isenabled(),
+        "torch threads": [torch.get_num_threads(), torch.get_num_interop_threads()],
+        "torch defaults": [str(torch.get_default_dtype()), str(torch.get_default_device()), torch.is_grad_enabled(),
+                           torch.is_anomaly_enabled(), torch.are_deterministic_algorithms_enabled(),
+                           torch.get_float32_matmul_precision()],
+        "torch backends": [torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark,
+                           torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+                           torch.backends.cuda.matmul.allow_tf32],
+        "torch seed": [torch.initial_seed(), torch.get_rng_state().tolist()],
+    }
+
+import numpy, optuna, pandas, scipy, sklearn, torch, torchvision
+torch.set_num_threads(3)
+files_before, before = files(), state()
+import lambda_search
+files_after, after = files(), state()
+def diff(a, b):  # of two dicts, only what differs
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+changed = {k: diff(before[k], after[k]) if isinstance(before[k], dict) else [before[k], after[k]]
+           for k in before if before[k] != after[k]}
+changed_files = diff(files_before, files_after)
+print(json.dumps({"package": package, "changed": changed, "files": changed_files,
+                  "matplotlib": "matplotlib" in sys.modules}, default=str))
+'''
+
+
+@pytest.mark.slow
+def test_import_has_no_side_effects(tmp_path):
+    """Importing the package changes nothing outside it: no file or folder made (in the
+    current folder, the home folder, the temporary folder, the package), no environment
+    variable, logging handler or level, warnings filter, signal handler, thread, torch
+    setting (threads, defaults, seed); and matplotlib (a drawing backend) is loaded only
+    to draw."""
+    folders = {name: tmp_path / name for name in ("cwd", "home", "tmp")}
+    for folder in folders.values():
+        folder.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "LAMBDA_SEARCH_CACHE", "TORCH_HOME", "MPLCONFIGDIR")}
+    env.update(HOME=str(folders["home"]), TMPDIR=str(folders["tmp"]), PYTHONDONTWRITEBYTECODE="1")
+    run = subprocess.run([sys.executable, "-c", IMPORT_EFFECTS], capture_output=True, text=True, env=env,
+                         cwd=folders["cwd"], timeout=300)
+    assert run.returncode == 0, run.stderr
+    out = json.loads(run.stdout.splitlines()[-1])
+    assert Path(out["package"]).name == "lambda_search"
+    assert out["files"] == {}, "importing lambda_search made or changed files"
+    assert out["changed"] == {}, "importing lambda_search changed the state of the process"
+    assert out["matplotlib"] is False
+
+
+def test_only_the_cli_imports_bench():
+    """Bench holds the reference pipeline (PIL, DataLoader) a worker never uses: no module
+    imports it but the CLI's bench command (and the package's lazy ``__getattr__``), so
+    neither the package nor a worker process loads it."""
+    for path in PACKAGE.glob("*.py"):
+        if path.stem not in ("cli", "_bench", "__init__"):
+            assert "._bench" not in set(imports_of(path)), f"{path.stem} imports _bench"
+    code = ("import sys, lambda_search, lambda_search.cli; loaded = 'lambda_search._bench' in sys.modules; "
+            "lambda_search.run_bench; print(loaded, 'lambda_search._bench' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]

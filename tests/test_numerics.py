@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import lambda_search as ls
-from lambda_search import _kernels, _study
+from lambda_search import _kernels, _supervise
 from lambda_search.cli import main
 
 
+@pytest.mark.slow
 def test_a_training_runs_on_train_threads_and_gives_the_threads_back():
     data = ls.load_dataset("synthetic", num_samples=40, num_classes=2, image_size=8)
     fold = ls.make_folds(data.labels, n_splits=2, seed=0)[0]
@@ -46,6 +47,7 @@ def test_use_kernels_switches_the_kernel_within_a_block(monkeypatch):
 
 
 
+@pytest.mark.slow
 def test_each_fold_records_its_numerics_and_the_study_its_pin(tiny_config, capsys):
     config = ls.load_config(tiny_config(baseline="true"))
     ls.run_search(config, log=lambda s: None)
@@ -68,6 +70,7 @@ def test_each_fold_records_its_numerics_and_the_study_its_pin(tiny_config, capsy
     assert ls.folds_frame(status)["numerics"].nunique() == 1
 
 
+@pytest.mark.slow
 def test_folds_trained_under_two_numerics_are_reported(tiny_config, capsys, monkeypatch):
     from lambda_search import _objective
 
@@ -100,6 +103,7 @@ def test_folds_trained_under_two_numerics_are_reported(tiny_config, capsys, monk
     assert json.loads(capsys.readouterr().out)["numerics"]["mixed"] is True
 
 
+@pytest.mark.slow
 def test_a_shorter_last_pack_is_not_mixed_numerics(tiny_config):
     # 3 folds in packs of 2: fold r0f2 trains alone, for every point alike
     config = ls.load_config(tiny_config(baseline="true", samples=60), ["data.folds=3", "train.pack=2"])
@@ -126,6 +130,7 @@ def test_a_checkpoint_from_before_train_threads_resumes(tmp_path):
     assert resumed.val_loss == ls.train_fold(data, fold, 1e-3, cfg).val_loss
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_a_study_keeps_the_kernel_it_was_created_with(tiny_config, monkeypatch):
     config = ls.load_config(tiny_config(lambdas="[1e-3, 1e-1]"))
@@ -157,20 +162,20 @@ def test_what_changes_rounding_cannot_change_on_resume(tiny_config):
 
 
 def test_workers_on_the_cpu_are_capped_at_cores_over_threads(monkeypatch, tiny_config):
-    monkeypatch.setattr(_study, "_cores", lambda: 4)
+    monkeypatch.setattr(_supervise, "_cores", lambda: 4)
     config = ls.load_config(tiny_config())
-    assert _study.worker_count(config, "auto", pending=10) == (4, None)
-    assert _study.worker_count(config, "auto", pending=3) == (3, None)
-    assert _study.worker_count(config, 4, pending=10) == (4, None)
-    assert _study.worker_count(config, 2, pending=2) == (2, None)
-    assert _study.worker_count(config, 2, pending=10) == (
+    assert _supervise.worker_count(config, "auto", pending=10) == (4, None)
+    assert _supervise.worker_count(config, "auto", pending=3) == (3, None)
+    assert _supervise.worker_count(config, 4, pending=10) == (4, None)
+    assert _supervise.worker_count(config, 2, pending=2) == (2, None)
+    assert _supervise.worker_count(config, 2, pending=10) == (
         2, "2 workers of 1 thread on 4 cores: --workers auto would use 4")
-    n, note = _study.worker_count(config, 6, pending=10)
+    n, note = _supervise.worker_count(config, 6, pending=10)
     assert n == 4 and note == ("6 workers asked for, 4 started: each training uses train.threads = 1 (the "
                                "study's), and this machine has 4 cores")
     config["train"]["threads"] = 3
-    assert _study.worker_count(config, "auto", pending=10) == (1, None)
+    assert _supervise.worker_count(config, "auto", pending=10) == (1, None)
     config["train"]["threads"] = 8
-    assert _study.worker_count(config, None, pending=10)[0] == 1  # tiny.toml: search.workers = 1
+    assert _supervise.worker_count(config, None, pending=10)[0] == 1  # tiny.toml: search.workers = 1
     config["train"]["threads"], config["search"]["workers"] = 2, "auto"
-    assert _study.worker_count(config, None, pending=10) == (2, None)
+    assert _supervise.worker_count(config, None, pending=10) == (2, None)

@@ -40,6 +40,7 @@ def close_states(packed, alone, tol=2e-4):
         torch.testing.assert_close(packed[key], alone[key], rtol=tol, atol=tol, msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shortcut", ["B", "A"])
 def test_a_pack_equals_separate_trainings(data, tmp_path, shortcut):
     # in float64, so that float rounding stays far below what the training amplifies: a
@@ -97,6 +98,7 @@ def test_a_pack_of_the_baseline_network_with_nesterov(data):
         close_results(p, a, tol=1e-9)
 
 
+@pytest.mark.slow
 def test_a_stopped_pack_resumes_packed_or_alone(data, tmp_path):
     data, folds = data
     seeds = [1, 2, 3]

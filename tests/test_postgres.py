@@ -22,6 +22,8 @@ from lambda_search.cli import main
 from conftest import SCRIPT
 from test_search import assert_exactly_once, trials_of
 
+pytestmark = pytest.mark.slow
+
 PASSWORD = "s3cret-Pw_42"
 
 

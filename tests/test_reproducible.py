@@ -13,6 +13,8 @@ import lambda_search as ls
 
 from conftest import SCRIPT, poll, write_config
 
+pytestmark = pytest.mark.slow
+
 
 def _study(folder):
     folder.mkdir()

@@ -17,6 +17,8 @@ from lambda_search.cli import main
 
 from conftest import SCRIPT, poll, write_config
 
+pytestmark = pytest.mark.slow
+
 
 def trials_of(url, name):
     """{point key: [FrozenTrial, ...]} over the study and its baseline companion."""
@@ -299,16 +301,16 @@ def test_a_diverging_point_fails_once_and_the_rest_completes(tiny_config, capsys
     """lambda=0.1 trains at a learning rate of 1e6 (as if that lambda made training blow up):
     its point ends FAILED "diverged" after its first fold, is never retried, and status,
     select and the plot show it as diverged while the other points complete."""
-    from lambda_search import _objective
+    from lambda_search import _runs
 
-    real = _objective.train_fold
+    real = _runs.train_fold
 
     def train_fold(data, fold, e_lambda, config, **kw):
         if e_lambda == 0.1:
             config = dataclasses.replace(config, lr=1e6)
         return real(data, fold, e_lambda, config, **kw)
 
-    monkeypatch.setattr(_objective, "train_fold", train_fold)
+    monkeypatch.setattr(_runs, "train_fold", train_fold)
     path = tiny_config(lambdas="[1e-3, 1e-1]", baseline="true")
     assert main(["search", str(path)]) == 0
     out = capsys.readouterr().out

@@ -144,6 +144,7 @@ def test_select_and_plot_commands(tiny_study, tmp_path, capsys):
     assert len(err) == 2 and "got" in err[0] and "cannot write the plot" in err[1]
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_top_to_bottom(tiny_study):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

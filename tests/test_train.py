@@ -30,6 +30,7 @@ def same_result(a, b):
            [(m.epoch, m.iteration, m.train_loss, m.val_accuracy, m.val_loss) for m in b.curve]
 
 
+@pytest.mark.slow
 def test_digits_learns_well_above_chance():
     data = ls.load_dataset("digits")
     fold = ls.make_folds(data.labels, n_splits=3, seed=0)[0]
@@ -64,6 +65,7 @@ def test_reported_accuracy_is_the_final_models(small):
     assert result.val_accuracy == result.curve[-1].val_accuracy
 
 
+@pytest.mark.slow
 def test_one_engine_serves_every_lambda_exactly(small):
     data, fold = small
     shared = ls.Engine("resnet20", 4)
@@ -84,6 +86,7 @@ def test_budget_in_iterations_and_sparse_evaluation(small):
     assert [m.val_accuracy is None for m in result.curve] == [True, False, False]
 
 
+@pytest.mark.slow
 def test_stop_and_resume_equal_an_uninterrupted_run(small, tmp_path):
     data, fold = small
     whole = ls.train_fold(data, fold, 1e-4, CFG)
@@ -104,6 +107,7 @@ def test_stop_and_resume_equal_an_uninterrupted_run(small, tmp_path):
     same_result(whole, again)
 
 
+@pytest.mark.slow
 def test_crash_mid_epoch_resumes_exactly(small, tmp_path, monkeypatch):
     data, fold = small
     cfg = ls.TrainConfig(epochs=4, batch_size=24, lr=0.05, checkpoint_every_seconds=0, checkpoint_every_epochs=100)
@@ -127,6 +131,7 @@ def test_crash_mid_epoch_resumes_exactly(small, tmp_path, monkeypatch):
     same_result(whole, resumed)
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(small, tmp_path):
     data, fold = small
     whole = ls.train_fold(data, fold, 1e-4, CFG)
@@ -140,6 +145,7 @@ def test_a_corrupt_checkpoint_falls_back_to_the_previous_one(small, tmp_path):
     same_result(whole, resumed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["e_lambda", "lr", "data", "seed"])
 def test_a_checkpoint_of_another_run_is_set_aside_never_adopted(small, tmp_path, change):
     data, fold = small

@@ -1,0 +1,258 @@
+"""_report on its own, on hand-made StudyStatus objects (no storage, no training): the status
+table, the per-point and per-fold frames (columns, dtypes, NaN where nothing is known), their
+CSV and JSON texts and files (round trips), and the list of a storage's studies."""
+
+import io
+import json
+import math
+
+import pandas as pd
+import pytest
+
+import lambda_search as ls
+from lambda_search import ConfigError, Point, PointStatus, StudyStatus
+from lambda_search._report import numerics_lines
+
+NAMES = ["r0f0", "r0f1", "r0f2"]
+CPU = {"device": "cpu", "processor": "Test CPU", "isa": "avx2", "dtype": "float32", "autocast": None, "threads": 1,
+       "simam_kernel": "avx2", "kernel_build": None, "pack": 1, "compile": False, "channels_last": True,
+       "torch": "2.0"}
+CPU_LABEL = "cpu (Test CPU, avx2), float32, 1 thread, SimAM kernel avx2, pack 1, torch 2.0"
+
+
+def rec(acc, seconds=1.0, status="completed", numerics=CPU):
+    return {"status": status, "val_accuracy": acc, "val_loss": 0.5, "seconds": seconds, "iterations": 10, "seed": 3,
+            "numerics": numerics}
+
+
+def done(accs, secs, numerics=CPU):
+    return {n: rec(a, s, numerics=numerics) for n, a, s in zip(NAMES, accs, secs)}
+
+
+def make_status(repeats=1):
+    """Five points of every state: two complete, one running, one diverged, the baseline pending."""
+    config = ls.resolve_config({"search": {"lambdas": [1e-3, 1e-2, 1e-1, 1.0], "baseline": True, "repeats": repeats},
+                                "data": {"dataset": "synthetic", "folds": 3}, "train": {"iterations": 10}},
+                               name="rep")
+    points = [PointStatus(Point(1e-3), "complete", done([0.8, 0.9, 0.85], [1.0, 2.0, 3.0]), NAMES,
+                          mean=0.85, std=0.05, sem=0.05 / math.sqrt(3)),
+              PointStatus(Point(1e-2), "complete", done([0.9, 0.95, 0.85], [1.5, 1.5, 1.5]), NAMES,
+                          mean=0.9, std=0.05, sem=0.05 / math.sqrt(3)),
+              PointStatus(Point(1e-1), "running", {"r0f0": rec(0.7, 2.0)}, NAMES),
+              PointStatus(Point(1.0), "diverged", {"r0f0": rec(0.3), "r0f1": rec(None, 0.5, "diverged")}, NAMES,
+                          reason="diverged: at step 4 of fold r0f1"),
+              PointStatus(Point(None), "pending", {}, NAMES)]
+    return StudyStatus("rep", config, points, "sqlite:///rep.db")
+
+
+# ---------------------------------------------------------------- the status table
+
+
+def test_status_table():
+    assert ls.status_table(make_status()) == "\n".join([
+        "lambda    state     folds  val acc % (mean +- std)",
+        "1e-03     complete  3/3    85.00 +- 5.00",
+        "1e-02     complete  3/3    90.00 +- 5.00",
+        "1e-01     running   1/3",
+        "1e+00     diverged  1/3    diverged",
+        "baseline  pending   0/3",
+        "2 of 5 points complete (std over folds, ddof=1)",
+        f"trained under one numerics: {CPU_LABEL}",
+    ])
+
+
+def test_status_table_shows_repeats_and_a_point_without_std():
+    status = make_status(repeats=2)
+    status.points[1] = PointStatus(Point(1e-2, 1), "complete", {"r1f0": rec(0.5)}, ["r1f0"], mean=0.5)
+    lines = ls.status_table(status).splitlines()
+    assert lines[0].split() == ["lambda", "repeat", "state", "folds", "val", "acc", "%", "(mean", "+-", "std)"]
+    assert lines[1].split() == ["1e-03", "0", "complete", "3/3", "85.00", "+-", "5.00"]
+    assert lines[2].split() == ["1e-02", "1", "complete", "1/1", "50.00"]  # one fold: no std
+    assert {line.index("complete") for line in lines[1:3]} == {lines[0].index("state")}
+
+
+def test_numerics_lines():
+    status = make_status()
+    assert numerics_lines(status) == [f"trained under one numerics: {CPU_LABEL}"]
+    assert numerics_lines(StudyStatus("e", status.config, [PointStatus(Point(1e-3), "pending", {}, NAMES)],
+                                      "x")) == []  # nothing finished: nothing to say
+    gpu = {**CPU, "device": "cuda", "processor": "Test GPU", "isa": None, "threads": None, "simam_kernel": None}
+    status.points[1].folds["r0f0"]["numerics"] = gpu  # two numerics on fold r0f0
+    lines = numerics_lines(status)
+    assert lines[0].startswith("WARNING: on 1 fold (r0f0) the points were trained under more than one numerics")
+    assert lines[1:3] == [f"  {CPU_LABEL} (7 folds)", "  cuda (Test GPU), float32, pack 1, torch 2.0 (1 fold)"]
+    assert lines[3].startswith("(on a GPU, one numerics gives the same numbers within float noise")
+
+
+# ---------------------------------------------------------------- the frames
+
+RESULT_COLUMNS = ["param_e_lambda", "param_repeat", "baseline", "state", "split0_val_accuracy", "split1_val_accuracy",
+                  "split2_val_accuracy", "mean_val_accuracy", "std_val_accuracy", "rank_val_accuracy", "mean_fit_time",
+                  "std_fit_time"]
+FOLD_COLUMNS = ["e_lambda", "repeat", "baseline", "fold", "status", "val_accuracy", "val_loss", "seconds",
+                "iterations", "seed", "numerics"]
+
+
+def test_results_frame_columns_dtypes_and_values():
+    frame = ls.results_frame(make_status())
+    assert list(frame.columns) == RESULT_COLUMNS and len(frame) == 5
+    floats = ["param_e_lambda", "split0_val_accuracy", "split1_val_accuracy", "split2_val_accuracy",
+              "mean_val_accuracy", "std_val_accuracy", "mean_fit_time", "std_fit_time"]
+    assert all(frame[c].dtype == "float64" for c in floats), frame.dtypes
+    assert frame["param_repeat"].dtype == "int64" and frame["baseline"].dtype == bool
+    assert frame["rank_val_accuracy"].dtype == "Int64"
+    assert pd.api.types.is_string_dtype(frame["state"])
+    assert frame["param_e_lambda"].tolist()[:4] == [1e-3, 1e-2, 1e-1, 1.0] and math.isnan(frame["param_e_lambda"][4])
+    assert frame["baseline"].tolist() == [False, False, False, False, True]
+    assert frame["state"].tolist() == ["complete", "complete", "running", "diverged", "pending"]
+    splits = ["split0_val_accuracy", "split1_val_accuracy", "split2_val_accuracy"]
+    assert frame.loc[0, splits].tolist() == [0.8, 0.9, 0.85]
+    assert frame.loc[2, splits[0]] == 0.7 and frame.loc[2, splits[1:]].isna().all()
+    assert frame["mean_val_accuracy"].tolist()[:2] == [0.85, 0.9] and frame["mean_val_accuracy"][2:].isna().all()
+    # rank 1 is the best mean among complete points; the others have none
+    assert frame["rank_val_accuracy"].tolist() == [2, 1, pd.NA, pd.NA, pd.NA]
+    assert frame["mean_fit_time"][:3].tolist() == [2.0, 1.5, 2.0]
+    assert frame["std_fit_time"][:2].tolist() == [1.0, 0.0]  # ddof=1 over the three folds
+    assert math.isnan(frame["std_fit_time"][2]) and math.isnan(frame["mean_fit_time"][4])
+
+
+def test_results_frame_ranks_ties_alike():
+    status = make_status()
+    status.points[1].mean = status.points[0].mean
+    assert ls.results_frame(status)["rank_val_accuracy"].tolist()[:2] == [1, 1]
+
+
+def test_folds_frame_has_one_row_per_finished_fold():
+    frame = ls.folds_frame(make_status())
+    assert list(frame.columns) == FOLD_COLUMNS
+    assert list(zip(frame["e_lambda"], frame["fold"], frame["status"])) == [
+        (1e-3, "r0f0", "completed"), (1e-3, "r0f1", "completed"), (1e-3, "r0f2", "completed"),
+        (1e-2, "r0f0", "completed"), (1e-2, "r0f1", "completed"), (1e-2, "r0f2", "completed"),
+        (1e-1, "r0f0", "completed"), (1.0, "r0f0", "completed"), (1.0, "r0f1", "diverged")]
+    assert frame["val_accuracy"].tolist()[:8] == [0.8, 0.9, 0.85, 0.9, 0.95, 0.85, 0.7, 0.3]
+    assert math.isnan(frame["val_accuracy"][8])
+    assert (frame["numerics"] == CPU_LABEL).all() and not frame["baseline"].any()
+    for column, dtype in [("e_lambda", "float64"), ("repeat", "int64"), ("val_accuracy", "float64"),
+                          ("seconds", "float64"), ("iterations", "int64"), ("seed", "int64"), ("baseline", bool)]:
+        assert frame[column].dtype == dtype, column
+
+
+def test_folds_frame_of_a_study_with_nothing_finished_has_its_columns():
+    status = make_status()
+    status.points = [PointStatus(Point(1e-3), "pending", {}, NAMES)]
+    frame = ls.folds_frame(status)
+    assert list(frame.columns) == FOLD_COLUMNS and frame.empty
+
+
+# ---------------------------------------------------------------- texts and files
+
+
+def _same(read: pd.DataFrame, frame: pd.DataFrame, rel=1e-15):
+    """Equal values, column by column (NaN, None and <NA> alike; numbers as floats to
+    ``rel``)."""
+    assert list(read.columns) == list(frame.columns)
+    for c in frame.columns:
+        a, b = read[c].tolist(), frame[c].tolist()
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            if pd.isna(y):
+                assert pd.isna(x), (c, x, y)
+            elif isinstance(y, str):
+                assert x == y, (c, x, y)
+            else:
+                assert float(x) == pytest.approx(float(y), rel=rel, abs=0), (c, x, y)
+
+
+@pytest.mark.parametrize("folds", [False, True])
+def test_csv_text_round_trips(folds):
+    status = make_status()
+    frame = ls.folds_frame(status) if folds else ls.results_frame(status)
+    text = ls.table_text(status, folds=folds, fmt="csv")
+    assert text.splitlines()[0] == ",".join(frame.columns)
+    _same(pd.read_csv(io.StringIO(text)), frame)  # exactly: CSV writes the shortest exact form
+
+
+def test_csv_text_keeps_close_lambdas_apart():
+    status = make_status()
+    status.points[1].point = Point(1.0000000000000002e-3)
+    read = pd.read_csv(io.StringIO(ls.table_text(status)))
+    assert read["param_e_lambda"].tolist()[:2] == [1e-3, 1.0000000000000002e-3]
+
+
+@pytest.mark.parametrize("folds", [False, True])
+def test_json_text_round_trips(folds):
+    status = make_status()
+    frame = ls.folds_frame(status) if folds else ls.results_frame(status)
+    text = ls.table_text(status, folds=folds, fmt="json")
+    records = json.loads(text)
+    assert isinstance(records, list) and len(records) == len(frame)
+    assert all(list(r) == list(frame.columns) for r in records)
+    if not folds:  # missing values are null, never NaN (which JSON has not)
+        assert records[4]["param_e_lambda"] is None and records[4]["rank_val_accuracy"] is None
+        assert records[0]["rank_val_accuracy"] == 2 and records[1]["baseline"] is False
+    _same(pd.DataFrame.from_records(records, columns=list(frame.columns)), frame, rel=1e-9)
+
+
+def test_json_text_keeps_every_float_exactly():
+    status = make_status()
+    status.points[1].point = Point(1.0000000000000002e-3)  # one float step above the first point's lambda
+    records = json.loads(ls.table_text(status, fmt="json"))
+    assert [r["param_e_lambda"] for r in records[:2]] == [1e-3, 1.0000000000000002e-3]
+    assert records[3]["std_fit_time"] == ls.results_frame(status)["std_fit_time"][3]
+
+
+@pytest.mark.parametrize("ext", ["csv", "json"])
+def test_export_tables_writes_both_tables(tmp_path, ext):
+    status = make_status()
+    paths = ls.export_tables(status, tmp_path / f"out.{ext}")
+    assert paths == [tmp_path / f"out.{ext}", tmp_path / f"out.folds.{ext}"]
+    assert paths[0].read_text() == ls.table_text(status, False, ext)
+    assert paths[1].read_text() == ls.table_text(status, True, ext)
+    only = ls.export_tables(status, tmp_path / f"only.{ext}", folds_only=True, fmt=ext)
+    assert only == [tmp_path / f"only.{ext}"] and only[0].read_text() == ls.table_text(status, True, ext)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"out.{ext}", f"out.folds.{ext}", f"only.{ext}"])
+
+
+def test_export_tables_reads_the_format_from_the_extension(tmp_path):
+    status = make_status()
+    ls.export_tables(status, tmp_path / "UPPER.CSV")
+    _same(pd.read_csv(tmp_path / "UPPER.CSV"), ls.results_frame(status))
+    _same(pd.read_csv(tmp_path / "UPPER.folds.CSV"), ls.folds_frame(status))
+
+
+@pytest.mark.parametrize("name, fmt, want", [("out.txt", None, ".csv or .json"), ("out", None, ".csv or .json"),
+                                             ("out.csv", "json", ".json"), ("out.json", "csv", ".csv"),
+                                             ("out.xlsx", "csv", ".csv")])
+def test_export_tables_refuses_another_extension(tmp_path, name, fmt, want):
+    path = tmp_path / name
+    with pytest.raises(ConfigError) as info:
+        ls.export_tables(make_status(), path, fmt=fmt)
+    assert str(info.value) == f"export writes {want} files (or - for standard output), got -o {str(path)!r}"
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_export_csv_writes_csv_whatever_the_extension(tmp_path):
+    status = make_status()
+    assert ls.export_csv(status, tmp_path / "t") == (tmp_path / "t", tmp_path / "t.folds.csv")
+    assert ls.export_csv(status, tmp_path / "t.txt") == (tmp_path / "t.txt", tmp_path / "t.folds.txt")
+    _same(pd.read_csv(tmp_path / "t.txt"), ls.results_frame(status))
+    _same(pd.read_csv(tmp_path / "t.folds.csv"), ls.folds_frame(status))
+
+
+# ---------------------------------------------------------------- the studies of a storage
+
+
+def test_format_studies():
+    assert ls.format_studies([], "sqlite:///x.db") == "no studies in sqlite:///x.db"
+    studies = [{"study": "a", "lambda_search": True, "finished": True, "complete": 5, "total": 5,
+                "companions": ["a-baseline"]},
+               {"study": "other", "lambda_search": False, "trials": 12, "companions": []},
+               {"study": "b", "lambda_search": True, "finished": False, "complete": 1, "total": 10, "companions": []}]
+    assert ls.format_studies(studies, "postgresql://u:***@h/db") == "\n".join([
+        "studies in postgresql://u:***@h/db:",
+        "study         points                state",
+        "a             5/5 points complete   finished",
+        "  a-baseline  companion",
+        "other         12 trials             not a lambda_search study",
+        "b             1/10 points complete  not finished",
+    ])
