@@ -1,13 +1,17 @@
 # The two set-up commands of the README. Each makes its own virtual environment in .venv and
-# installs the project into it; .ci/run calls `make test`.
+# installs the project into it; .ci/run calls `make lint` and `make test`.
 VENV ?= .venv
 PYTHON ?= python3
 
-.PHONY: test test-fast quickstart install
+.PHONY: test test-fast lint quickstart install
 
 install:
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet -e '.[test]'
+
+# lint: ruff (pyflakes, pycodestyle, import order; lines of at most 120 characters), run by .ci/run
+lint: install
+	$(VENV)/bin/ruff check lambda_search tests
 
 # the tests: all of them (what CI runs)
 test: install

@@ -1,28 +1,73 @@
-"""lambda_search: choose SimAM's lambda by cross-validation, and trust the answer."""
+"""lambda_search: choose SimAM's lambda by cross-validation, and trust the answer.
 
-from ._config import ConfigError, config_diff, load_config, parse_override, resolve_config
-from ._augment import center_crop, normalize, random_crop_flip, random_resized_crop
-from ._data import DATASETS, Augmentation, ImageData, dataset_fingerprint, load_dataset
-from ._folds import Fold, derive_seed, folds_fingerprint, make_folds
-from ._checkpoint import load_official_checkpoint, map_official_state_dict
-from ._models import MODEL_NAMES, BasicBlock, ResNet, build_model
-from ._simam import SimAM, check_e_lambda, set_e_lambda, simam, simam_batch_norm, simam_reference
-from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, train_fold
-from ._pack import Pack, train_pack
-from ._objective import Plan, Point, PointOutcome, format_lambda, grid_points, make_plan, run_point, summarize
-from ._measure import Engines, Projection, project, quick_projection
-from ._storage import DiskFull, StorageError, StorageFailure, StorageLost, Store, open_store, redact
-from ._status import (STORAGE_ENV, PointStatus, StudyError, StudyStatus, baseline_study_name, list_studies,
-                      load_study_config, study_status)
+The public names, by what a user does with them (everything else stays importable from its
+module, e.g. ``lambda_search._objective.make_plan``, for tests and the curious):
+
+Run a search
+    load_config(path, overrides)       a study config (TOML), checked, defaults filled in
+    run_search(config, workers=...)    create or resume the study and run every point once
+    resume_config(url, name)           the config stored in a study, to run_search it again
+    run_worker(store, name)            one more worker on a running study
+    open_store(url)                    an SQLite, PostgreSQL or journal storage
+    study_status(store, name)          every point: state, folds, mean and std (StudyStatus)
+    list_studies(store)                the studies of a storage
+
+Read the answer
+    select(status, prefer)             best mean, one-standard-error choice, corrected t-tests
+    corrected_t_test(a, b, ratio)      Nadeau and Bengio's test over paired folds
+    format_selection(selection)        the selection as text
+    status_table(status)               the points as text
+    results_frame(status)              one row per point, scikit-learn's cv_results_ shape
+    folds_frame(status)                one row per fold
+    export_tables(status, path)        both tables as CSV or JSON
+    figure4_data(status)               what Figure 4 shows (a pure function)
+    draw_figure4(data, path)           draw it; plot_figure4(status, path) does both
+    format_lambda(value)               a lambda's shortest exact label
+
+Models and one training
+    SimAM, simam, build_model, set_e_lambda, load_official_checkpoint, MODEL_NAMES
+    load_dataset, make_folds, TrainConfig, train_fold, train_pack
+
+Errors
+    ConfigError, StorageError, StudyError (bad input: the CLI's exit code 2);
+    StorageFailure (a full disk, a lost database: exit code 1)
+
+``run_bench`` (and ``Bench``, ``format_bench``, ``paper_figure4_config``) measure speed;
+they are loaded when first asked for, so that no worker loads the reference pipeline.
+"""
+
+from ._checkpoint import load_official_checkpoint
+from ._config import ConfigError, load_config
+from ._data import load_dataset
+from ._engine import TrainConfig
+from ._folds import make_folds
+from ._models import MODEL_NAMES, build_model
+from ._objective import format_lambda
+from ._pack import train_pack
+from ._plot import draw_figure4, figure4_data, plot_figure4
+from ._report import export_tables, folds_frame, results_frame, status_table
+from ._select import corrected_t_test, format_selection, select
+from ._simam import SimAM, set_e_lambda, simam
+from ._status import StudyError, StudyStatus, list_studies, study_status
+from ._storage import StorageError, StorageFailure, open_store
+from ._study import resume_config, run_search
+from ._train import train_fold
 from ._worker import run_worker
-from ._study import create_or_resume, resume_config, run_search
-from ._report import export_csv, export_tables, folds_frame, format_studies, results_frame, status_table, table_text
-from ._select import LambdaStats, corrected_t_test, format_selection, lambda_stats, nothing_selected, select
-from ._plot import default_plot_path, draw_figure4, figure4_data, plot_figure4, plot_title
 
 __version__ = "0.1.0"
 
 _BENCH = ("Bench", "format_bench", "paper_figure4_config", "run_bench")
+
+__all__ = [
+    "load_config", "run_search", "resume_config", "run_worker", "open_store", "study_status", "list_studies",
+    "StudyStatus",
+    "select", "corrected_t_test", "format_selection", "status_table", "results_frame", "folds_frame",
+    "export_tables", "figure4_data", "draw_figure4", "plot_figure4", "format_lambda",
+    "SimAM", "simam", "build_model", "set_e_lambda", "load_official_checkpoint", "MODEL_NAMES",
+    "load_dataset", "make_folds", "TrainConfig", "train_fold", "train_pack",
+    "ConfigError", "StorageError", "StudyError", "StorageFailure",
+    "run_bench", "__version__",
+]
 
 
 def __getattr__(name: str):
@@ -33,98 +78,3 @@ def __getattr__(name: str):
 
         return getattr(_bench, name)
     raise AttributeError(f"module 'lambda_search' has no attribute {name!r}")
-
-
-__all__ = [
-    "ConfigError",
-    "config_diff",
-    "load_config",
-    "parse_override",
-    "resolve_config",
-    "Plan",
-    "Point",
-    "format_lambda",
-    "PointOutcome",
-    "grid_points",
-    "make_plan",
-    "run_point",
-    "summarize",
-    "Bench",
-    "Projection",
-    "Engines",
-    "format_bench",
-    "paper_figure4_config",
-    "project",
-    "quick_projection",
-    "run_bench",
-    "StorageError",
-    "StorageFailure",
-    "DiskFull",
-    "StorageLost",
-    "Store",
-    "open_store",
-    "redact",
-    "STORAGE_ENV",
-    "PointStatus",
-    "StudyError",
-    "StudyStatus",
-    "baseline_study_name",
-    "create_or_resume",
-    "load_study_config",
-    "resume_config",
-    "run_search",
-    "run_worker",
-    "study_status",
-    "export_csv",
-    "export_tables",
-    "table_text",
-    "format_studies",
-    "list_studies",
-    "nothing_selected",
-    "folds_frame",
-    "results_frame",
-    "status_table",
-    "LambdaStats",
-    "corrected_t_test",
-    "format_selection",
-    "lambda_stats",
-    "select",
-    "default_plot_path",
-    "draw_figure4",
-    "figure4_data",
-    "plot_figure4",
-    "plot_title",
-    "DATASETS",
-    "Augmentation",
-    "Engine",
-    "EpochMetrics",
-    "Fold",
-    "FoldResult",
-    "ImageData",
-    "TrainConfig",
-    "center_crop",
-    "dataset_fingerprint",
-    "derive_seed",
-    "folds_fingerprint",
-    "load_dataset",
-    "make_folds",
-    "normalize",
-    "random_crop_flip",
-    "random_resized_crop",
-    "train_fold",
-    "Pack",
-    "train_pack",
-    "MODEL_NAMES",
-    "BasicBlock",
-    "ResNet",
-    "SimAM",
-    "build_model",
-    "check_e_lambda",
-    "load_official_checkpoint",
-    "map_official_state_dict",
-    "set_e_lambda",
-    "simam",
-    "simam_reference",
-    "simam_batch_norm",
-    "__version__",
-]

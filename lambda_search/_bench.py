@@ -20,13 +20,24 @@ import torch.nn.functional as F
 
 from ._config import resolve_config
 from ._data import ImageData
+from ._engine import cpu_threads, make_optimizer, on_device
 from ._kernels import cpu_kernel
+from ._measure import (
+    Projection,
+    eval_rates,
+    lambda_of,
+    least_share,
+    medians,
+    pack_setting,
+    pick_rounds,
+    plan_engine,
+    project_rounds,
+    search_step,
+    time_rounds,
+)
 from ._models import BasicBlock, build_model
 from ._objective import Plan, make_plan
 from ._simam import SimAM, simam_reference
-from ._train import cpu_threads, make_optimizer, on_device
-from ._measure import (Projection, eval_rates, lambda_of, least_share, medians, pack_setting,
-                       pick_rounds, plan_engine, project_rounds, search_step, time_rounds)
 
 __all__ = ["Bench", "PAPER_FIGURE4", "paper_figure4_config", "run_bench", "format_bench"]
 

@@ -13,8 +13,9 @@ import hashlib
 import math
 import numbers
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 __all__ = ["ConfigError", "load_config", "resolve_config", "parse_override", "config_diff",
            "IDENTITY_EXEMPT", "study_name_ok", "E_LAMBDA_MIN"]

@@ -64,7 +64,9 @@ class ImageData:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(
+                f"images must be a uint8 (N, C, H, W) tensor, got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels.shape != (self.images.shape[0],):
             raise ValueError(f"labels must have shape ({self.images.shape[0]},), got {tuple(self.labels.shape)}")
 
@@ -210,7 +212,9 @@ def _load_imagefolder(root: str | None, split: str, resolution: int = 112, cache
     if not images_file.exists():
         images_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = images_file.with_suffix(f".tmp{os.getpid()}")
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), 3, cache_size, cache_size))
+        array = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.uint8, shape=(len(samples), 3, cache_size, cache_size)
+        )
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for i, img in enumerate(pool.map(lambda s: _decode(folder / s[0], cache_size), samples)):
                 array[i] = img

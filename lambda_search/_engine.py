@@ -66,7 +66,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if (self.iterations is None) == (self.epochs is None):
             raise ValueError(
-                f"give exactly one budget, iterations or epochs; got iterations={self.iterations!r}, epochs={self.epochs!r}"
+                f"give exactly one budget, iterations or epochs; got iterations={self.iterations!r}, "
+                f"epochs={self.epochs!r}"
             )
         if self.iterations is not None:
             _positive("iterations", self.iterations, numbers.Integral)
@@ -87,11 +88,15 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got schedule={self.schedule!r}")
         m = tuple(self.milestones)
         if any(not isinstance(x, numbers.Real) or not 0 < x < 1 for x in m) or list(m) != sorted(set(m)):
-            raise ValueError(f"milestones must be increasing fractions of the budget in (0, 1), got milestones={self.milestones!r}")
+            raise ValueError(
+                f"milestones must be increasing fractions of the budget in (0, 1), got milestones={self.milestones!r}"
+            )
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
-            raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got device={self.device!r}") from None
+            raise ValueError(
+                f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got device={self.device!r}"
+            ) from None
 
     def total_iterations(self, n_train: int) -> int:
         return self.iterations if self.iterations is not None else self.epochs * (n_train // self.batch_size)
@@ -138,7 +143,15 @@ class FoldResult:
 class Engine:
     """One network on one device, built (and compiled) once and reused for every lambda and
     fold: lambda is set in place in SimAM's buffers and fresh weights are copied into the
-    same parameters, so a compiled graph stays valid."""
+    same parameters, so a compiled graph stays valid.
+
+    Its settings say how networks of its kind run on its device, its own and those built from
+    it (packs, :mod:`lambda_search._pack`, read them; the engine knows nothing of packs):
+    ``dtype``, ``amp``, ``channels_last``, ``compile``, and ``cuda_graphs``, whether a packed
+    step is replayed as one CUDA graph (CUDA only). Packs alone read ``cuda_graphs`` (the
+    engine's own step is never replayed); it is the engine's all the same, a setting of how this
+    device runs, built from the same TrainConfig as the others (:func:`build_engine`).
+    """
 
     def __init__(self, model_name: str, num_classes: int, attention: str = "simam", shortcut: str = "B",
                  device: str = "cpu", compile: bool | None = None, amp: bool | None = None,
@@ -153,31 +166,32 @@ class Engine:
         self.spec = dict(model_name=model_name, num_classes=num_classes, attention=attention, shortcut=shortcut)
         cuda = self.device.type == "cuda"
         self.amp = cuda if amp is None else bool(amp)
-        # packs (lambda_search._pack) replay their whole step as one CUDA graph: no launch gaps
+        # a step replayed as one CUDA graph: no launch gaps (packs do, lambda_search._pack)
         self.cuda_graphs = cuda and (cuda_graphs is None or bool(cuda_graphs))
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN time its algorithms once
         # channels last: faster convolutions on GPUs and with oneDNN on CPUs (measured by bench)
         self.channels_last = True if channels_last is None else bool(channels_last)
-        self.model = self._fresh(seed=0).to(self.device, dtype)
+        self.model = self.fresh(seed=0).to(self.device, dtype)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # compiled on GPUs by default (fused BatchNorm, SimAM and ReLU: about 1.8x the packed
         # images/s on an H200); compiling is lazy, at a network's first call
         self.compile = cuda if compile is None else bool(compile)
         self.forward = torch.compile(self.model) if self.compile else self.model
-        self.packs: dict = {}  # pack size -> Pack (lambda_search._pack), built once like the engine
 
-    def _fresh(self, seed: int, e_lambda: float = 1e-4):
+    def fresh(self, seed: int) -> torch.nn.Module:
+        """A new network of the engine's kind with the initial weights of ``seed``, on the CPU in
+        float32, lambda 1e-4 (the caller's RNG is left as it was): what every training starts from."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return build_model(self.spec["model_name"], self.spec["num_classes"], self.spec["attention"],
-                               e_lambda=e_lambda, shortcut=self.spec["shortcut"])
+                               e_lambda=1e-4, shortcut=self.spec["shortcut"])
 
     def reset(self, seed: int, e_lambda: float | None) -> None:
         """Initial weights of ``seed`` (as a freshly built model on the CPU) and lambda."""
         with torch.no_grad():
-            for own, new in zip(self.model.state_dict().values(), self._fresh(seed).state_dict().values()):
+            for own, new in zip(self.model.state_dict().values(), self.fresh(seed).state_dict().values()):
                 own.copy_(new)
         if self.spec["attention"] == "simam":
             set_e_lambda(self.model, e_lambda)

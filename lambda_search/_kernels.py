@@ -23,8 +23,17 @@ import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["cpu_kernel", "cpu_model", "kernel_build", "kernel_cache_dir", "kernel_isa", "kernels_enabled", "use_kernels",
-           "KERNELS_ENV", "CACHE_ENV"]
+__all__ = [
+    "cpu_kernel",
+    "cpu_model",
+    "kernel_build",
+    "kernel_cache_dir",
+    "kernel_isa",
+    "kernels_enabled",
+    "use_kernels",
+    "KERNELS_ENV",
+    "CACHE_ENV",
+]
 
 KERNELS_ENV = "LAMBDA_SEARCH_KERNELS"  # "0": never build or load, use PyTorch operations
 CACHE_ENV = "LAMBDA_SEARCH_CACHE"  # where built kernels are kept (default ~/.cache/lambda_search)

@@ -19,11 +19,11 @@ import torch
 
 from ._augment import train_batch
 from ._data import ImageData
+from ._engine import Engine, _evaluate, build_engine, cpu_threads, make_optimizer, on_device
 from ._kernels import cpu_kernel
 from ._objective import Plan
-from ._pack import pack_for
+from ._pack import Pack, Packs
 from ._runs import chunk_sizes, static_pack, trains_alone
-from ._train import Engine, _evaluate, build_engine, cpu_threads, make_optimizer, on_device
 
 __all__ = ["Projection", "Engines", "project", "project_rounds", "measure_steps", "measure_packs", "pick_pack",
            "pick_rounds", "plan_engine", "quick_projection", "worker_pack", "format_seconds", "format_range",
@@ -124,15 +124,22 @@ def project_rounds(plan: Plan, step_rounds: dict[str, list[float]], eval_rates: 
 class Engines:
     """The engines of ``plan``'s networks, one per attention ("simam", "none"), built (and
     compiled) on first use and then reused: by the start-up projection, and by every point a
-    worker in the same process trains."""
+    worker in the same process trains, with the packs trained on them."""
 
     def __init__(self, plan: Plan):
-        self.plan, self._built = plan, {}
+        self.plan, self._built, self._packs = plan, {}, {}
 
     def __call__(self, attention: str) -> Engine:
         if attention not in self._built:
             self._built[attention] = plan_engine(self.plan, attention)
         return self._built[attention]
+
+    def packs(self, attention: str) -> Packs:
+        """The packs trained on the engine of ``attention``, each size built once (on a GPU
+        compiled and its step captured once) for every point the worker trains."""
+        if attention not in self._packs:
+            self._packs[attention] = Packs(self(attention))
+        return self._packs[attention]
 
     def built(self) -> list[str]:
         return sorted(self._built)
@@ -163,8 +170,8 @@ def _engine_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | 
 
 def _pack_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, size: int) -> Callable[[], None]:
     """A packed training step of ``size`` networks (train_pack's), on random batches of the first fold."""
-    pack = pack_for(engine, size)
-    state = engine._fresh(0).state_dict()
+    pack = Pack(engine, size)
+    state = engine.fresh(0).state_dict()
     for p in range(size):
         pack.load(p, state, None, e_lambda)
     device = engine.device
@@ -328,7 +335,7 @@ def eval_rates(engine: Engine, data: ImageData, plan: Plan, size: int = 1, passe
         def run(index):
             _evaluate(engine, data, index, batch)
     else:
-        pack = pack_for(engine, size)
+        pack = Pack(engine, size)
 
         def run(index):
             pack.evaluate(data, [index] * size, batch)

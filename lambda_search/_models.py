@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._simam import SimAM, check_e_lambda, simam_batch_norm
+from ._simam import SimAM, SimAMBatchNorm, check_e_lambda
 
 __all__ = ["BasicBlock", "ResNet", "build_model", "MODEL_NAMES"]
 
@@ -56,7 +56,12 @@ def _projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequenti
 
 
 class BasicBlock(nn.Module):
-    """conv1 -> bn1 -> relu -> conv2 -> attention -> bn2 -> (+ shortcut) -> relu."""
+    """conv1 -> bn1 -> relu -> conv2 -> attention -> bn2 -> (+ shortcut) -> relu.
+
+    ``bn2`` is a :class:`~lambda_search._simam.SimAMBatchNorm`, the BatchNorm that takes the
+    attention layer before it (``attn``: SimAM, or none): where they can, the two run as one
+    kernel (CPU training); layer names and state dict keys are a plain block's.
+    """
 
     def __init__(
         self,
@@ -72,12 +77,12 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.attn = attn_layer() if attn_layer is not None else nn.Identity()
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = SimAMBatchNorm(out_channels)
         self.downsample = downsample if downsample is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = simam_batch_norm(self.conv2(out), self.attn, self.bn2)  # bn2(attn(.)), fused where it pays
+        out = self.bn2(self.conv2(out), self.attn)  # bn2(attn(.))
         return self.relu(out + self.downsample(x))
 
 

@@ -24,8 +24,8 @@ import json
 
 import torch
 
+from ._engine import Engine, TrainConfig
 from ._kernels import cpu_kernel, cpu_model, kernel_build, kernel_isa
-from ._train import Engine, TrainConfig
 
 __all__ = ["training_numerics", "proposed_pin", "numerics_label", "distinct_numerics", "mixed_folds", "device_kind"]
 

@@ -19,11 +19,13 @@ import torch
 
 from ._config import ConfigError
 from ._data import ImageData, dataset_fingerprint, load_dataset
+from ._engine import Engine, EpochMetrics, FoldResult, TrainConfig, engine_for
+from ._fold import set_aside
 from ._folds import Fold, derive_seed, folds_fingerprint, make_folds
 from ._models import MODEL_NAMES
 from ._numerics import training_numerics
+from ._pack import Packs
 from ._runs import chunk_sizes, train_group
-from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, engine_for, set_aside
 
 __all__ = ["Point", "format_lambda", "Plan", "PointOutcome", "grid_points", "fold_names", "make_plan", "summarize",
            "run_point", "train_config", "own_checkpoints", "check_device"]
@@ -166,7 +168,9 @@ def make_plan(config: dict, device: str | None = None) -> Plan:
         raise ConfigError(f"train.batch_size must be <= the smallest fold's {smallest} training images, "
                           f"got train.batch_size={train.batch_size}")
     if model_cfg["name"] == "resnet18" and data.input_size < 32:
-        raise ConfigError(f"model.name='resnet18' needs images of at least 32 px, the data set has {data.input_size} px")
+        raise ConfigError(
+            f"model.name='resnet18' needs images of at least 32 px, the data set has {data.input_size} px"
+        )
     fingerprint = folds_fingerprint(folds, dataset_fingerprint(data))
     return Plan(config, data, folds, train, fingerprint, grid_points(config))
 
@@ -245,12 +249,13 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
               engine: Engine | None = None, checkpoint_dir: str | os.PathLike | None = None,
               on_fold: Callable[[Fold, dict, dict], None] | None = None,
               on_epoch: Callable[[Fold, EpochMetrics], None] | None = None,
-              should_stop: Callable[[], bool] | None = None, pack: int = 1) -> PointOutcome:
+              should_stop: Callable[[], bool] | None = None, pack: int = 1, packs: Packs | None = None) -> PointOutcome:
     """Train ``point`` on every fold of its repeat that ``done`` (fold name -> record) does
     not hold yet, in fold order, and summarise. A fold with a checkpoint resumes from it.
     ``pack`` > 1 trains that many folds at once as one packed network (same results to float
     rounding; the packs are the repeat's folds cut in runs of ``pack``, whichever are done,
-    so that a resumed point packs its folds as an uninterrupted one). Each record says what
+    so that a resumed point packs its folds as an uninterrupted one; ``packs``: the engine's packs,
+    reused from point to point). Each record says what
     its fold was trained under (``numerics``). ``on_fold(fold, record, all_records)`` runs as
     each fold finishes."""
     records = dict(done or {})
@@ -269,7 +274,8 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
         paths = [folder / f"{f.name}.pt" if folder is not None else None for f in group]
         results = train_group(plan.data, group, point.e_lambda, plan.train, seeds=[plan.train_seed(f) for f in group],
                               model=model["name"], attention=point.attention, shortcut=model["shortcut"],
-                              engine=engine, checkpoints=paths, on_epoch=on_epoch, should_stop=should_stop)
+                              engine=engine, checkpoints=paths, on_epoch=on_epoch, should_stop=should_stop,
+                              packs=packs)
         numerics = training_numerics(engine, plan.train, len(group))
         for fold, result in zip(group, results):  # finished folds are kept, also when others stopped
             if result.status != "stopped":

@@ -26,15 +26,24 @@ from torch import Tensor
 
 from ._augment import train_batch
 from ._data import ImageData, dataset_fingerprint
-from ._engine import (Engine, EpochMetrics, FoldResult, TrainConfig, _evaluate, checked_lambda, cpu_threads,
-                      engine_for, on_device)
+from ._engine import (
+    Engine,
+    EpochMetrics,
+    FoldResult,
+    TrainConfig,
+    _evaluate,
+    checked_lambda,
+    cpu_threads,
+    engine_for,
+    on_device,
+)
 from ._fold import FoldRun, checkpoint_key, track, trackers
 from ._folds import Fold
 from ._packnet import PackedNet, packed_evaluate
 from ._packstep import GraphedStep, PackedSGD
 from ._simam import set_e_lambda
 
-__all__ = ["Pack", "pack_for", "train_pack"]
+__all__ = ["Pack", "Packs", "train_pack"]
 
 
 class Pack:
@@ -92,17 +101,32 @@ class Pack:
         """What a step changes: the networks' parameters and buffers, the momentum buffers."""
         return [*self.model.state_dict().values(), *self.sgd.momentum]
 
-    def evaluate(self, data: ImageData, indices: list[Tensor | None], batch_size: int) -> list[tuple[float, float] | None]:
+    def evaluate(
+        self, data: ImageData, indices: list[Tensor | None], batch_size: int
+    ) -> list[tuple[float, float] | None]:
         """Validation accuracy and mean loss of the networks given an index (None: skipped),
         in one packed pass (:func:`~lambda_search._packnet.packed_evaluate`)."""
         return packed_evaluate(self.net, self.engine, data, indices, batch_size)
 
 
-def pack_for(engine: Engine, size: int) -> Pack:
-    """The engine's pack of ``size`` networks, built once (and compiled once) per engine."""
-    if size not in engine.packs:
-        engine.packs[size] = Pack(engine, size)
-    return engine.packs[size]
+class Packs:
+    """The packs of one engine by size, each built (on GPUs compiled, its step captured) once
+    and then reused: kept by whoever owns the engine and trains packs on it, and given to
+    :func:`train_pack`. The engine knows nothing of them."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._built: dict[int, Pack] = {}
+
+    def __call__(self, size: int) -> Pack:
+        """The pack of ``size`` networks, built on first use."""
+        if size not in self._built:
+            self._built[size] = Pack(self.engine, size)
+        return self._built[size]
+
+    def clear(self) -> None:
+        """Drop every pack built (and the device memory it holds)."""
+        self._built.clear()
 
 
 def train_pack(
@@ -119,6 +143,7 @@ def train_pack(
     callback: Callable[[int, EpochMetrics], bool | None] | None = None,
     checkpoints: list[str | os.PathLike | None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    packs: Packs | None = None,
 ) -> list[FoldResult]:
     """Train ``len(folds)`` (lambda, fold) pairs at once as one packed network; what
     :func:`train_fold` does for each, with the same results to float rounding.
@@ -129,14 +154,22 @@ def train_pack(
     ``should_stop()`` answers True, every unfinished member saves its checkpoint and stops.
     A member that diverges ends "diverged" and the others go on. Returns the members'
     FoldResults in order; ``seconds`` of each is the pack's wall time.
+
+    ``packs``: the :class:`Packs` of ``engine`` (its engine where ``engine`` is not given), to
+    take the pack from and leave it in for the next call: built (on GPUs compiled, its step
+    captured) once per size. Without it the call builds a pack of its own.
     """
+    if packs is not None:
+        if engine is not None and engine is not packs.engine:
+            raise ValueError("train_pack was given packs of another engine than engine=")
+        engine = packs.engine
     with cpu_threads(config):
         return _train_pack(data, folds, e_lambdas, config, seeds, model, attention, shortcut, engine, callback,
-                           checkpoints, should_stop)
+                           checkpoints, should_stop, packs)
 
 
 def _train_pack(data, folds, e_lambdas, config, seeds, model, attention, shortcut, engine, callback, checkpoints,
-                should_stop) -> list[FoldResult]:
+                should_stop, packs) -> list[FoldResult]:
     n = len(folds)
     if n < 1 or len(e_lambdas) != n or len(seeds) != n or (checkpoints is not None and len(checkpoints) != n):
         raise ValueError(f"train_pack needs one lambda, seed (and checkpoint) per fold; got {n} folds, "
@@ -146,11 +179,13 @@ def _train_pack(data, folds, e_lambdas, config, seeds, model, attention, shortcu
     device = engine.device
     for fold in folds:
         if config.batch_size > len(fold.train):
-            raise ValueError(f"batch_size={config.batch_size} exceeds fold {fold.name}'s {len(fold.train)} training images")
+            raise ValueError(
+                f"batch_size={config.batch_size} exceeds fold {fold.name}'s {len(fold.train)} training images"
+            )
     paths = [Path(c) if c is not None else None for c in (checkpoints if checkpoints is not None else [None] * n)]
     data_key = dataset_fingerprint(data) if any(p is not None for p in paths) else None
     data = on_device(data, config, device)
-    pack = pack_for(engine, n)
+    pack = packs(n) if packs is not None else Pack(engine, n)
 
     tracked, runs = trackers(n, device), []
     for i, (fold, lam, seed, path) in enumerate(zip(folds, e_lambdas, seeds, paths)):
@@ -161,7 +196,7 @@ def _train_pack(data, folds, e_lambdas, config, seeds, model, attention, shortcu
                       callback=partial(callback, i) if callback is not None else None, should_stop=should_stop)
         payload = run.resume()
         if payload is None:
-            pack.load(i, engine._fresh(seed).state_dict(), None, lam)
+            pack.load(i, engine.fresh(seed).state_dict(), None, lam)
         else:
             momentum = [payload["optimizer"]["state"].get(j, {}).get("momentum_buffer")
                         for j in range(len(pack.net.params))]

@@ -20,7 +20,7 @@ from ._augment import eval_batch
 from ._data import ImageData
 from ._engine import Engine
 from ._models import BasicBlock, PadShortcut, ResNet
-from ._simam import SimAM, simam
+from ._simam import SimAM
 
 __all__ = ["PackedNet", "packed_evaluate"]
 
@@ -52,18 +52,18 @@ class _PackedPadShortcut(nn.Module):
         return F.pad(x.reshape(b, self.size, -1, h, w), self.pad).reshape(b, -1, h, w)
 
 
-class _ChannelSimAM(nn.Module):
-    """SimAM with one lambda per channel: model p's lambda on its channel block."""
-
-    fuses_with_batch_norm = True
+class _ChannelSimAM(SimAM):
+    """SimAM with one lambda per channel: model p's lambda on its channel block. A SimAM, so that
+    the block's SimAMBatchNorm fuses the two on the CPU as it does for one network."""
 
     def __init__(self, size: int, channels: int) -> None:
         super().__init__()
         self.size = size
+        # replaces SimAM's one lambda
         self.register_buffer("e_lambda", torch.full((size * channels,), 1e-4), persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return simam(x, self.e_lambda)
+    def extra_repr(self) -> str:
+        return f"{self.e_lambda.numel()} channels, a lambda each"
 
 
 def _packed(module: nn.Module, size: int) -> nn.Module:
@@ -71,9 +71,9 @@ def _packed(module: nn.Module, size: int) -> nn.Module:
     if isinstance(module, nn.Conv2d):
         return nn.Conv2d(size * module.in_channels, size * module.out_channels, module.kernel_size, module.stride,
                          module.padding, module.dilation, size * module.groups, module.bias is not None)
-    if isinstance(module, nn.BatchNorm2d):
-        return nn.BatchNorm2d(size * module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
+    if isinstance(module, nn.BatchNorm2d):  # a block's bn2 stays a SimAMBatchNorm
+        return type(module)(size * module.num_features, module.eps, module.momentum, module.affine,
+                            module.track_running_stats)
     if isinstance(module, nn.Linear):
         return _PackedLinear(size, module.in_features, module.out_features)
     if isinstance(module, PadShortcut):
@@ -98,9 +98,10 @@ class PackedNet:
 
     def __init__(self, engine: Engine, size: int) -> None:
         self.size = size
-        template = engine._fresh(seed=0)
+        template = engine.fresh(seed=0)
         self.names = list(template.state_dict())
-        self.model = _packed(copy.deepcopy(template), size).to(engine.device, engine.dtype)
+        with torch.random.fork_rng(devices=[]):  # the new layers' initial weights, overwritten by load
+            self.model = _packed(copy.deepcopy(template), size).to(engine.device, engine.dtype)
         if engine.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if engine.compile else self.model

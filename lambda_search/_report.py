@@ -88,7 +88,9 @@ def results_frame(status: StudyStatus) -> pd.DataFrame:
         rows.append(row)
     frame = pd.DataFrame(rows)
     complete = frame["state"] == "complete"
-    frame["rank_val_accuracy"] = frame["mean_val_accuracy"].where(complete).rank(ascending=False, method="min").astype("Int64")
+    frame["rank_val_accuracy"] = (
+        frame["mean_val_accuracy"].where(complete).rank(ascending=False, method="min").astype("Int64")
+    )
     cols = [c for c in frame.columns if c not in ("mean_fit_time", "std_fit_time")] + ["mean_fit_time", "std_fit_time"]
     return frame[cols]
 

@@ -16,9 +16,10 @@ from typing import Callable
 import torch
 
 from ._data import ImageData
+from ._engine import Engine, EpochMetrics, FoldResult, TrainConfig
 from ._folds import Fold
-from ._pack import train_pack
-from ._train import Engine, EpochMetrics, FoldResult, TrainConfig, train_fold
+from ._pack import Packs, train_pack
+from ._train import train_fold
 
 __all__ = ["auto_packs", "chunk_sizes", "static_pack", "trains_alone", "train_group"]
 
@@ -55,9 +56,10 @@ def train_group(data: ImageData, group: list[Fold], e_lambda: float | None, conf
                 seeds: list[int], model: str, attention: str, shortcut: str, engine: Engine,
                 checkpoints: list[str | os.PathLike | None],
                 on_epoch: Callable[[Fold, EpochMetrics], None] | None = None,
-                should_stop: Callable[[], bool] | None = None) -> list[FoldResult]:
+                should_stop: Callable[[], bool] | None = None, packs: Packs | None = None) -> list[FoldResult]:
     """Train the folds of ``group`` (one group of a point, as :func:`chunk_sizes` cuts them)
-    alone or packed, as :func:`trains_alone` says; one result per fold."""
+    alone or packed, as :func:`trains_alone` says; one result per fold. ``packs``: the
+    engine's packs, reused from point to point (built for this call where not given)."""
     common = dict(model=model, attention=attention, shortcut=shortcut, engine=engine, should_stop=should_stop)
     if trains_alone(len(group), engine.device):
         fold = group[0]
@@ -66,4 +68,4 @@ def train_group(data: ImageData, group: list[Fold], e_lambda: float | None, conf
                            **common)]
     callback = (lambda i, m: on_epoch(group[i], m)) if on_epoch is not None else None
     return train_pack(data, group, [e_lambda] * len(group), config, seeds=seeds, callback=callback,
-                      checkpoints=checkpoints, **common)
+                      checkpoints=checkpoints, packs=packs, **common)

@@ -68,7 +68,9 @@ def lambda_stats(status: StudyStatus) -> list[LambdaStats]:
             state = "pending"
         reason = next((p.reason for p in points if p.state == "diverged"), None)
         moments = summarize(list(folds.values())) if folds else dict(mean=None, std=None, sem=None)
-        out.append(LambdaStats(e_lambda, state, folds, n_folds, moments["mean"], moments["std"], moments["sem"], reason))
+        out.append(
+            LambdaStats(e_lambda, state, folds, n_folds, moments["mean"], moments["std"], moments["sem"], reason)
+        )
     return out
 
 

@@ -11,7 +11,9 @@ the official code's tensor form, to the letter (:func:`simam_reference`).
 
 On the CPU, float32 inputs go through a fused kernel (``_simam_cpu.c``) with a closed-form
 backward: the same equations, one image at a time in cache, about a third of the cost.
-Its results equal the reference to float32 rounding (tested against float64).
+Its results equal the reference to float32 rounding (tested against float64). In training,
+:class:`SimAMBatchNorm` (the BatchNorm after SimAM in every residual block) runs SimAM and
+itself as one kernel of the same file.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import Tensor, nn
 from ._config import E_LAMBDA_MIN  # the smallest normal float32: a smaller lambda is lost in float32
 from ._kernels import cpu_kernel
 
-__all__ = ["SimAM", "simam", "simam_batch_norm", "simam_reference", "set_e_lambda", "check_e_lambda"]
+__all__ = ["SimAM", "SimAMBatchNorm", "simam", "simam_reference", "set_e_lambda", "check_e_lambda"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -110,13 +112,19 @@ class _SimAMFunction(torch.autograd.Function):
         return gx, None
 
 
+def _lambda_fits(e_lambda: float | Tensor, channels: int) -> bool:
+    """Whether lambda is one number or one per channel (what the kernels take)."""
+    return (not isinstance(e_lambda, Tensor) or e_lambda.numel() == 1
+            or tuple(e_lambda.shape) in ((channels,), (1, channels, 1, 1)))
+
+
 def _per_channel(e_lambda: float | Tensor, channels: int) -> Tensor | None:
     """Lambda as a float32 (C,) tensor, where it is one number or one per channel."""
+    if not _lambda_fits(e_lambda, channels):
+        return None
     if not isinstance(e_lambda, Tensor):
         return torch.full((channels,), e_lambda, dtype=torch.float32)
-    if e_lambda.numel() == 1 or tuple(e_lambda.shape) in ((channels,), (1, channels, 1, 1)):
-        return e_lambda.detach().to("cpu", torch.float32).reshape(-1).expand(channels).contiguous()
-    return None
+    return e_lambda.detach().to("cpu", torch.float32).reshape(-1).expand(channels).contiguous()
 
 
 def simam(x: Tensor, e_lambda: float | Tensor) -> Tensor:
@@ -180,25 +188,6 @@ class _SimAMBatchNormFunction(torch.autograd.Function):
         return gx, grads[0], grads[1], None, None
 
 
-def simam_batch_norm(x: Tensor, attention: nn.Module, bn: nn.BatchNorm2d) -> Tensor:
-    """``bn(attention(x))``: SimAM then BatchNorm, as in every residual block of the paper's
-    networks. In training on the CPU (float32, channels last, the kernel built) the two run
-    as one fused kernel that never stores SimAM's output: the same equations, less memory
-    traffic. Anywhere else, or with another attention layer, the two modules run in turn."""
-    lam = getattr(attention, "e_lambda", None) if getattr(attention, "fuses_with_batch_norm", False) else None
-    if (lam is None or not bn.training or not attention.training or not bn.track_running_stats or not bn.affine
-            or bn.momentum is None or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
-            or _layout(x) != 1 or x.is_contiguous() or x.shape[-2] * x.shape[-1] < 2
-            or torch.compiler.is_compiling() or cpu_kernel() is None or bn.weight.dtype != torch.float32):
-        return bn(attention(x))
-    lam = _per_channel(lam, x.shape[1])
-    if lam is None:
-        return bn(attention(x))
-    y = _SimAMBatchNormFunction.apply(x, bn.weight, bn.bias, lam, bn)
-    bn.num_batches_tracked.add_(1)
-    return y
-
-
 class SimAM(nn.Module):
     """SimAM as a layer. Lambda lives in a (non-persistent) buffer.
 
@@ -220,13 +209,51 @@ class SimAM(nn.Module):
         """Change lambda in place (no new tensor, so compiled graphs stay valid)."""
         self.e_lambda.fill_(check_e_lambda(e_lambda))
 
-    fuses_with_batch_norm = True  # simam_batch_norm may fuse it with the BatchNorm after it
-
     def forward(self, x: Tensor) -> Tensor:
         return simam(x, self.e_lambda)
 
     def extra_repr(self) -> str:
         return f"e_lambda={self.e_lambda.item():g}"
+
+
+class SimAMBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d after an attention layer, as one layer: ``bn2(attn(x))`` of every residual
+    block. A BatchNorm2d in all else (its parameters, buffers and state dict keys); it owns no
+    attention: the block passes its own (``forward(x, attention)``), and keeps it as its layer.
+
+    SimAM then this BatchNorm on the CPU in training run as one fused kernel where
+    :meth:`_fusable` says they can: SimAM's output is never stored, both directions recompute
+    it (the same equations, less memory traffic). Anywhere else the two layers run in turn.
+    """
+
+    def forward(self, x: Tensor, attention: nn.Module | None = None) -> Tensor:
+        if attention is None:
+            return super().forward(x)
+        if not self._fusable(x, attention):
+            return super().forward(attention(x))
+        lam = _per_channel(attention.e_lambda, x.shape[1])
+        y = _SimAMBatchNormFunction.apply(x, self.weight, self.bias, lam, self)
+        self.num_batches_tracked.add_(1)  # as BatchNorm2d counts its batches
+        return y
+
+    def _fusable(self, x: Tensor, attention: nn.Module) -> bool:
+        """Whether the kernel computes ``attention`` then this layer on ``x``: a SimAM (one lambda,
+        or one per channel), both training, this layer's statistics the kernel's kind, ``x`` a
+        float32 channels-last CPU batch, eager PyTorch (not torch.compile) and the kernel built."""
+        return (isinstance(attention, SimAM) and attention.training and self._kernel_statistics()
+                and _kernel_input(x) and _lambda_fits(attention.e_lambda, x.shape[1])
+                and not torch.compiler.is_compiling() and cpu_kernel() is not None)
+
+    def _kernel_statistics(self) -> bool:
+        """Training-mode BatchNorm with float32 affine weights and running statistics at a momentum."""
+        return (self.training and self.track_running_stats and self.affine and self.momentum is not None
+                and self.weight.dtype == torch.float32)
+
+
+def _kernel_input(x: Tensor) -> bool:
+    """A float32 (N, C, H, W) CPU batch in channels-last layout, H*W >= 2."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and _layout(x) == 1
+            and x.shape[-2] * x.shape[-1] >= 2)
 
 
 def set_e_lambda(model: nn.Module, e_lambda: float) -> int:

@@ -45,20 +45,20 @@ def baseline_study_name(name: str) -> str:
     return f"{name}:baseline"
 
 
-def _study_id(store: Store, name: str) -> int | None:
+def study_id(store: Store, name: str) -> int | None:
     try:
         return store.storage.get_study_id_from_name(name)
     except KeyError:
         return None
 
 
-def _quiet_optuna() -> None:
+def quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def load_study_config(store: Store, name: str) -> dict:
     """The resolved config stored in study ``name``."""
-    sid = _study_id(store, name)
+    sid = study_id(store, name)
     if sid is None:
         names = [n for n in store.study_names() if not n.endswith(":baseline")]
         there = ", ".join(repr(n) for n in names) if names else "none"
@@ -66,10 +66,10 @@ def load_study_config(store: Store, name: str) -> dict:
     attrs = store.storage.get_study_user_attrs(sid)
     if CONFIG_ATTR not in attrs:
         raise StudyError(f"study {name!r} in {store.shown} was not made by lambda_search (it has no stored config)")
-    return _completed(attrs[CONFIG_ATTR])
+    return completed_config(attrs[CONFIG_ATTR])
 
 
-def _completed(stored: dict) -> dict:
+def completed_config(stored: dict) -> dict:
     """A stored config with the defaults of keys added since it was stored (train.threads)."""
     return resolve_config(stored, origin="the stored config")
 
@@ -96,7 +96,7 @@ class PointStatus:
     @property
     def fold_accuracies(self) -> list[float | None]:
         """Accuracy per fold of the plan, None where the fold is not finished."""
-        return _fold_accuracies(self.folds, self.fold_names)
+        return fold_accuracies(self.folds, self.fold_names)
 
     @property
     def folds_done(self) -> int:
@@ -161,20 +161,22 @@ class StudyStatus:
                 "points": [p.to_dict() for p in self.points]}
 
 
-def _fold_accuracies(records: dict, names: list[str]) -> list[float | None]:
+def fold_accuracies(records: dict, names: list[str]) -> list[float | None]:
     return [records.get(n, {}).get("val_accuracy") for n in names]
 
 
-def _all_trials(store: Store, name: str) -> list[tuple[str, FrozenTrial]]:
+def all_trials(store: Store, name: str) -> list[tuple[str, FrozenTrial]]:
     out = []
     for study in (name, baseline_study_name(name)):
-        sid = _study_id(store, study)
+        sid = study_id(store, study)
         if sid is not None:
             out += [(study, t) for t in store.storage.get_all_trials(sid, deepcopy=False)]
     return out
 
 
-def _point_status(point: Point, names: list[str], trials: list[FrozenTrial], alive: Callable[[int], bool]) -> PointStatus:
+def _point_status(
+    point: Point, names: list[str], trials: list[FrozenTrial], alive: Callable[[int], bool]
+) -> PointStatus:
     status = PointStatus(point, "pending", fold_names=names, attempts=len(trials))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if complete:
@@ -201,24 +203,26 @@ def _point_status(point: Point, names: list[str], trials: list[FrozenTrial], ali
         status.state = "interrupted"
         last = max(trials, key=lambda t: t.number)
         status.trial_number = last.number
-        status.reason = last.system_attrs.get(REASON_ATTR) or ("worker gone" if last.state == TrialState.RUNNING else None)
+        status.reason = last.system_attrs.get(REASON_ATTR) or (
+            "worker gone" if last.state == TrialState.RUNNING else None
+        )
     return status
 
 
-def _live_trials(store: Store, name: str):
+def live_trials(store: Store, name: str):
     """(trials, ids of live RUNNING trials), consistent: liveness is checked before the
     trials are read again. A worker writes COMPLETE before it drops its lease, so a trial
     still RUNNING in the second read whose lease was already gone is really dead; checking
     after the read could see a trial that finished in between as dead."""
-    first = _all_trials(store, name)
+    first = all_trials(store, name)
     candidates = [t._trial_id for _, t in first if t.state == TrialState.RUNNING]
     live = {tid for tid in candidates if store.locks.alive(tid)}
-    return (_all_trials(store, name) if candidates else first), live
+    return (all_trials(store, name) if candidates else first), live
 
 
-def _statuses(store: Store, name: str, config: dict, trials=None, live=None) -> list[PointStatus]:
+def point_statuses(store: Store, name: str, config: dict, trials=None, live=None) -> list[PointStatus]:
     if trials is None:
-        trials, live = _live_trials(store, name)
+        trials, live = live_trials(store, name)
     by_key: dict[str, list[FrozenTrial]] = {}
     for _, t in trials:
         key = t.system_attrs.get(POINT_ATTR)
@@ -236,7 +240,7 @@ def study_status(store: Store, name: str) -> StudyStatus:
 
 def _study_status(store: Store, name: str) -> StudyStatus:
     config = load_study_config(store, name)
-    return StudyStatus(name, config, _statuses(store, name, config), store.shown, _pins(store, name))
+    return StudyStatus(name, config, point_statuses(store, name, config), store.shown, study_pins(store, name))
 
 
 def list_studies(store: Store) -> list[dict]:
@@ -266,6 +270,6 @@ def _list_studies(store: Store) -> list[dict]:
     return out
 
 
-def _pins(store: Store, name: str) -> dict:
-    sid = _study_id(store, name)
+def study_pins(store: Store, name: str) -> dict:
+    sid = study_id(store, name)
     return dict(store.storage.get_study_user_attrs(sid).get(NUMERICS_ATTR, {})) if sid is not None else {}

@@ -291,7 +291,9 @@ def _check_optuna_sqlite(path: Path, url: str, tables: bool = True) -> None:
         finally:
             con.close()
     except sqlite3.DatabaseError as exc:
-        raise StorageError(f"storage {redact(url)!r}: {str(path)!r} is not a readable SQLite database ({exc})") from None
+        raise StorageError(
+            f"storage {redact(url)!r}: {str(path)!r} is not a readable SQLite database ({exc})"
+        ) from None
     if not {"studies", "trials", "alembic_version"} <= tables:
         raise StorageError(f"storage {redact(url)!r}: {str(path)!r} is an SQLite database but not an Optuna storage")
 
@@ -378,7 +380,9 @@ def open_store(url: str, create: bool = False, write: bool = False) -> Store:
             _check_optuna_sqlite(path, url)
             if write:
                 _check_writable(path, url)
-            return Store(url, "sqlite", _rdb(url, False, connect_args={"timeout": SQLITE_TIMEOUT_S}), FileLocks(path), path)
+            return Store(
+                url, "sqlite", _rdb(url, False, connect_args={"timeout": SQLITE_TIMEOUT_S}), FileLocks(path), path
+            )
         if path.exists() and path.stat().st_size:
             _check_optuna_sqlite(path, url, tables=False)  # refuse a foreign file before making anything beside it
         elif not path.parent.is_dir():
@@ -396,7 +400,9 @@ def open_store(url: str, create: bool = False, write: bool = False) -> Store:
             try:
                 import psycopg  # noqa: F401
             except ImportError:
-                raise StorageError("PostgreSQL storage needs the psycopg driver: pip install 'lambda-search[postgres]'") from None
+                raise StorageError(
+                    "PostgreSQL storage needs the psycopg driver: pip install 'lambda-search[postgres]'"
+                ) from None
         try:
             locks = PgLocks(sa_url)
             locks.alive(0)  # a round trip: the server answers advisory locks
@@ -416,7 +422,9 @@ def open_store(url: str, create: bool = False, write: bool = False) -> Store:
             raise StorageError(f"storage {url!r}: {str(path)!r} is not a file")
         if not path.exists():
             if not create:
-                raise StorageError(f"storage {url!r}: no journal file {str(path)!r}; `lambda-search search CONFIG` creates one")
+                raise StorageError(
+                    f"storage {url!r}: no journal file {str(path)!r}; `lambda-search search CONFIG` creates one"
+                )
             if not path.parent.is_dir():
                 raise StorageError(f"storage {url!r}: folder {str(path.parent)!r} does not exist")
         if create or write:
@@ -427,7 +435,9 @@ def open_store(url: str, create: bool = False, write: bool = False) -> Store:
         try:
             storage = optuna.storages.JournalStorage(backend)
         except Exception as exc:
-            raise StorageError(f"storage {url!r}: {str(path)!r} is not an Optuna journal ({exc.__class__.__name__})") from None
+            raise StorageError(
+                f"storage {url!r}: {str(path)!r} is not an Optuna journal ({exc.__class__.__name__})"
+            ) from None
         return Store(url, "journal", storage, FileLocks(path), path)
     scheme = url.split(":", 1)[0] if ":" in url else url
     raise StorageError(f"unsupported storage URL scheme {scheme!r} in {redact(url)!r}; use sqlite:///FILE, "

@@ -3,6 +3,7 @@ fingerprint, then run every grid point exactly once with one or more workers."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import sys
 import uuid
@@ -14,23 +15,37 @@ import torch
 
 from ._config import config_diff
 from ._kernels import use_kernels
+from ._measure import Engines, format_seconds, quick_projection
 from ._numerics import device_kind, proposed_pin
 from ._objective import Plan, make_plan
-from ._measure import Engines, format_seconds, quick_projection
+from ._status import (
+    CONFIG_ATTR,
+    FINGERPRINT_ATTR,
+    RUN_ATTR,
+    VERSIONS_ATTR,
+    StudyError,
+    StudyStatus,
+    baseline_study_name,
+    completed_config,
+    quiet_optuna,
+    study_id,
+    study_pins,
+    study_status,
+)
 from ._storage import Store, failures, open_store, redact
-from ._status import (CONFIG_ATTR, FINGERPRINT_ATTR, RUN_ATTR, VERSIONS_ATTR, StudyError, StudyStatus, _completed,
-                      _pins, _quiet_optuna, _study_id, baseline_study_name, study_status)
-from ._worker import _describe_pin, _pin, _worker_config, run_worker
 from ._supervise import run_processes, worker_count
+from ._worker import describe_pin, pin_numerics, run_worker, worker_config
 
 __all__ = ["create_or_resume", "run_search", "resume_config"]
 
 
 def _versions() -> dict:
-    from . import __version__
-
-    return {"lambda_search": __version__, "torch": torch.__version__, "optuna": optuna.__version__,
-            "python": sys.version.split()[0]}
+    return {
+        "lambda_search": importlib.metadata.version("lambda-search"),
+        "torch": torch.__version__,
+        "optuna": optuna.__version__,
+        "python": sys.version.split()[0],
+    }
 
 
 # ---------------------------------------------------------------- creating and resuming
@@ -53,9 +68,9 @@ def create_or_resume(store: Store, config: dict, plan: Plan) -> str:
     name = config["study"]["name"]
     stored_config = _absolute(config)
     with store.locks.exclusive():
-        sid = _study_id(store, name)
+        sid = study_id(store, name)
         if sid is None:
-            _quiet_optuna()
+            quiet_optuna()
             sid = store.storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], name)
             created = "created"
         else:
@@ -63,7 +78,9 @@ def create_or_resume(store: Store, config: dict, plan: Plan) -> str:
         attrs = store.storage.get_study_user_attrs(sid)
         if CONFIG_ATTR not in attrs:
             if store.storage.get_all_trials(sid, deepcopy=False):
-                raise StudyError(f"study {name!r} in {store.shown} was not made by lambda_search; choose another study.name")
+                raise StudyError(
+                    f"study {name!r} in {store.shown} was not made by lambda_search; choose another study.name"
+                )
             _check_adoptable(store, name, sid)
             store.storage.set_study_user_attr(sid, FINGERPRINT_ATTR, plan.fingerprint)
             store.storage.set_study_user_attr(sid, VERSIONS_ATTR, _versions())
@@ -79,11 +96,11 @@ def _check_adoptable(store: Store, name: str, sid: int) -> None:
     where it maximizes one value, as lambda_search's accuracies need: else Optuna's
     best_params would name the worst lambda."""
     maximize = [optuna.study.StudyDirection.MAXIMIZE]
-    for study, study_id in ((name, sid), (baseline_study_name(name), _study_id(store, baseline_study_name(name)))):
-        if study_id is None:
+    for study, this_id in ((name, sid), (baseline_study_name(name), study_id(store, baseline_study_name(name)))):
+        if this_id is None:
             continue
-        directions = store.storage.get_study_directions(study_id)
-        if study != name and store.storage.get_all_trials(study_id, deepcopy=False):
+        directions = store.storage.get_study_directions(this_id)
+        if study != name and store.storage.get_all_trials(this_id, deepcopy=False):
             raise StudyError(f"study {study!r} in {store.shown} was not made by lambda_search and has trials; "
                              "choose another study.name")
         if directions != maximize:
@@ -94,7 +111,7 @@ def _check_adoptable(store: Store, name: str, sid: int) -> None:
 
 
 def _check_same(name: str, attrs: dict, config: dict, plan: Plan) -> None:
-    diff = config_diff(_completed(attrs[CONFIG_ATTR]), config)
+    diff = config_diff(completed_config(attrs[CONFIG_ATTR]), config)
     if diff:
         parts = [f"{k} (stored {_show(a)}, given {_show(b)})" for k, a, b in diff[:4]]
         more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
@@ -111,7 +128,7 @@ def _show(v) -> str:
 def resume_config(url: str, name: str, overrides=()) -> dict:
     """The config stored in study ``name`` at ``url``, with execution ``overrides``."""
     store = open_store(url)
-    config = _worker_config(store, name, overrides)
+    config = worker_config(store, name, overrides)
     config["study"]["storage"] = url
     return config
 
@@ -142,12 +159,12 @@ def _run_search(config: dict, *, workers: int | str | None = None, log: Callable
     if status.finished:
         return how, status
     kind = device_kind(plan.train.device)
-    pin = _pins(store, name).get(kind)
+    pin = study_pins(store, name).get(kind)
     engines = Engines(plan)
     with use_kernels(pin["simam_kernel"] if pin else None):  # where none is pinned yet: as this machine has it
         projection = quick_projection(plan, engines=engines, packs=pin["packs"] if pin else None)
-        pin = pin or _pin(store, name, kind, proposed_pin(plan.train.device, projection.packs))
-    log(_describe_pin(kind, pin, plan))
+        pin = pin or pin_numerics(store, name, kind, proposed_pin(plan.train.device, projection.packs))
+    log(describe_pin(kind, pin, plan))
     pending = sum(p.state not in ("complete", "diverged") for p in status.points)
     workers, note = worker_count(plan.config, workers, pending)
     if note:

@@ -14,8 +14,8 @@ import time
 import torch
 
 from ._numerics import device_kind
-from ._storage import Store
 from ._status import STORAGE_ENV, study_status
+from ._storage import Store
 
 __all__ = ["worker_count", "run_processes"]
 

@@ -17,11 +17,27 @@ import torch  # noqa: F401  (the checkpoints' torch.save, as tests reach it: _tr
 
 from ._augment import train_batch
 from ._data import ImageData, dataset_fingerprint
+
 # the engine's and the fold's names are imported from here too (train_fold's module, as before)
-from ._engine import (Engine, EpochMetrics, FoldResult, TrainConfig, _evaluate, build_engine, checked_lambda,
-                      cpu_threads, engine_for, make_optimizer, on_device)
-from ._fold import (CHECKPOINT_VERSION, FoldRun, checkpoint_key, load_checkpoint, save_checkpoint, set_aside, track,
-                    trackers)
+from ._engine import (
+    Engine,
+    EpochMetrics,
+    FoldResult,
+    TrainConfig,
+    _evaluate,
+    build_engine,
+    checked_lambda,
+    cpu_threads,
+    engine_for,
+    make_optimizer,
+    on_device,
+)
+from ._fold import (
+    FoldRun,
+    checkpoint_key,
+    track,
+    trackers,
+)
 from ._folds import Fold
 
 __all__ = ["TrainConfig", "EpochMetrics", "FoldResult", "Engine", "build_engine", "make_optimizer", "train_fold",

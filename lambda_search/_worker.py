@@ -23,15 +23,29 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from ._config import IDENTITY_EXEMPT, ConfigError, resolve_config
+from ._engine import Engine
 from ._kernels import cpu_kernel, use_kernels
+from ._measure import Engines, worker_pack
 from ._numerics import device_kind, proposed_pin
 from ._objective import Plan, Point, fold_names, make_plan, own_checkpoints, remove_checkpoints, run_point
-from ._measure import Engines, worker_pack
+from ._status import (
+    FINGERPRINT_ATTR,
+    NUMERICS_ATTR,
+    POINT_ATTR,
+    REASON_ATTR,
+    RUN_ATTR,
+    StudyError,
+    all_trials,
+    baseline_study_name,
+    fold_accuracies,
+    live_trials,
+    load_study_config,
+    point_statuses,
+    quiet_optuna,
+    study_id,
+    study_pins,
+)
 from ._storage import Store, failures
-from ._train import Engine
-from ._status import (FINGERPRINT_ATTR, NUMERICS_ATTR, POINT_ATTR, REASON_ATTR, RUN_ATTR, StudyError,
-                      _all_trials, _fold_accuracies, _live_trials, _pins, _quiet_optuna, _statuses, _study_id,
-                      baseline_study_name, load_study_config)
 
 __all__ = ["run_worker"]
 
@@ -41,7 +55,7 @@ __all__ = ["run_worker"]
 
 def _run_id(store: Store, name: str) -> str:
     """Study ``name``'s run id (given to a study made before run ids were, on first use)."""
-    sid = _study_id(store, name)
+    sid = study_id(store, name)
     run = store.storage.get_study_user_attrs(sid).get(RUN_ATTR)
     if run is None:
         with store.locks.exclusive():
@@ -52,18 +66,18 @@ def _run_id(store: Store, name: str) -> str:
     return run
 
 
-def _pin(store: Store, name: str, kind: str, proposal: dict) -> dict:
+def pin_numerics(store: Store, name: str, kind: str, proposal: dict) -> dict:
     """The numerics study ``name`` pins for workers on ``kind`` devices: stored ones, else
     ``proposal``, stored now (under the claim lock: of two first workers, one pins)."""
     with store.locks.exclusive():
-        pins = _pins(store, name)
+        pins = study_pins(store, name)
         if kind not in pins:
             pins[kind] = proposal
-            store.storage.set_study_user_attr(_study_id(store, name), NUMERICS_ATTR, pins)
+            store.storage.set_study_user_attr(study_id(store, name), NUMERICS_ATTR, pins)
         return pins[kind]
 
 
-def _describe_pin(kind: str, pin: dict, plan: Plan) -> str:
+def describe_pin(kind: str, pin: dict, plan: Plan) -> str:
     packs = [(f"{n} folds at once" if n > 1 else "folds one at a time") + (" (baseline)" if a == "none" else "")
              for a, n in sorted(pin["packs"].items(), reverse=True)]
     if kind == "cpu":
@@ -100,22 +114,22 @@ def _claim(store: Store, name: str, config: dict, label: str) -> Claim | str:
     "done"."""
     storage = store.storage
     with store.locks.exclusive():  # no lease is taken while we hold it: leases only go away
-        trials, live = _live_trials(store, name)
+        trials, live = live_trials(store, name)
         dead = [t._trial_id for _, t in trials if t.state == TrialState.RUNNING and t._trial_id not in live]
         for trial_id in dead:
             _fail(store, trial_id, "worker lost: its process ended before the trial finished")
         if dead:
-            trials = _all_trials(store, name)
-        statuses = _statuses(store, name, config, trials, live)
+            trials = all_trials(store, name)
+        statuses = point_statuses(store, name, config, trials, live)
         free = [s for s in statuses if s.state in ("pending", "interrupted")]
         if not free:
             return "wait" if any(s.state == "running" for s in statuses) else "done"
         s = free[0]
         point = s.point
         study = baseline_study_name(name) if point.baseline else name
-        sid = _study_id(store, study)
+        sid = study_id(store, study)
         if sid is None:
-            _quiet_optuna()
+            quiet_optuna()
             sid = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], study)
             storage.set_study_user_attr(sid, "lambda_search:baseline_of", name)
         lambdas = config["search"]["lambdas"]
@@ -149,18 +163,18 @@ def _eta(seconds: float) -> str:
 
 
 def _run_claim(store: Store, plan: Plan, claim: Claim, engine: Engine, *, checkpoint_dir, log, progress,
-               should_stop, stats: dict, label: str, n_workers: int, pack: int = 1) -> str:
+               should_stop, stats: dict, label: str, n_workers: int, pack: int = 1, pack_cache=None) -> str:
     storage, tid, point = store.storage, claim.trial_id, claim.point
     names = fold_names(plan.config, point.repeat)
     epochs = None
 
     def on_fold(fold, record, records):
         storage.set_trial_user_attr(tid, "fold_results", records)
-        storage.set_trial_user_attr(tid, "fold_accuracies", _fold_accuracies(records, names))
+        storage.set_trial_user_attr(tid, "fold_accuracies", fold_accuracies(records, names))
         stats["folds"] += 1
         stats["seconds"] += record["seconds"]
         total_folds = len(plan.points) * len(names)
-        done_folds = sum(s.folds_done for s in _statuses(store, plan.config["study"]["name"], plan.config))
+        done_folds = sum(s.folds_done for s in point_statuses(store, plan.config["study"]["name"], plan.config))
         eta = (total_folds - done_folds) * stats["seconds"] / stats["folds"] / max(1, n_workers)
         acc = record["val_accuracy"]
         shown = f"val acc {acc:.4f}" if acc is not None else record["status"]
@@ -172,18 +186,23 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engine: Engine, *, checkp
         if progress is None:
             return
         if epochs is None:
-            epochs = math.ceil(plan.train.total_iterations(len(fold.train)) / (len(fold.train) // plan.train.batch_size))
+            epochs = math.ceil(
+                plan.train.total_iterations(len(fold.train)) / (len(fold.train) // plan.train.batch_size)
+            )
         val = f" val {m.val_accuracy:.4f}" if m.val_accuracy is not None else ""
         progress(f"{label}{point.label()} fold {fold.name} epoch {m.epoch}/{epochs} loss {m.train_loss:.4f}{val}")
 
     reused = [n for n in names if n in claim.done]
-    log(f"{label}{'baseline ' if point.baseline else ''}trial {claim.number}: {point.label()}" + (f" (keeps finished folds {', '.join(reused)})" if reused else ""))
+    log(
+        f"{label}{'baseline ' if point.baseline else ''}trial {claim.number}: {point.label()}"
+        + (f" (keeps finished folds {', '.join(reused)})" if reused else "")
+    )
     try:
         note = own_checkpoints(checkpoint_dir, point, _run_id(store, plan.config["study"]["name"]))
         if note:
             log(f"{label}warning: {note}")
         outcome = run_point(plan, point, claim.done, engine=engine, checkpoint_dir=checkpoint_dir,
-                            on_fold=on_fold, on_epoch=on_epoch, should_stop=should_stop, pack=pack)
+                            on_fold=on_fold, on_epoch=on_epoch, should_stop=should_stop, pack=pack, packs=pack_cache)
         if outcome.status == "completed":
             summary = outcome.summary
             for key, value in (("mean", summary["mean"]), ("std", summary["std"]), ("std_ddof", summary["std_ddof"]),
@@ -215,7 +234,7 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engine: Engine, *, checkp
         claim.lease.release()
 
 
-def _worker_config(store: Store, name: str, overrides=()) -> dict:
+def worker_config(store: Store, name: str, overrides=()) -> dict:
     config = load_study_config(store, name)
     if overrides:
         keys = [o.split("=", 1)[0].strip() for o in overrides]
@@ -263,7 +282,7 @@ def _run_worker(store: Store, name: str, *, overrides=(), device: str | None = N
                 plan: Plan | None = None, pin: dict | None = None, engines: Engines | None = None) -> dict:
     should_stop = should_stop or (lambda: False)
     if plan is None:
-        config = _worker_config(store, name, overrides)
+        config = worker_config(store, name, overrides)
         plan = make_plan(config, device)
         stored = store.storage.get_study_user_attrs(store.storage.get_study_id_from_name(name))
         if stored.get(FINGERPRINT_ATTR) != plan.fingerprint:
@@ -272,7 +291,8 @@ def _run_worker(store: Store, name: str, *, overrides=(), device: str | None = N
     engines = Engines(plan) if engines is None else engines
     kind = device_kind(plan.train.device)
     if pin is None:
-        pin = _pins(store, name).get(kind) or _pin(store, name, kind, _measured_pin(plan, engines, log, label))
+        pin = study_pins(store, name).get(kind)
+        pin = pin or pin_numerics(store, name, kind, _measured_pin(plan, engines, log, label))
     with use_kernels(pin["simam_kernel"]):
         if pin["simam_kernel"] and cpu_kernel() is None:
             log(f"{label}warning: the study pins SimAM's CPU kernel on, but it cannot be built here: this worker's "
@@ -299,7 +319,7 @@ def _work(store: Store, name: str, plan: Plan, packs: dict[str, int], engines: E
         attention = claim.point.attention
         status = _run_claim(store, plan, claim, engines(attention), checkpoint_dir=checkpoint_dir, log=log,
                             progress=progress, should_stop=should_stop, stats=stats, label=label, n_workers=n_workers,
-                            pack=packs.get(attention, 1))
+                            pack=packs.get(attention, 1), pack_cache=engines.packs(attention))
         counts["interrupted" if status == "stopped" else status] += 1
         if status == "stopped":
             break

@@ -12,10 +12,31 @@ import signal
 import sys
 import warnings
 
-from . import (MODEL_NAMES, STORAGE_ENV, ConfigError, StorageError, StorageFailure, StudyError, __version__, build_model,
-               default_plot_path, export_tables, format_selection, format_studies, list_studies,
-               load_config, nothing_selected, open_store, plot_figure4, resume_config,
-               run_search, run_worker, select, status_table, study_status, table_text)
+from . import (
+    MODEL_NAMES,
+    ConfigError,
+    StorageError,
+    StorageFailure,
+    StudyError,
+    __version__,
+    build_model,
+    export_tables,
+    format_selection,
+    list_studies,
+    load_config,
+    open_store,
+    plot_figure4,
+    resume_config,
+    run_search,
+    run_worker,
+    select,
+    status_table,
+    study_status,
+)
+from ._plot import default_plot_path
+from ._report import format_studies, table_text
+from ._select import nothing_selected
+from ._status import STORAGE_ENV
 
 USER_ERRORS = (ConfigError, StorageError, StudyError)
 
@@ -279,8 +300,12 @@ def _run_commands(commands) -> None:
     search.add_argument("--storage", metavar="URL", help="default: study.storage, else sqlite:///<config folder>/"
                         "<study>.db (LAMBDA_SEARCH_STORAGE is not used: a config names its study)")
     search.add_argument("--study", metavar="NAME", help="default: study.name, or the config's file name")
-    search.add_argument("--workers", type=_workers, help="worker processes, or 'auto': one per CPU core / train.threads "
-                        "(per GPU on CUDA); default search.workers, 'auto' unless set")
+    search.add_argument(
+        "--workers",
+        type=_workers,
+        help="worker processes, or 'auto': one per CPU core / train.threads "
+        "(per GPU on CUDA); default search.workers, 'auto' unless set",
+    )
     _set_arg(search, "override a config value (a TOML value, or a plain string); repeatable")
     search.set_defaults(run=_search)
 
@@ -352,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_commands(commands)
     _read_commands(commands)
     models = commands.add_parser("models", help="list the networks and their parameter counts")
-    models.add_argument("--num-classes", type=_positive_int, default=100, help="classes of the last layer (default 100)")
+    models.add_argument(
+        "--num-classes", type=_positive_int, default=100, help="classes of the last layer (default 100)"
+    )
     models.set_defaults(run=_models)
     return parser
 

@@ -123,17 +123,21 @@ class Figures:
         return not (self.duplicates or self.skips or self.wrong_accuracies or self.stuck_running)
 
     def report(self) -> str:
-        return "\n".join([
-            f"kills survived: {self.kills} ({self.kills_of['parent']} parents, {self.kills_of['worker']} workers, "
-            f"{self.kills_of['start-up']} during start-up or study creation)",
-            f"studies run to the end through the kills: {self.studies_finished}, every fold's accuracy equal to "
-            f"the uninterrupted run's: {'yes' if not self.wrong_accuracies else f'NO ({self.wrong_accuracies} differ)'}",
-            f"duplicates (a kept fold trained again, or a point completed twice): {self.duplicates}",
-            f"skips (points or folds missing at the end): {self.skips}; trials left RUNNING: {self.stuck_running}",
-            f"folds resumed from a mid-fold checkpoint: {self.resumed_folds}",
-            f"work lost per kill: {self.lost_per_kill():.1f} s of wall time beyond the uninterrupted run "
-            f"({self.uninterrupted_seconds:.1f} s), process restarts included",
-        ] + [f"violation: {v}" for v in self.violations])
+        return "\n".join(
+            [
+                f"kills survived: {self.kills} ({self.kills_of['parent']} parents, {self.kills_of['worker']} workers, "
+                f"{self.kills_of['start-up']} during start-up or study creation)",
+                f"studies run to the end through the kills: {self.studies_finished}, every fold's accuracy equal to "
+                f"the uninterrupted run's: "
+                f"{'yes' if not self.wrong_accuracies else f'NO ({self.wrong_accuracies} differ)'}",
+                f"duplicates (a kept fold trained again, or a point completed twice): {self.duplicates}",
+                f"skips (points or folds missing at the end): {self.skips}; trials left RUNNING: {self.stuck_running}",
+                f"folds resumed from a mid-fold checkpoint: {self.resumed_folds}",
+                f"work lost per kill: {self.lost_per_kill():.1f} s of wall time beyond the uninterrupted run "
+                f"({self.uninterrupted_seconds:.1f} s), process restarts included",
+            ]
+            + [f"violation: {v}" for v in self.violations]
+        )
 
 
 class Chaos:
@@ -276,7 +280,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=8, help="training epochs of each fold (longer: more mid-fold kills)")
+    parser.add_argument(
+        "--epochs", type=int, default=8, help="training epochs of each fold (longer: more mid-fold kills)"
+    )
     parser.add_argument("--folder", type=Path, default=None, help="where the study lives (default: a temporary folder)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

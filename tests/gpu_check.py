@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 import lambda_search as ls
-from lambda_search import _bench, _measure
-from lambda_search._train import on_device
+from lambda_search import _bench, _measure, _objective, _simam
+from lambda_search._engine import on_device
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE, SMOKE = "cuda", False
@@ -81,8 +81,10 @@ def main() -> None:
         part("variants", lambda: variants(start, args.budget), need=40)
     if "packs" in parts:
         part("packs", lambda: packs(start, args.budget), need=30)
-    short = {k: ({n: x for n, x in v.items() if n not in ("profile", "tail", "projection")} if isinstance(v, dict) else v)
-             for k, v in report.items()}
+    short = {
+        k: ({n: x for n, x in v.items() if n not in ("profile", "tail", "projection")} if isinstance(v, dict) else v)
+        for k, v in report.items()
+    }
     print("\nSUMMARY", json.dumps(short, default=str)[:6000])
 
 
@@ -107,7 +109,7 @@ def correctness() -> dict:
                                              for x, y in zip(a.curve, b.curve))
     x = torch.randn(64, 32, 16, 16, device=DEVICE) * 3 + 1
     for lam in (1e-6, 1e-4, 1e-1):
-        ref = ls.simam_reference(x.double(), lam)
+        ref = _simam.simam_reference(x.double(), lam)
         for dtype in (torch.float32, torch.bfloat16):
             got = ls.simam(x.to(dtype), lam).double()
             res[f"simam_{dtype}_{lam:g}"] = float((got - ref).norm() / ref.norm())
@@ -140,7 +142,7 @@ def variants(start: float, budget: float) -> dict:
     """Compiled, graphed packs of 5: NCHW instead of channels last; the network without SimAM;
     and a profile of the compiled step (no graph) by kernel."""
     config = _bench.paper_figure4_config(SMOKE_SET if SMOKE else ())
-    plan = ls.make_plan(config)
+    plan = _objective.make_plan(config)
     device = torch.device(DEVICE)
     data = on_device(plan.data, plan.train, device)
     size = 2 if SMOKE else 5
@@ -185,7 +187,7 @@ def variants(start: float, budget: float) -> dict:
 
 def packs(start: float, budget: float) -> dict:
     config = _bench.paper_figure4_config(SMOKE_SET if SMOKE else ())
-    plan = ls.make_plan(config)
+    plan = _objective.make_plan(config)
     device = torch.device(DEVICE)
     data = on_device(plan.data, plan.train, device)
     res = {}
@@ -212,7 +214,7 @@ def packs(start: float, budget: float) -> dict:
                 except Exception as exc:
                     traceback.print_exc()
                     res[f"c{int(compile_)}g{int(graphs)}p{size}"] = f"{type(exc).__name__}: {exc}"[:300]
-            engine.packs.clear()
+
             torch.cuda.empty_cache()
     return res
 

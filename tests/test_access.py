@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import lambda_search as ls
+from lambda_search import _status
 from lambda_search._worker import _claim
 from lambda_search.cli import main
 
@@ -163,7 +164,9 @@ def test_a_lease_needs_no_lock_file_and_survives_a_clean_up(tiny_config, tmp_pat
             if not db.exists():
                 return False
             try:
-                return any(p.state == "running" for p in ls.study_status(ls.open_store(f"sqlite:///{db}"), "tiny").points)
+                return any(
+                    p.state == "running" for p in ls.study_status(ls.open_store(f"sqlite:///{db}"), "tiny").points
+                )
             except Exception:  # the study is being created
                 return False
         assert poll(running, timeout=180)
@@ -174,7 +177,7 @@ def test_a_lease_needs_no_lock_file_and_survives_a_clean_up(tiny_config, tmp_pat
                      if t.state.name == "RUNNING")
         assert store.locks.alive(trial._trial_id)
         # another worker looking for work waits for the live trial: never declared lost while its worker lives
-        assert _claim(store, "tiny", ls.load_study_config(store, "tiny"), "") == "wait"
+        assert _claim(store, "tiny", _status.load_study_config(store, "tiny"), "") == "wait"
         assert store.storage.get_trial(trial._trial_id).state.name == "RUNNING"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

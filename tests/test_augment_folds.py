@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import lambda_search as ls
+from lambda_search import _augment, _folds
 
 
 def images(n=64, c=3, size=8, seed=0):
@@ -15,7 +16,7 @@ def images(n=64, c=3, size=8, seed=0):
 def test_crops_stay_inside_the_padded_image_and_cover_every_offset():
     x = images(n=400)
     pad = 2
-    out = ls.random_crop_flip(x, pad, False, torch.Generator().manual_seed(1))
+    out = _augment.random_crop_flip(x, pad, False, torch.Generator().manual_seed(1))
     padded = F.pad(x, (pad,) * 4)
     offsets = set()
     for i in range(len(x)):
@@ -28,29 +29,31 @@ def test_crops_stay_inside_the_padded_image_and_cover_every_offset():
 
 def test_flips_flip_about_half():
     x = images(n=1000)
-    out = ls.random_crop_flip(x, 0, True, torch.Generator().manual_seed(2))
+    out = _augment.random_crop_flip(x, 0, True, torch.Generator().manual_seed(2))
     flipped = torch.tensor([torch.equal(o, i.flip(2)) for o, i in zip(out, x)])
     kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, x)])
     assert bool((flipped | kept).all())
     assert 400 < int(flipped.sum()) < 600
-    assert torch.equal(ls.random_crop_flip(x, 0, False, torch.Generator()), x)
+    assert torch.equal(_augment.random_crop_flip(x, 0, False, torch.Generator()), x)
 
 
 def test_augmentation_is_reproducible_from_the_generator():
     x = images()
-    a = ls.random_crop_flip(x, 4, True, torch.Generator().manual_seed(5))
-    b = ls.random_crop_flip(x, 4, True, torch.Generator().manual_seed(5))
+    a = _augment.random_crop_flip(x, 4, True, torch.Generator().manual_seed(5))
+    b = _augment.random_crop_flip(x, 4, True, torch.Generator().manual_seed(5))
     assert torch.equal(a, b)
 
 
 def test_random_resized_crop_of_the_whole_image_is_the_image():
     x = images(n=8, size=16)
     g = torch.Generator().manual_seed(0)
-    whole = ls.random_resized_crop(x, 16, (1.0, 1.0), (1.0, 1.0), False, g)
+    whole = _augment.random_resized_crop(x, 16, (1.0, 1.0), (1.0, 1.0), False, g)
     torch.testing.assert_close(whole, x.float(), atol=1e-3, rtol=0)
-    half = ls.random_resized_crop(x, 8, (1.0, 1.0), (1.0, 1.0), False, g)
-    torch.testing.assert_close(half, F.interpolate(x.float(), size=8, mode="bilinear", align_corners=False), atol=1e-3, rtol=0)
-    flipped = ls.random_resized_crop(x, 16, (1.0, 1.0), (1.0, 1.0), True, torch.Generator().manual_seed(3))
+    half = _augment.random_resized_crop(x, 8, (1.0, 1.0), (1.0, 1.0), False, g)
+    torch.testing.assert_close(
+        half, F.interpolate(x.float(), size=8, mode="bilinear", align_corners=False), atol=1e-3, rtol=0
+    )
+    flipped = _augment.random_resized_crop(x, 16, (1.0, 1.0), (1.0, 1.0), True, torch.Generator().manual_seed(3))
     for o, i in zip(flipped, x.float()):
         assert torch.allclose(o, i, atol=1e-3) or torch.allclose(o, i.flip(2), atol=1e-3)
 
@@ -58,14 +61,14 @@ def test_random_resized_crop_of_the_whole_image_is_the_image():
 def test_random_resized_crop_boxes_lie_inside_the_image():
     """A constant image with a bright border: a crop inside the image never sees outside."""
     x = torch.full((200, 1, 32, 32), 100, dtype=torch.uint8)
-    out = ls.random_resized_crop(x, 8, (0.08, 1.0), (3 / 4, 4 / 3), True, torch.Generator().manual_seed(4))
+    out = _augment.random_resized_crop(x, 8, (0.08, 1.0), (3 / 4, 4 / 3), True, torch.Generator().manual_seed(4))
     torch.testing.assert_close(out, torch.full_like(out, 100.0))
     assert out.shape == (200, 1, 8, 8)
 
 
 def test_normalize():
     x = torch.tensor([[[[0, 255]]]], dtype=torch.uint8)
-    torch.testing.assert_close(ls.normalize(x, (0.5,), (0.25,)), torch.tensor([[[[-2.0, 2.0]]]]))
+    torch.testing.assert_close(_augment.normalize(x, (0.5,), (0.25,)), torch.tensor([[[[-2.0, 2.0]]]]))
 
 
 def labels(counts=(30, 20, 12)):
@@ -95,9 +98,9 @@ def test_folds_are_reproducible_and_repeats_differ():
     assert not np.array_equal(a[0].val, a[3].val)
     c = ls.make_folds(y, n_splits=3, seed=12)
     assert not np.array_equal(a[0].val, c[0].val)
-    assert ls.folds_fingerprint(a, "d") == ls.folds_fingerprint(b, "d")
-    assert ls.folds_fingerprint(a, "d") != ls.folds_fingerprint(c, "d")
-    assert ls.folds_fingerprint(a, "d") != ls.folds_fingerprint(a, "e")
+    assert _folds.folds_fingerprint(a, "d") == _folds.folds_fingerprint(b, "d")
+    assert _folds.folds_fingerprint(a, "d") != _folds.folds_fingerprint(c, "d")
+    assert _folds.folds_fingerprint(a, "d") != _folds.folds_fingerprint(a, "e")
 
 
 def test_holdout_is_one_stratified_split_per_repeat():

@@ -2,7 +2,6 @@
 code 2 and one line on stderr naming the value and what is allowed, no traceback, and the
 study's database stays byte for byte as it was."""
 
-import shutil
 
 import pytest
 
@@ -27,21 +26,32 @@ def study(tmp_path_factory):
 DB = "sqlite:///{tmp}/tiny.db"
 CASES = [
     # lambdas: zero, negative, NaN, infinite, empty, wrong type
-    (["search", "{tmp}/tiny.toml", "--set", "search.lambdas=[0.0]"], "every lambda must be a finite number > 0, got search.lambdas entry 0.0"),
+    (
+        ["search", "{tmp}/tiny.toml", "--set", "search.lambdas=[0.0]"],
+        "every lambda must be a finite number > 0, got search.lambdas entry 0.0",
+    ),
     (["search", "{tmp}/tiny.toml", "--set", "search.lambdas=[-1e-4]"], "got search.lambdas entry -0.0001"),
     (["search", "{tmp}/tiny.toml", "--set", "search.lambdas=[nan]"], "got search.lambdas entry nan"),
     (["search", "{tmp}/tiny.toml", "--set", "search.lambdas=[inf]"], "got search.lambdas entry inf"),
     (["search", "{tmp}/tiny.toml", "--set", "search.lambdas=[]"], "search.lambdas must be a non-empty list"),
-    (["search", "{tmp}/tiny.toml", "--set", 'search.lambdas=["big"]'], "search.lambdas must be a non-empty list of numbers"),
+    (
+        ["search", "{tmp}/tiny.toml", "--set", 'search.lambdas=["big"]'],
+        "search.lambdas must be a non-empty list of numbers",
+    ),
     # wrong types and ranges
-    (["search", "{tmp}/tiny.toml", "--set", "train.epochs=two"], "train.epochs must be an integer >= 1, got train.epochs='two'"),
+    (
+        ["search", "{tmp}/tiny.toml", "--set", "train.epochs=two"],
+        "train.epochs must be an integer >= 1, got train.epochs='two'",
+    ),
     (["search", "{tmp}/tiny.toml", "--set", "train.lr=nan"], "train.lr must be a finite number > 0, got train.lr=nan"),
     (["search", "{tmp}/tiny.toml", "--set", "train.pack=0"], "train.pack must be 'auto' or an integer >= 1"),
     (["search", "{tmp}/tiny.toml", "--set", "search.baseline=yes"], "search.baseline must be true or false"),
     # folds below 2, above the smallest class count
     (["search", "{tmp}/tiny.toml", "--set", "data.folds=1"], "data.folds must be an integer >= 2, got data.folds=1"),
-    (["search", "{tmp}/tiny.toml", "--set", "data.folds=13"],
-     "data.folds must be <= the smallest class count (12), got data.folds=13"),
+    (
+        ["search", "{tmp}/tiny.toml", "--set", "data.folds=13"],
+        "data.folds must be <= the smallest class count (12), got data.folds=13",
+    ),
     # unknown keys, sections, models, data sets, subcommands
     (["search", "{tmp}/tiny.toml", "--set", "train.epoch=3"], "unknown key train.epoch; valid keys in [train]"),
     (["search", "{tmp}/tiny.toml", "--set", "trian.epochs=3"], "unknown section [trian]; valid sections"),
@@ -58,8 +68,10 @@ CASES = [
     (["search", "{tmp}/cifar.toml"], "cannot read data set 'cifar10' from root='{tmp}/nodata'"),
     # studies and storages
     (["status", "--storage", DB, "--study", "nope"], "no study named 'nope'"),
-    (["resume", "--storage", DB, "--study", "tiny", "--set", "train.epochs=9"],
-     "a stored study's config can only change where and how fast it runs"),
+    (
+        ["resume", "--storage", DB, "--study", "tiny", "--set", "train.epochs=9"],
+        "a stored study's config can only change where and how fast it runs",
+    ),
     (["search", "{tmp}/tiny.toml", "--set", "train.lr=0.2"], "train.lr"),
     (["status", "--storage", "sqlite:///{tmp}/none.db", "--study", "tiny"], "no database file"),
     (["status", "--storage", "sqlite:///{tmp}/junk.db", "--study", "tiny"], "is not an SQLite database"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lambda_search as ls
-from lambda_search import _bench, _measure
+from lambda_search import _bench, _measure, _models, _objective
 from lambda_search.cli import main
 
 from conftest import SCRIPT
@@ -19,9 +19,9 @@ def test_projection_counts_every_point_fold_step_and_validation_pass(tiny_config
     # 60 images, 3 folds: 40 train / 20 validation; batch 8: 5 steps an epoch; 3 epochs
     path = tiny_config(lambdas="[1e-3]", baseline="true", samples=60, epochs=3)
     config = ls.load_config(path, ["data.folds=3", "train.eval_every=2"])
-    plan = ls.make_plan(config)
+    plan = _objective.make_plan(config)
     assert [(len(f.train), len(f.val)) for f in plan.folds] == [(40, 20)] * 3
-    p = ls.project(plan, {"simam": 0.5, "none": 0.25}, eval_images_per_s=10.0)
+    p = _measure.project(plan, {"simam": 0.5, "none": 0.25}, eval_images_per_s=10.0)
     # epochs 2 and 3 are evaluated (every 2nd, and the last): 40 validation images a training
     assert (p.trainings, p.iterations, p.eval_images) == (6, 90, 240)
     assert p.seconds == pytest.approx(3 * (15 * 0.5 + 4) + 3 * (15 * 0.25 + 4))
@@ -30,8 +30,8 @@ def test_projection_counts_every_point_fold_step_and_validation_pass(tiny_config
 
 def test_paper_figure4_projection_is_30_trainings_of_64k_iterations():
     config = ls.paper_figure4_config(["train.device='cpu'", "data.options.num_samples=500"])
-    plan = ls.make_plan(config)
-    p = ls.project(plan, {"simam": 0.01, "none": 0.01}, eval_images_per_s=1e9)
+    plan = _objective.make_plan(config)
+    p = _measure.project(plan, {"simam": 0.01, "none": 0.01}, eval_images_per_s=1e9)
     assert (p.trainings, p.iterations) == (30, 30 * 64000)
     assert p.seconds == pytest.approx(30 * 64000 * 0.01 + p.eval_images / 1e9, rel=1e-9)
 
@@ -59,7 +59,7 @@ def test_time_rounds_keeps_every_round_and_the_cpu_share():
 
 def _three_fold_plan(tiny_config):
     path = tiny_config(lambdas="[1e-3]", baseline="true", samples=60, epochs=3)
-    return ls.make_plan(ls.load_config(path, ["data.folds=3", "train.eval_every=2"]))
+    return _objective.make_plan(ls.load_config(path, ["data.folds=3", "train.eval_every=2"]))
 
 
 def test_projection_range_runs_from_the_fastest_to_the_slowest_round(tiny_config):
@@ -68,7 +68,7 @@ def test_projection_range_runs_from_the_fastest_to_the_slowest_round(tiny_config
     plan = _three_fold_plan(tiny_config)
     p = _measure.project_rounds(plan, {"simam": [0.5, 0.4, 0.6], "none": [0.25, 0.3, 0.2]}, [10.0, 8.0, 20.0],
                           packs={"simam": 1, "none": 1}, steps=7, cpu_share=0.95)
-    mid = ls.project(plan, {"simam": 0.5, "none": 0.25}, 10.0)
+    mid = _measure.project(plan, {"simam": 0.5, "none": 0.25}, 10.0)
     assert (p.trainings, p.iterations, p.eval_images, p.seconds) == (mid.trainings, mid.iterations,
                                                                      mid.eval_images, mid.seconds)
     assert p.low == pytest.approx(3 * (15 * 0.4 + 40 / 20) + 3 * (15 * 0.2 + 40 / 20))  # 39 s
@@ -99,9 +99,9 @@ def test_pack_pick_is_the_faster_point_on_gpus_and_one_at_a_time_on_the_cpu(tiny
 
 
 def test_quick_projection_measures_rounds_and_a_range(tiny_config):
-    plan = ls.make_plan(ls.load_config(tiny_config(lambdas="[1e-4]", baseline="true")))
-    engines = ls.Engines(plan)
-    p = ls.quick_projection(plan, engines=engines, rounds=3, block_seconds=0.02)
+    plan = _objective.make_plan(ls.load_config(tiny_config(lambdas="[1e-4]", baseline="true")))
+    engines = _measure.Engines(plan)
+    p = _measure.quick_projection(plan, engines=engines, rounds=3, block_seconds=0.02)
     assert engines.built() == ["none", "simam"] and p.packs == {"simam": 1, "none": 1}
     assert (p.trainings, p.rounds) == (4, 3) and p.steps >= 2
     assert 0 < p.low <= p.seconds <= p.high
@@ -124,7 +124,7 @@ def test_reference_pipeline_runs_the_official_formula(tiny_config, monkeypatch):
     SimAM (kernel or fused) never runs, and a step trains the network."""
     from lambda_search import _simam
 
-    plan = ls.make_plan(ls.load_config(tiny_config()))
+    plan = _objective.make_plan(ls.load_config(tiny_config()))
     built, calls = [], []
     real_build, real_formula = _bench.build_model, _bench.simam_reference
 
@@ -149,7 +149,7 @@ def test_reference_pipeline_runs_the_official_formula(tiny_config, monkeypatch):
     step = _bench._reference_step(plan, 1e-4, torch.device("cpu"), workers=0)
     try:
         (model,) = built
-        blocks = [m for m in model.modules() if isinstance(m, ls.BasicBlock)]
+        blocks = [m for m in model.modules() if isinstance(m, _models.BasicBlock)]
         assert len(blocks) == 9  # resnet20: 3 stages of 3 blocks
         assert all(type(b.attn).__name__ == "_OfficialSimAM" and b.attn.e_lambda == 1e-4 for b in blocks)
         assert not any(isinstance(m, ls.SimAM) for m in model.modules())

@@ -8,9 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lambda_search import build_model, load_official_checkpoint, map_official_state_dict
+from lambda_search import build_model, load_official_checkpoint
+from lambda_search._checkpoint import map_official_state_dict
 
-OFFICIAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "official_simam_resnet20_cifar100.pth.tar"
+OFFICIAL = (
+    Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "official_simam_resnet20_cifar100.pth.tar"
+)
 
 if not OFFICIAL.is_file():
     if os.environ.get("CI"):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import lambda_search as ls
-from lambda_search import cli
+from lambda_search import _select, _status, cli
 from lambda_search.cli import main
 
 from conftest import write_config
@@ -31,22 +31,22 @@ def _url(folder):
 @pytest.mark.parametrize("command", [["status"], ["select"], ["studies"], ["export", "-o", "-"],
                                      ["plot", "-o", "{tmp}/env.png"]])
 def test_the_storage_may_come_from_the_environment(study, capsys, monkeypatch, command):
-    monkeypatch.setenv(ls.STORAGE_ENV, _url(study))
+    monkeypatch.setenv(_status.STORAGE_ENV, _url(study))
     args = [a.format(tmp=study) for a in command] + ([] if command[0] == "studies" else ["--study", "tiny"])
     assert main(args) == 0
     assert capsys.readouterr().out
 
 
 def test_without_a_storage_the_message_names_both_ways(capsys, monkeypatch):
-    monkeypatch.delenv(ls.STORAGE_ENV, raising=False)
+    monkeypatch.delenv(_status.STORAGE_ENV, raising=False)
     assert main(["status", "--study", "tiny"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"lambda-search status: error: status needs --storage URL (or the {ls.STORAGE_ENV} environment "
+    assert err == [f"lambda-search status: error: status needs --storage URL (or the {_status.STORAGE_ENV} environment "
                    "variable)"]
 
 
 def test_resume_takes_the_storage_from_the_environment(study, capsys, monkeypatch):
-    monkeypatch.setenv(ls.STORAGE_ENV, _url(study))
+    monkeypatch.setenv(_status.STORAGE_ENV, _url(study))
     assert main(["resume", "--study", "tiny"]) == 0
     assert "3 of 3 points complete" in capsys.readouterr().out
 
@@ -123,9 +123,12 @@ def test_select_and_plot_exit_1_when_nothing_can_be_chosen(tiny_config, tmp_path
 
 def test_every_lambda_diverged_is_said_as_such():
     sel = {"best": None, "lambdas": 2, "diverged": 2, "complete": 0}
-    assert ls.nothing_selected(sel) == "every lambda diverged (2 of 2): nothing to select; try a smaller train.lr"
+    assert _select.nothing_selected(sel) == "every lambda diverged (2 of 2): nothing to select; try a smaller train.lr"
     sel["diverged"] = 1
-    assert ls.nothing_selected(sel) == "no lambda is complete yet (1 of 2 still to run, 1 diverged): nothing to select"
+    assert (
+        _select.nothing_selected(sel)
+        == "no lambda is complete yet (1 of 2 still to run, 1 diverged): nothing to select"
+    )
 
 
 @pytest.mark.parametrize("columns", [40, 80, 200])

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import lambda_search as ls
+from lambda_search import _config
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
@@ -51,7 +52,7 @@ def test_defaults_name_storage_and_checkpoints_after_the_file(tiny_config, tmp_p
     ("data.options.resolution=96", ("data", "options", {"resolution": 96})),
 ])
 def test_set_reads_toml_values_or_plain_strings(text, expected):
-    assert ls.parse_override(text) == expected
+    assert _config.parse_override(text) == expected
 
 
 def test_overrides_are_validated_like_the_file(tiny_config):
@@ -62,28 +63,34 @@ def test_overrides_are_validated_like_the_file(tiny_config):
         ls.load_config(tiny_config(), ["train.epochs=0"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("search.lambdas=[]", "search.lambdas must be a non-empty list of numbers > 0"),
-    ("search.lambdas=[0.0]", "every lambda must be a finite number > 0, got search.lambdas entry 0.0"),
-    ("search.lambdas=[-1e-4]", "got search.lambdas entry -0.0001"),
-    ("search.lambdas=[nan]", "got search.lambdas entry nan"),
-    ("search.lambdas=[inf]", "got search.lambdas entry inf"),
-    ("search.lambdas=[1e-4, 1e-4]", "must not repeat a value, got 0.0001 twice"),
-    ("search.lambdas=1e-4", "search.lambdas must be a non-empty list"),
-    ("search.lambdas=[\"a\"]", "search.lambdas must be a non-empty list of numbers > 0"),
-    ("train.epoch=3", "unknown key train.epoch; valid keys in [train]: iterations, epochs"),
-    ("trian.epochs=3", "unknown section [trian]; valid sections: [study], [search], [data], [model], [train]"),
-    ("data.folds=1", "data.folds must be an integer >= 2, got data.folds=1"),
-    ("data.holdout=1.5", "data.holdout must be a validation fraction in (0, 1), got data.holdout=1.5"),
-    ("train.lr=fast", "train.lr must be a finite number > 0, got train.lr='fast'"),
-    ("train.iterations=100", "give exactly one budget, train.iterations or train.epochs"),
-    ("model.shortcut=C", "model.shortcut must be 'A' or 'B', got model.shortcut='C'"),
-    ("study.name=a/b", "study.name must be a name of letters, digits"),
-    ("train.milestones=[0.75, 0.5]", "train.milestones must be increasing fractions"),
-    ("search.baseline=1", "search.baseline must be true or false, got search.baseline=1"),
-    ("train.cuda_graphs=on", "train.cuda_graphs must be true or false (not set: on for CUDA), got train.cuda_graphs='on'"),
-    ("epochs=3", "--set takes section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("search.lambdas=[]", "search.lambdas must be a non-empty list of numbers > 0"),
+        ("search.lambdas=[0.0]", "every lambda must be a finite number > 0, got search.lambdas entry 0.0"),
+        ("search.lambdas=[-1e-4]", "got search.lambdas entry -0.0001"),
+        ("search.lambdas=[nan]", "got search.lambdas entry nan"),
+        ("search.lambdas=[inf]", "got search.lambdas entry inf"),
+        ("search.lambdas=[1e-4, 1e-4]", "must not repeat a value, got 0.0001 twice"),
+        ("search.lambdas=1e-4", "search.lambdas must be a non-empty list"),
+        ('search.lambdas=["a"]', "search.lambdas must be a non-empty list of numbers > 0"),
+        ("train.epoch=3", "unknown key train.epoch; valid keys in [train]: iterations, epochs"),
+        ("trian.epochs=3", "unknown section [trian]; valid sections: [study], [search], [data], [model], [train]"),
+        ("data.folds=1", "data.folds must be an integer >= 2, got data.folds=1"),
+        ("data.holdout=1.5", "data.holdout must be a validation fraction in (0, 1), got data.holdout=1.5"),
+        ("train.lr=fast", "train.lr must be a finite number > 0, got train.lr='fast'"),
+        ("train.iterations=100", "give exactly one budget, train.iterations or train.epochs"),
+        ("model.shortcut=C", "model.shortcut must be 'A' or 'B', got model.shortcut='C'"),
+        ("study.name=a/b", "study.name must be a name of letters, digits"),
+        ("train.milestones=[0.75, 0.5]", "train.milestones must be increasing fractions"),
+        ("search.baseline=1", "search.baseline must be true or false, got search.baseline=1"),
+        (
+            "train.cuda_graphs=on",
+            "train.cuda_graphs must be true or false (not set: on for CUDA), got train.cuda_graphs='on'",
+        ),
+        ("epochs=3", "--set takes section.key=value"),
+    ],
+)
 def test_bad_values_name_the_key_and_the_rule(tiny_config, override, message):
     with pytest.raises(ls.ConfigError) as info:
         ls.load_config(tiny_config(), [override])
@@ -104,12 +111,12 @@ def test_config_diff_ignores_where_and_how_fast(tiny_config):
     a = ls.load_config(tiny_config())
     b = ls.load_config(tiny_config(), ["train.device=cuda:1", "study.storage=sqlite:///x.db", "data.root=/x",
                                        "train.cuda_graphs=false", "search.workers=3"])
-    assert ls.config_diff(a, b) == []
+    assert _config.config_diff(a, b) == []
     c = ls.load_config(tiny_config(), ["train.epochs=5", "search.lambdas=[1e-4]"])
-    assert [k for k, _, _ in ls.config_diff(a, c)] == ["search.lambdas", "train.epochs"]
+    assert [k for k, _, _ in _config.config_diff(a, c)] == ["search.lambdas", "train.epochs"]
     # what changes the rounding of a training is part of what a study computes
     d = ls.load_config(tiny_config(), ["train.threads=2", "train.pack=2", "train.compile=false"])
-    assert [k for k, _, _ in ls.config_diff(a, d)] == ["train.compile", "train.pack", "train.threads"]
+    assert [k for k, _, _ in _config.config_diff(a, d)] == ["train.compile", "train.pack", "train.threads"]
 
 
 # ------------------------------------------------------------- issue 14: the lambda floor
@@ -166,7 +173,7 @@ def test_holdout_alone_loads_and_a_stored_config_still_resolves(tiny_config):
     path = _without_folds(tiny_config())
     config = ls.load_config(path, ["data.holdout=0.25"])
     assert config["data"]["holdout"] == 0.25 and config["data"]["folds"] == 5  # the default, filled in
-    assert ls.resolve_config(config) == config  # a stored config has both, and stays usable
+    assert _config.resolve_config(config) == config  # a stored config has both, and stays usable
     assert ls.load_config(path)["data"]["holdout"] is None
     # the paper's own splits, as figure4_cifar100_resnet20.toml's comment says
     fig4 = ls.load_config(STUDIES / "figure4_cifar100_resnet20.toml", ["data.holdout=0.1", "search.repeats=5"])

@@ -56,7 +56,7 @@ def test_cifar10_reads_the_official_layout(tmp_path):
     assert data.labels[6:12].tolist() == labels
     test = ls.load_dataset("cifar10", root=tmp_path, split="test")
     assert len(test) == 6 and test.labels.tolist() == batches["test_batch"][1]
-    assert data.augmentation == ls.Augmentation("crop_flip", pad=4, flip=True)
+    assert data.augmentation == _data.Augmentation("crop_flip", pad=4, flip=True)
 
 
 def test_cifar100_reads_fine_labels(tmp_path):
@@ -121,7 +121,7 @@ def test_imagefolder_decodes_once_into_a_memory_mapped_cache(tmp_path, monkeypat
     monkeypatch.setattr(_data, "_decode", no_decoding)
     again = ls.load_dataset("imagefolder", root=tmp_path, resolution=16)
     assert torch.equal(again.images, data.images)
-    assert ls.dataset_fingerprint(again) == ls.dataset_fingerprint(data)
+    assert _data.dataset_fingerprint(again) == _data.dataset_fingerprint(data)
     # eval: resize (done in the cache) then centre crop; train: random resized crops
     g = torch.Generator().manual_seed(0)
     idx = torch.arange(12)
@@ -177,7 +177,10 @@ def test_synthetic_is_seeded_and_class_dependent():
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match="unknown data set name='mnist'; valid names: cifar10, cifar100, imagefolder, digits, synthetic"):
+    with pytest.raises(
+        ValueError,
+        match="unknown data set name='mnist'; valid names: cifar10, cifar100, imagefolder, digits, synthetic",
+    ):
         ls.load_dataset("mnist")
     with pytest.raises(ValueError, match="split must be 'train' or 'test', got split='val'"):
         ls.load_dataset("digits", split="val")
@@ -189,7 +192,7 @@ def test_registry_errors():
 
 def test_fingerprint_sees_one_pixel():
     data = ls.load_dataset("synthetic", num_samples=50, image_size=8)
-    before = ls.dataset_fingerprint(data)
-    assert ls.dataset_fingerprint(data) == before
+    before = _data.dataset_fingerprint(data)
+    assert _data.dataset_fingerprint(data) == before
     data.images[7, 1, 2, 3] ^= 1
-    assert ls.dataset_fingerprint(data) != before
+    assert _data.dataset_fingerprint(data) != before

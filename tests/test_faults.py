@@ -8,13 +8,12 @@ import re
 import shutil
 from pathlib import Path
 
-import optuna
 import pytest
 import sqlalchemy
 import torch
 
 import lambda_search as ls
-from lambda_search import _train
+from lambda_search import _fold, _objective, _train
 from lambda_search.cli import main
 
 from test_data import write_cifar10
@@ -27,7 +26,7 @@ def fold_accuracies(config):
 
 
 def expected_accuracies(config):
-    plan = ls.make_plan(config)
+    plan = _objective.make_plan(config)
     return {p.key: [ls.train_fold(plan.data, f, p.e_lambda, plan.train, attention=p.attention,
                                   seed=plan.train_seed(f)).val_accuracy for f in plan.folds_of(p.repeat)]
             for p in plan.points}
@@ -89,8 +88,10 @@ def test_the_data_folder_vanishing(tmp_path, capsys, monkeypatch):
     root = tmp_path / "data"
     write_cifar10(root, per_batch=12)
     path = tmp_path / "cifar.toml"
-    path.write_text(f'[search]\nlambdas = [1e-3, 1e-1]\nworkers = 1\n[data]\ndataset = "cifar10"\nroot = "{root}"\nfolds = 2\n'
-                    '[train]\nepochs = 1\nbatch_size = 8\n')
+    path.write_text(
+        f'[search]\nlambdas = [1e-3, 1e-1]\nworkers = 1\n[data]\ndataset = "cifar10"\nroot = "{root}"\nfolds = 2\n'
+        "[train]\nepochs = 1\nbatch_size = 8\n"
+    )
     from lambda_search import _runs
 
     real, folds = _runs.train_fold, []
@@ -127,7 +128,7 @@ def test_a_checkpoint_carrying_code_is_never_run(tmp_path, recwarn):
     bad = tmp_path / "fold.pt"
     with open(bad, "wb") as f:
         pickle.dump({"version": 1, "evil": payload}, f)
-    assert _train.load_checkpoint(bad, {}) is None  # refused (weights_only) and reported, never run
+    assert _fold.load_checkpoint(bad, {}) is None  # refused (weights_only) and reported, never run
     assert not marker.exists()
     assert any("ignoring unreadable checkpoint" in str(w.message) for w in recwarn)
     # refused by torch's weights_only unpickler, which will not call Path.touch

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 import lambda_search as ls
+from lambda_search import _config, _objective
+from lambda_search._status import PointStatus
 
 CLOSE = [1e-3, 1.2e-3, 1.5e-3]
 
@@ -31,7 +33,7 @@ def test_format_lambda_round_trips_and_is_shortest():
 
 def _status(lambdas):
     """A hand-made, finished study of ``lambdas``, 3 folds each, no training."""
-    config = ls.resolve_config({"search": {"lambdas": lambdas, "baseline": False},
+    config = _config.resolve_config({"search": {"lambdas": lambdas, "baseline": False},
                                 "data": {"dataset": "cifar100", "folds": 3}, "train": {"iterations": 10}},
                                name="close")
     names = ["r0f0", "r0f1", "r0f2"]
@@ -39,16 +41,16 @@ def _status(lambdas):
     for i, e_lambda in enumerate(lambdas):
         accs = [0.90 + 0.01 * i, 0.91 + 0.01 * i, 0.92 + 0.01 * i]
         folds = {n: {"status": "completed", "val_accuracy": a, "seconds": 1.0} for n, a in zip(names, accs)}
-        p = ls.PointStatus(ls.Point(e_lambda, 0), "complete", folds, names)
+        p = PointStatus(_objective.Point(e_lambda, 0), "complete", folds, names)
         p.mean, p.std = sum(accs) / 3, 0.01
         points.append(p)
     return ls.StudyStatus("close", config, points, "sqlite:///close.db")
 
 
 def test_point_labels_are_distinct():
-    assert [ls.Point(v).label() for v in CLOSE] == ["lambda=1e-03", "lambda=1.2e-03", "lambda=1.5e-03"]
-    assert ls.Point(1.2e-3, 2).label() == "lambda=1.2e-03 repeat 2"
-    assert ls.Point(None).label() == "baseline (no SimAM)"
+    assert [_objective.Point(v).label() for v in CLOSE] == ["lambda=1e-03", "lambda=1.2e-03", "lambda=1.5e-03"]
+    assert _objective.Point(1.2e-3, 2).label() == "lambda=1.2e-03 repeat 2"
+    assert _objective.Point(None).label() == "baseline (no SimAM)"
 
 
 def test_status_table_shows_distinct_labels():

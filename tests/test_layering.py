@@ -13,9 +13,36 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lambda_search"
 # config -> data and folds -> model -> train (one, packed) -> how a point's folds run -> objective -> timing ->
 # storage -> status -> worker -> processes -> study -> report, select, plot -> bench -> CLI
-LAYERS = ["_config", "_data", "_augment", "_folds", "_kernels", "_simam", "_models", "_checkpoint", "_engine", "_fold", "_train", "_packnet", "_packstep", "_pack", "_numerics", "_runs", "_objective",
-          "_measure", "_storage", "_status", "_worker", "_supervise", "_study", "_report", "_select", "_plot", "_bench",
-          "cli"]
+LAYERS = [
+    "_config",
+    "_data",
+    "_augment",
+    "_folds",
+    "_kernels",
+    "_simam",
+    "_models",
+    "_checkpoint",
+    "_engine",
+    "_fold",
+    "_train",
+    "_packnet",
+    "_packstep",
+    "_pack",
+    "_numerics",
+    "_runs",
+    "_objective",
+    "_measure",
+    "_storage",
+    "_status",
+    "_worker",
+    "_supervise",
+    "_study",
+    "_report",
+    "_select",
+    "_plot",
+    "_bench",
+    "cli",
+]
 OPTUNA_FREE = set(LAYERS[: LAYERS.index("_measure") + 1]) | {"_bench"}
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from lambda_search import MODEL_NAMES, SimAM, build_model
+import lambda_search
+from lambda_search import MODEL_NAMES, SimAM, _models, _simam, build_model
 
 
 def n_params(model):
@@ -25,7 +26,9 @@ def test_resnet18_has_torchvisions_parameters():
     assert n_params(build_model("resnet18", 1000, attention="none")) == 11_689_512
 
 
-@pytest.mark.parametrize("name, blocks", [("resnet20", 3), ("resnet32", 5), ("resnet44", 7), ("resnet56", 9), ("resnet110", 18)])
+@pytest.mark.parametrize(
+    "name, blocks", [("resnet20", 3), ("resnet32", 5), ("resnet44", 7), ("resnet56", 9), ("resnet110", 18)]
+)
 def test_cifar_depths(name, blocks):
     model = build_model(name, 100)
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
@@ -111,3 +114,31 @@ def test_lambda_reaches_every_simam_layer():
     model = build_model("resnet32", 10, e_lambda=3e-5)
     values = {m.e_lambda.item() for m in model.modules() if isinstance(m, SimAM)}
     assert values == {3e-5}
+
+
+def test_a_blocks_layers_and_state_dict_are_a_plain_blocks():
+    # bn2 is the layer that takes the attention before it (and may fuse the two): still a
+    # BatchNorm2d by its names and state, so checkpoints and the official mapping hold
+    model = build_model("resnet20", 10)
+    block = model.layer2[0]
+    assert [n for n, _ in block.named_children()] == ["conv1", "bn1", "relu", "conv2", "attn", "bn2", "downsample"]
+    assert isinstance(block.attn, SimAM) and isinstance(block.bn2, _simam.SimAMBatchNorm)
+    assert isinstance(block.bn2, torch.nn.BatchNorm2d)
+    assert [k for k in block.state_dict() if k.startswith(("attn", "bn2"))] == \
+           [f"bn2.{k}" for k in torch.nn.BatchNorm2d(32).state_dict()]
+    assert model.state_dict().keys() == build_model("resnet20", 10, attention="none").state_dict().keys()
+
+
+@pytest.mark.skipif(lambda_search._kernels.cpu_kernel() is None, reason="no C compiler for the CPU kernel")
+def test_a_block_fuses_simam_and_bn2_where_the_layer_says(monkeypatch):
+    fused = []
+    real = _simam._SimAMBatchNormFunction.apply
+    monkeypatch.setattr(_simam._SimAMBatchNormFunction, "apply", lambda *a: fused.append(1) or real(*a))
+    block = _models.BasicBlock(8, 8, attn_layer=SimAM)
+    x = torch.randn(4, 8, 6, 6)
+    block(x.contiguous(memory_format=torch.channels_last))  # CPU training, float32, channels last
+    assert len(fused) == 1 and block.bn2.num_batches_tracked.item() == 1
+    block(x)  # NCHW: the two layers in turn
+    block.eval()(x.contiguous(memory_format=torch.channels_last))
+    _models.BasicBlock(8, 8).train()(x.contiguous(memory_format=torch.channels_last))  # no attention
+    assert len(fused) == 1

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import lambda_search as ls
-from lambda_search import ConfigError, Point, _objective
+from lambda_search import ConfigError, _config, _objective
 from lambda_search._models import MODEL_NAMES
-from lambda_search._objective import check_device, fold_names, format_lambda, grid_points, make_plan, summarize
+from lambda_search._objective import Point, check_device, fold_names, format_lambda, grid_points, make_plan, summarize
 
 
 def config(search=None, data=None, model=None, train=None):
@@ -23,7 +22,7 @@ def config(search=None, data=None, model=None, train=None):
            "model": model or {}, "train": {"epochs": 1, "batch_size": 8, **(train or {})}}
     if "holdout" in (data or {}):
         del raw["data"]["folds"]
-    return ls.resolve_config(raw, name="objective")
+    return _config.resolve_config(raw, name="objective")
 
 
 # ---------------------------------------------------------------- the grid
@@ -197,7 +196,7 @@ def test_run_point_summarizes_folds_already_done_without_training(monkeypatch):
     # an engine that cannot train: any training (or numerics of one) would fail on it
     monkeypatch.setattr(_objective, "engine_for", lambda *a, **k: object())
     done = {"r0f0": _record(0.5), "r0f1": _record(0.75)}
-    out = ls.run_point(plan, Point(1e-3), done, pack=2)
+    out = _objective.run_point(plan, Point(1e-3), done, pack=2)
     assert out.status == "completed" and out.reason is None
     assert out.folds == done and out.folds is not done  # a copy
     assert out.summary == summarize([0.5, 0.75])
@@ -207,7 +206,7 @@ def test_run_point_stops_at_a_diverged_fold(monkeypatch):
     plan = make_plan(config())
     monkeypatch.setattr(_objective, "engine_for", lambda *a, **k: pytest.fail("no engine for a diverged point"))
     done = {"r0f0": _record(0.5), "r0f1": _record(None, "diverged", step=7)}
-    out = ls.run_point(plan, Point(1e-1), done)
+    out = _objective.run_point(plan, Point(1e-1), done)
     assert (out.status, out.summary) == ("diverged", None)
     assert out.reason == "diverged: the training loss became NaN or infinite at step 7 of fold r0f1"
 

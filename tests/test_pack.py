@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lambda_search as ls
-from lambda_search import _pack, _train
+from lambda_search import _engine, _pack
 
 CFG = ls.TrainConfig(epochs=3, batch_size=17, lr=0.05, checkpoint_every_seconds=None)
 LAMBDAS = [1e-4, 1e-1, 3.0]
@@ -48,7 +48,7 @@ def test_a_pack_equals_separate_trainings(data, tmp_path, shortcut):
     # noise turn 1e-7 into 1e-2 in float32 (see the float32 test below)
     data, folds = data
     seeds = [11, 12, 13]
-    engine = ls.Engine("resnet20", data.num_classes, shortcut=shortcut, dtype=torch.float64)
+    engine = _engine.Engine("resnet20", data.num_classes, shortcut=shortcut, dtype=torch.float64)
     alone = [ls.train_fold(data, fold, lam, CFG, seed=seed, shortcut=shortcut, engine=engine,
                            checkpoint=tmp_path / f"alone-{fold.name}.pt")
              for fold, lam, seed in zip(folds, LAMBDAS, seeds)]
@@ -61,8 +61,8 @@ def test_a_pack_equals_separate_trainings(data, tmp_path, shortcut):
         assert cp["key"] == ca["key"] and cp["iteration"] == ca["iteration"]
         assert cp["epoch_loss"] == ca["epoch_loss"] == 0 and cp["epoch_steps"] == ca["epoch_steps"] == 0
         close_states(cp["model"], ca["model"], tol=1e-9)
-        buffers = lambda c: {i: s["momentum_buffer"] for i, s in c["optimizer"]["state"].items()}
-        close_states(buffers(cp), buffers(ca), tol=1e-9)
+        cb, ab = ({i: s["momentum_buffer"] for i, s in c["optimizer"]["state"].items()} for c in (cp, ca))
+        close_states(cb, ab, tol=1e-9)
         assert cp["optimizer"]["param_groups"] == ca["optimizer"]["param_groups"]
         assert cp["generator"].equal(ca["generator"])
 
@@ -74,7 +74,7 @@ def test_a_float32_pack_matches_separate_trainings_on_its_first_step(data, tmp_p
     # float64 test above is the proof over many steps)
     data, folds = data
     cfg = ls.TrainConfig(iterations=1, batch_size=17, lr=0.05, checkpoint_every_seconds=None)
-    engine = ls.Engine("resnet20", data.num_classes)
+    engine = _engine.Engine("resnet20", data.num_classes)
     alone = [ls.train_fold(data, fold, lam, cfg, seed=7, engine=engine, checkpoint=tmp_path / f"a{fold.name}.pt")
              for fold, lam in zip(folds, LAMBDAS)]
     packed = ls.train_pack(data, folds, LAMBDAS, cfg, seeds=[7, 7, 7], engine=engine,
@@ -91,7 +91,7 @@ def test_a_pack_of_the_baseline_network_with_nesterov(data):
     data, folds = data
     cfg = ls.TrainConfig(iterations=7, batch_size=16, lr=0.05, nesterov=True, weight_decay=1e-3,
                          checkpoint_every_seconds=None)
-    engine = ls.Engine("resnet20", data.num_classes, attention="none", dtype=torch.float64)
+    engine = _engine.Engine("resnet20", data.num_classes, attention="none", dtype=torch.float64)
     alone = [ls.train_fold(data, f, None, cfg, attention="none", seed=5, engine=engine) for f in folds[:2]]
     packed = ls.train_pack(data, folds[:2], [None, None], cfg, attention="none", seeds=[5, 5], engine=engine)
     for p, a in zip(packed, alone):
@@ -104,7 +104,7 @@ def test_a_stopped_pack_resumes_packed_or_alone(data, tmp_path):
     seeds = [1, 2, 3]
     paths = [tmp_path / f"{f.name}.pt" for f in folds]
     steps = []
-    engine = ls.Engine("resnet20", data.num_classes, dtype=torch.float64)
+    engine = _engine.Engine("resnet20", data.num_classes, dtype=torch.float64)
     stopped = ls.train_pack(data, folds, LAMBDAS, CFG, seeds=seeds, checkpoints=paths, engine=engine,
                             should_stop=lambda: steps.append(1) or len(steps) >= 2)
     assert [r.status for r in stopped] == ["stopped"] * 3
@@ -120,8 +120,9 @@ def test_a_stopped_pack_resumes_packed_or_alone(data, tmp_path):
 def test_a_diverging_member_fails_alone(data):
     data, folds = data
     cfg = ls.TrainConfig(iterations=4, batch_size=16, lr=0.05, checkpoint_every_seconds=None)
-    engine = ls.Engine("resnet20", data.num_classes, dtype=torch.float64)
-    pack = _pack.pack_for(engine, 2)
+    engine = _engine.Engine("resnet20", data.num_classes, dtype=torch.float64)
+    packs = _pack.Packs(engine)
+    pack = packs(2)
     real_load = pack.load
 
     def poisoned(p, state, momentum, e_lambda):  # member 1 starts with a NaN weight
@@ -131,7 +132,7 @@ def test_a_diverging_member_fails_alone(data):
                 pack.model.fc.weight[1, 0, 0] = float("nan")
 
     pack.load = poisoned
-    good, bad = ls.train_pack(data, folds[:2], [1e-4, 1e-4], cfg, seeds=[0, 0], engine=engine)
+    good, bad = ls.train_pack(data, folds[:2], [1e-4, 1e-4], cfg, seeds=[0, 0], packs=packs)
     assert bad.status == "diverged" and bad.diverged_at_step == 1 and bad.val_accuracy is None
     close_results(good, ls.train_fold(data, folds[0], 1e-4, cfg, seed=0, engine=engine), tol=1e-9)
 
@@ -143,13 +144,13 @@ def test_pack_errors_name_the_value(data):
     with pytest.raises(ValueError, match="e_lambda must be a finite number > 0, got e_lambda=0"):
         ls.train_pack(data, folds[:1], [0], CFG, seeds=[0])
     with pytest.raises(ValueError, match="pack size must be an integer >= 1, got size=0"):
-        _pack.Pack(ls.Engine("resnet20", 4), 0)
+        _pack.Pack(_engine.Engine("resnet20", 4), 0)
 
 
 def test_a_pack_of_one_equals_train_fold(data):
     # what the search runs on GPUs for a single fold (there as a CUDA graph)
     data, folds = data
-    engine = ls.Engine("resnet20", data.num_classes, dtype=torch.float64)
+    engine = _engine.Engine("resnet20", data.num_classes, dtype=torch.float64)
     alone = ls.train_fold(data, folds[2], 0.1, CFG, seed=4, engine=engine)
     [packed] = ls.train_pack(data, folds[2:], [0.1], CFG, seeds=[4], engine=engine)
     close_results(packed, alone, tol=1e-9)
@@ -158,9 +159,9 @@ def test_a_pack_of_one_equals_train_fold(data):
 def test_packed_validation_equals_each_network_alone(data):
     # validation sets of different lengths, batches that do not divide them, a skipped slot
     data, folds = data
-    engine = ls.Engine("resnet20", data.num_classes, dtype=torch.float64)
-    pack = _pack.pack_for(engine, 3)
-    states = [engine._fresh(seed).state_dict() for seed in (1, 2, 3)]
+    engine = _engine.Engine("resnet20", data.num_classes, dtype=torch.float64)
+    pack = _pack.Pack(engine, 3)
+    states = [engine.fresh(seed).state_dict() for seed in (1, 2, 3)]
     for p, (state, lam) in enumerate(zip(states, LAMBDAS)):
         pack.load(p, state, None, lam)
     indices = [torch.as_tensor(folds[0].val), None, torch.as_tensor(folds[2].val[:20])]
@@ -169,6 +170,26 @@ def test_packed_validation_equals_each_network_alone(data):
     for p in (0, 2):
         engine.model.load_state_dict(states[p])
         ls.set_e_lambda(engine.model, LAMBDAS[p])
-        accuracy, loss = _train._evaluate(engine, data, indices[p], 16)
+        accuracy, loss = _engine._evaluate(engine, data, indices[p], 16)
         assert got[p][0] == accuracy
         assert got[p][1] == pytest.approx(loss, rel=1e-12)
+
+
+def test_packs_are_kept_by_their_owner_not_by_the_engine(data):
+    # the packed path knows the engine, never the other way round: a Packs (kept by whoever
+    # owns the engine) builds a pack once per size and train_pack takes it from there
+    data, folds = data
+    cfg = ls.TrainConfig(iterations=2, batch_size=16, lr=0.05, checkpoint_every_seconds=None)
+    engine = _engine.Engine("resnet20", data.num_classes, dtype=torch.float64)
+    packs = _pack.Packs(engine)
+    assert packs(2) is packs(2) and packs(3) is not packs(2) and packs(2).engine is engine
+    assert not any("pack" in name for name in vars(engine))
+    built = packs(2)
+    kept = ls.train_pack(data, folds[:2], [1e-4, 0.1], cfg, seeds=[0, 1], packs=packs)
+    assert packs(2) is built
+    own = ls.train_pack(data, folds[:2], [1e-4, 0.1], cfg, seeds=[0, 1], engine=engine)  # a pack of its own
+    for a, b in zip(kept, own):
+        close_results(a, b, tol=0)
+    with pytest.raises(ValueError, match="packs of another engine"):
+        ls.train_pack(data, folds[:2], [1e-4, 0.1], cfg, seeds=[0, 1], packs=packs,
+                      engine=_engine.Engine("resnet20", data.num_classes, dtype=torch.float64))

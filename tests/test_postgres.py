@@ -17,6 +17,7 @@ import optuna
 import pytest
 
 import lambda_search as ls
+from lambda_search import _objective
 from lambda_search.cli import main
 
 from conftest import SCRIPT
@@ -115,7 +116,6 @@ def test_the_server_stopping_mid_search_and_coming_back(postgres, tiny_config, c
     """The server stops as the first fold finishes: the search ends with one line (exit code
     1, no password); once the server is back, a resume completes the study with the
     uninterrupted numbers and the finished fold is not trained again."""
-    from lambda_search import _objective
 
     path = tiny_config(name="pgstop", lambdas="[1e-3, 1e-1]")
     real, finished = _objective.fold_record, []
@@ -138,7 +138,7 @@ def test_the_server_stopping_mid_search_and_coming_back(postgres, tiny_config, c
     config = ls.load_config(path)
     sa_url = postgres.replace("postgresql://", "postgresql+psycopg://")
     done = assert_exactly_once(sa_url, "pgstop", config)
-    plan = ls.make_plan(config)
+    plan = _objective.make_plan(config)
     for point in plan.points:
         expected = [ls.train_fold(plan.data, f, point.e_lambda, plan.train, seed=plan.train_seed(f)).val_accuracy
                     for f in plan.folds]

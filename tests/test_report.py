@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 
 import lambda_search as ls
-from lambda_search import ConfigError, Point, PointStatus, StudyStatus
+from lambda_search import ConfigError, StudyStatus, _config, _report
+from lambda_search._objective import Point
 from lambda_search._report import numerics_lines
+from lambda_search._status import PointStatus
 
 NAMES = ["r0f0", "r0f1", "r0f2"]
 CPU = {"device": "cpu", "processor": "Test CPU", "isa": "avx2", "dtype": "float32", "autocast": None, "threads": 1,
@@ -31,9 +33,14 @@ def done(accs, secs, numerics=CPU):
 
 def make_status(repeats=1):
     """Five points of every state: two complete, one running, one diverged, the baseline pending."""
-    config = ls.resolve_config({"search": {"lambdas": [1e-3, 1e-2, 1e-1, 1.0], "baseline": True, "repeats": repeats},
-                                "data": {"dataset": "synthetic", "folds": 3}, "train": {"iterations": 10}},
-                               name="rep")
+    config = _config.resolve_config(
+        {
+            "search": {"lambdas": [1e-3, 1e-2, 1e-1, 1.0], "baseline": True, "repeats": repeats},
+            "data": {"dataset": "synthetic", "folds": 3},
+            "train": {"iterations": 10},
+        },
+        name="rep",
+    )
     points = [PointStatus(Point(1e-3), "complete", done([0.8, 0.9, 0.85], [1.0, 2.0, 3.0]), NAMES,
                           mean=0.85, std=0.05, sem=0.05 / math.sqrt(3)),
               PointStatus(Point(1e-2), "complete", done([0.9, 0.95, 0.85], [1.5, 1.5, 1.5]), NAMES,
@@ -167,7 +174,7 @@ def _same(read: pd.DataFrame, frame: pd.DataFrame, rel=1e-15):
 def test_csv_text_round_trips(folds):
     status = make_status()
     frame = ls.folds_frame(status) if folds else ls.results_frame(status)
-    text = ls.table_text(status, folds=folds, fmt="csv")
+    text = _report.table_text(status, folds=folds, fmt="csv")
     assert text.splitlines()[0] == ",".join(frame.columns)
     _same(pd.read_csv(io.StringIO(text)), frame)  # exactly: CSV writes the shortest exact form
 
@@ -175,7 +182,7 @@ def test_csv_text_round_trips(folds):
 def test_csv_text_keeps_close_lambdas_apart():
     status = make_status()
     status.points[1].point = Point(1.0000000000000002e-3)
-    read = pd.read_csv(io.StringIO(ls.table_text(status)))
+    read = pd.read_csv(io.StringIO(_report.table_text(status)))
     assert read["param_e_lambda"].tolist()[:2] == [1e-3, 1.0000000000000002e-3]
 
 
@@ -183,7 +190,7 @@ def test_csv_text_keeps_close_lambdas_apart():
 def test_json_text_round_trips(folds):
     status = make_status()
     frame = ls.folds_frame(status) if folds else ls.results_frame(status)
-    text = ls.table_text(status, folds=folds, fmt="json")
+    text = _report.table_text(status, folds=folds, fmt="json")
     records = json.loads(text)
     assert isinstance(records, list) and len(records) == len(frame)
     assert all(list(r) == list(frame.columns) for r in records)
@@ -196,7 +203,7 @@ def test_json_text_round_trips(folds):
 def test_json_text_keeps_every_float_exactly():
     status = make_status()
     status.points[1].point = Point(1.0000000000000002e-3)  # one float step above the first point's lambda
-    records = json.loads(ls.table_text(status, fmt="json"))
+    records = json.loads(_report.table_text(status, fmt="json"))
     assert [r["param_e_lambda"] for r in records[:2]] == [1e-3, 1.0000000000000002e-3]
     assert records[3]["std_fit_time"] == ls.results_frame(status)["std_fit_time"][3]
 
@@ -206,10 +213,10 @@ def test_export_tables_writes_both_tables(tmp_path, ext):
     status = make_status()
     paths = ls.export_tables(status, tmp_path / f"out.{ext}")
     assert paths == [tmp_path / f"out.{ext}", tmp_path / f"out.folds.{ext}"]
-    assert paths[0].read_text() == ls.table_text(status, False, ext)
-    assert paths[1].read_text() == ls.table_text(status, True, ext)
+    assert paths[0].read_text() == _report.table_text(status, False, ext)
+    assert paths[1].read_text() == _report.table_text(status, True, ext)
     only = ls.export_tables(status, tmp_path / f"only.{ext}", folds_only=True, fmt=ext)
-    assert only == [tmp_path / f"only.{ext}"] and only[0].read_text() == ls.table_text(status, True, ext)
+    assert only == [tmp_path / f"only.{ext}"] and only[0].read_text() == _report.table_text(status, True, ext)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"out.{ext}", f"out.folds.{ext}", f"only.{ext}"])
 
 
@@ -233,8 +240,8 @@ def test_export_tables_refuses_another_extension(tmp_path, name, fmt, want):
 
 def test_export_csv_writes_csv_whatever_the_extension(tmp_path):
     status = make_status()
-    assert ls.export_csv(status, tmp_path / "t") == (tmp_path / "t", tmp_path / "t.folds.csv")
-    assert ls.export_csv(status, tmp_path / "t.txt") == (tmp_path / "t.txt", tmp_path / "t.folds.txt")
+    assert _report.export_csv(status, tmp_path / "t") == (tmp_path / "t", tmp_path / "t.folds.csv")
+    assert _report.export_csv(status, tmp_path / "t.txt") == (tmp_path / "t.txt", tmp_path / "t.folds.txt")
     _same(pd.read_csv(tmp_path / "t.txt"), ls.results_frame(status))
     _same(pd.read_csv(tmp_path / "t.folds.csv"), ls.folds_frame(status))
 
@@ -243,12 +250,12 @@ def test_export_csv_writes_csv_whatever_the_extension(tmp_path):
 
 
 def test_format_studies():
-    assert ls.format_studies([], "sqlite:///x.db") == "no studies in sqlite:///x.db"
+    assert _report.format_studies([], "sqlite:///x.db") == "no studies in sqlite:///x.db"
     studies = [{"study": "a", "lambda_search": True, "finished": True, "complete": 5, "total": 5,
                 "companions": ["a-baseline"]},
                {"study": "other", "lambda_search": False, "trials": 12, "companions": []},
                {"study": "b", "lambda_search": True, "finished": False, "complete": 1, "total": 10, "companions": []}]
-    assert ls.format_studies(studies, "postgresql://u:***@h/db") == "\n".join([
+    assert _report.format_studies(studies, "postgresql://u:***@h/db") == "\n".join([
         "studies in postgresql://u:***@h/db:",
         "study         points                state",
         "a             5/5 points complete   finished",

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lambda_search as ls
+from lambda_search import _objective, _status
 from lambda_search.cli import main
 
 from conftest import SCRIPT, poll, write_config
@@ -27,7 +28,7 @@ def trials_of(url, name):
     else:
         storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
     out = {}
-    for study in (name, ls.baseline_study_name(name)):
+    for study in (name, _status.baseline_study_name(name)):
         try:
             trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
         except KeyError:
@@ -39,7 +40,7 @@ def trials_of(url, name):
 
 def assert_exactly_once(url, name, config):
     by_point = trials_of(url, name)
-    keys = [p.key for p in ls.grid_points(config)]
+    keys = [p.key for p in _objective.grid_points(config)]
     assert sorted(k for k in by_point) == sorted(keys), by_point.keys()
     for key in keys:
         states = [t.state for t in by_point[key]]
@@ -81,7 +82,7 @@ def test_a_trials_accuracies_are_train_folds_own(tiny_config):
     config = ls.load_config(tiny_config(lambdas="[1e-3]"))
     ls.run_search(config, log=lambda s: None)
     trial = assert_exactly_once(config["study"]["storage"], "tiny", config)["e_lambda=0.001/repeat=0"]
-    plan = ls.make_plan(config)
+    plan = _objective.make_plan(config)
     for fold, accuracy in zip(plan.folds, trial.user_attrs["fold_accuracies"]):
         result = ls.train_fold(plan.data, fold, 1e-3, plan.train, seed=plan.train_seed(fold))
         assert result.val_accuracy == accuracy  # the same numerics: the same bits
@@ -102,7 +103,7 @@ def test_a_packed_search_interrupted_and_resumed(tiny_config, capsys):
     assert ", 2 folds at once, 2 folds at once (baseline)\n" in out
     how, status = ls.run_search(config, log=lambda s: None)
     assert how == "resumed" and status.finished
-    plan = ls.make_plan(config)
+    plan = _objective.make_plan(config)
     resumed = []
     for key, trial in assert_exactly_once(url, name, config).items():
         point = next(p for p in plan.points if p.key == key)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 import lambda_search as ls
+from lambda_search import _config, _objective, _select
+from lambda_search._status import PointStatus
 from lambda_search.cli import main
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "figure4.ipynb"
@@ -16,14 +18,14 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "figure4.ipynb"
 
 def _status(baseline=True):
     """A hand-made study: 3 folds; 1e-6 diverged, 1e-4 interrupted after one fold."""
-    config = ls.resolve_config({"search": {"lambdas": [1e-6, 1e-4, 1e-3, 1e-2, 1e-1], "baseline": baseline},
+    config = _config.resolve_config({"search": {"lambdas": [1e-6, 1e-4, 1e-3, 1e-2, 1e-1], "baseline": baseline},
                                 "data": {"dataset": "cifar100", "folds": 3}, "train": {"iterations": 10}},
                                name="hand")
     names = ["r0f0", "r0f1", "r0f2"]
 
     def point(e_lambda, state, accs, reason=None):
         folds = {n: {"status": "completed", "val_accuracy": a, "seconds": 1.0} for n, a in zip(names, accs)}
-        p = ls.PointStatus(ls.Point(e_lambda, 0), state, folds, names, reason=reason)
+        p = PointStatus(_objective.Point(e_lambda, 0), state, folds, names, reason=reason)
         if state == "complete":
             p.mean = sum(accs) / len(accs)
         return p
@@ -39,7 +41,7 @@ def _status(baseline=True):
 
 
 def test_lambda_stats_by_hand():
-    stats = {s.e_lambda: s for s in ls.lambda_stats(_status())}
+    stats = {s.e_lambda: s for s in _select.lambda_stats(_status())}
     s = stats[1e-3]
     assert s.state == "complete" and s.mean == pytest.approx(0.92)
     assert s.std == pytest.approx(0.02) and s.sem == pytest.approx(0.02 / math.sqrt(3))

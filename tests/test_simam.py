@@ -11,7 +11,7 @@ import lambda_search
 import lambda_search as ls
 import lambda_search._kernels
 import lambda_search._simam
-from lambda_search import SimAM, build_model, set_e_lambda, simam
+from lambda_search import SimAM, _simam, build_model, set_e_lambda, simam
 
 
 def energy(w, b, t, others, lam):
@@ -205,14 +205,16 @@ def test_cpu_kernel_takes_a_lambda_per_channel_and_falls_back_elsewhere():
         out = simam(x, lams.view(lam_shape))
         assert type(out.grad_fn).__name__ == "_SimAMFunctionBackward"
         for c, lam in enumerate(lams.tolist()):
-            torch.testing.assert_close(out[:, c : c + 1].double(), reference(x[:, c : c + 1], lam), rtol=2e-6, atol=2e-6)
+            torch.testing.assert_close(
+                out[:, c : c + 1].double(), reference(x[:, c : c + 1], lam), rtol=2e-6, atol=2e-6
+            )
     # one lambda per sample (N, 1, 1, 1) is not per channel, even where N == C: the reference runs
     x4 = torch.randn(4, 4, 3, 3)
     per_sample = torch.tensor([1e-6, 1e-3, 1e-1, 1.0]).view(4, 1, 1, 1)
-    torch.testing.assert_close(simam(x4, per_sample), lambda_search.simam_reference(x4, per_sample))
+    torch.testing.assert_close(simam(x4, per_sample), _simam.simam_reference(x4, per_sample))
     # strides the kernel does not take (a transposed view) run the reference
     xt = torch.randn(2, 3, 6, 5).transpose(2, 3)
-    torch.testing.assert_close(simam(xt, 1e-4), lambda_search.simam_reference(xt, 1e-4))
+    torch.testing.assert_close(simam(xt, 1e-4), _simam.simam_reference(xt, 1e-4))
 
 
 def test_without_the_kernel_simam_is_the_reference(monkeypatch):
@@ -220,18 +222,18 @@ def test_without_the_kernel_simam_is_the_reference(monkeypatch):
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
     out = simam(x, 1e-4)
     assert type(out.grad_fn).__name__ != "_SimAMFunctionBackward"
-    torch.testing.assert_close(out, lambda_search.simam_reference(x, 1e-4), rtol=0, atol=0)
+    torch.testing.assert_close(out, _simam.simam_reference(x, 1e-4), rtol=0, atol=0)
 
 
 @kernel
 @pytest.mark.parametrize("shape, lam", [((8, 16, 32, 32), 1e-4), ((4, 32, 8, 8), 0.1), ((3, 64, 2, 2), 1e-4),
                                         ((5, 24, 7, 5), 3.0), ((4, 6, 5, 5), "per channel")])
 def test_simam_then_batch_norm_fused_matches_float64(shape, lam):
-    """simam_batch_norm, as every residual block calls it: fused on the CPU in training."""
+    """SimAMBatchNorm, every residual block's bn2: fused with SimAM on the CPU in training."""
     torch.manual_seed(0)
     c = shape[1]
     x = (torch.randn(shape) * 2 + 0.5).contiguous(memory_format=torch.channels_last).requires_grad_()
-    bn = torch.nn.BatchNorm2d(c)
+    bn = _simam.SimAMBatchNorm(c)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
@@ -243,10 +245,11 @@ def test_simam_then_batch_norm_fused_matches_float64(shape, lam):
     if lam == "per channel":
         attn.e_lambda = lam64.view(c).float()  # one lambda per channel, as in a pack
     g = torch.randn(shape).contiguous(memory_format=torch.channels_last)
-    y = ls.simam_batch_norm(x, attn, bn)
+    assert bn._fusable(x, attn)
+    y = bn(x, attn)
     y.backward(g)
     x64 = x.detach().double().requires_grad_()
-    y64 = bn64(ls.simam_reference(x64, lam64))
+    y64 = bn64(_simam.simam_reference(x64, lam64))
     y64.backward(g.double())
     torch.testing.assert_close(y.double(), y64, rtol=0, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=0, atol=1e-5 * x64.grad.abs().max().item())
@@ -258,16 +261,30 @@ def test_simam_then_batch_norm_fused_matches_float64(shape, lam):
 
 
 def test_simam_then_batch_norm_elsewhere_is_the_two_modules():
-    import copy
+
+    class Formula(torch.nn.Module):  # another attention layer, with a lambda all the same
+        e_lambda = torch.tensor(1e-3)
+
+        def forward(self, x):
+            return _simam.simam_reference(x, 1e-3)
 
     x = torch.randn(2, 4, 6, 6)  # NCHW: not fused
-    attn, bn = ls.SimAM(1e-3), torch.nn.BatchNorm2d(4)
-    twin = copy.deepcopy(bn)
-    assert torch.equal(ls.simam_batch_norm(x, attn, bn), twin(attn(x)))
+    attn, bn = ls.SimAM(1e-3), _simam.SimAMBatchNorm(4)
+    twin = torch.nn.BatchNorm2d(4)
+    twin.load_state_dict(bn.state_dict())
+    assert not bn._fusable(x, attn)
+    assert torch.equal(bn(x, attn), twin(attn(x)))
     assert torch.equal(bn.running_var, twin.running_var)
-    attn.eval(), bn.eval()  # evaluation: not fused
-    x = x.contiguous(memory_format=torch.channels_last)
-    assert torch.equal(ls.simam_batch_norm(x, attn, bn), bn(attn(x)))
+    assert bn.state_dict().keys() == twin.state_dict().keys()
+    last = x.contiguous(memory_format=torch.channels_last)
+    for other in (Formula(), torch.nn.Identity()):  # only SimAM is fused
+        assert not bn._fusable(last, other)
+        assert torch.equal(bn(last, other), twin(other(last)))
+    assert not bn._fusable(last.double(), attn)
+    assert torch.equal(bn(last), twin(last))  # no attention: a BatchNorm2d
+    attn.eval(), bn.eval(), twin.eval()  # evaluation: not fused
+    assert not bn._fusable(last, attn)
+    assert torch.equal(bn(last, attn), twin(attn(last)))
 
 
 def test_refuses_lambda_below_the_smallest_normal_float32():
@@ -282,7 +299,7 @@ def test_refuses_lambda_below_the_smallest_normal_float32():
             with pytest.raises(ValueError) as info:
                 build(bad)
             assert str(info.value) == message
-    assert ls.check_e_lambda(floor) == floor
+    assert _simam.check_e_lambda(floor) == floor
     x = torch.randn(2, 3, 4, 4)
     x[:, 0] = 0.0  # a dead channel: 0 / (4 * floor) stays 0, as it would not with lambda lost to 0
     out = SimAM(floor)(x)

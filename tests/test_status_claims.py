@@ -5,11 +5,12 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 import lambda_search as ls
+from lambda_search import _objective, _status, _study
 from lambda_search._status import POINT_ATTR, REASON_ATTR, _point_status
 from lambda_search._worker import _claim, _fail
 
 NAMES = ["r0f0", "r0f1"]
-POINT = ls.Point(1e-3)
+POINT = _objective.Point(1e-3)
 
 
 def _record(acc, status="completed"):
@@ -58,21 +59,25 @@ def test_a_running_trial_is_running_only_while_its_lease_lives():
 
 def _store(tiny_config, tmp_path, **kw):
     config = ls.load_config(tiny_config(**kw))
-    plan = ls.make_plan(config)
+    plan = _objective.make_plan(config)
     store = ls.open_store(config["study"]["storage"], create=True)
-    assert ls.create_or_resume(store, config, plan) == "created"
-    return store, ls.load_study_config(store, "tiny")
+    assert _study.create_or_resume(store, config, plan) == "created"
+    return store, _status.load_study_config(store, "tiny")
 
 
 def test_claims_hand_out_each_point_once_and_take_back_a_dead_workers(tiny_config, tmp_path):
     store, config = _store(tiny_config, tmp_path, lambdas="[1e-4, 1e-1]", baseline="true")
     first, second, third = (_claim(store, "tiny", config, "") for _ in range(3))
-    assert [c.point for c in (first, second, third)] == [ls.Point(1e-4), ls.Point(1e-1), ls.Point(None)]
+    assert [c.point for c in (first, second, third)] == [
+        _objective.Point(1e-4),
+        _objective.Point(1e-1),
+        _objective.Point(None),
+    ]
     assert _claim(store, "tiny", config, "") == "wait"  # all running, leases alive
     store.storage.set_trial_user_attr(second.trial_id, "fold_results", {"r0f0": _record(0.8)})
     second.lease.release()  # its worker dies
     again = _claim(store, "tiny", config, "")
-    assert again.point == ls.Point(1e-1) and again.done == {"r0f0": _record(0.8)}  # finished folds kept
+    assert again.point == _objective.Point(1e-1) and again.done == {"r0f0": _record(0.8)}  # finished folds kept
     lost = store.storage.get_trial(second.trial_id)
     assert lost.state == TrialState.FAIL and lost.system_attrs[REASON_ATTR].startswith("worker lost")
     for claim in (first, again, third):

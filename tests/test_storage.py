@@ -15,8 +15,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from lambda_search import StorageError, open_store, redact
-from lambda_search._storage import FileLocks
+from lambda_search import StorageError, open_store
+from lambda_search._storage import FileLocks, redact
 
 NOBODY = 65534
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lambda_search as ls
-from lambda_search import _train
+from lambda_search import _augment, _engine, _train
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_digits_learns_well_above_chance():
 
 def test_same_seed_same_bits_and_another_seed_differs(small):
     data, fold = small
-    e1, e2, e3 = (ls.Engine("resnet20", 4) for _ in range(3))
+    e1, e2, e3 = (_engine.Engine("resnet20", 4) for _ in range(3))
     a = ls.train_fold(data, fold, 1e-4, CFG, seed=5, engine=e1)
     b = ls.train_fold(data, fold, 1e-4, CFG, seed=5, engine=e2)
     c = ls.train_fold(data, fold, 1e-4, CFG, seed=6, engine=e3)
@@ -54,11 +54,11 @@ def test_same_seed_same_bits_and_another_seed_differs(small):
 
 def test_reported_accuracy_is_the_final_models(small):
     data, fold = small
-    engine = ls.Engine("resnet20", 4)
+    engine = _engine.Engine("resnet20", 4)
     result = ls.train_fold(data, fold, 1e-3, CFG, engine=engine)
     engine.model.eval()
     with torch.no_grad():
-        x = ls.normalize(data.images[torch.as_tensor(fold.val)], data.mean, data.std)
+        x = _augment.normalize(data.images[torch.as_tensor(fold.val)], data.mean, data.std)
         predicted = engine.model(x).argmax(1)
     accuracy = (predicted == data.labels[torch.as_tensor(fold.val)]).sum().item() / len(fold.val)
     assert result.val_accuracy == accuracy
@@ -68,13 +68,24 @@ def test_reported_accuracy_is_the_final_models(small):
 @pytest.mark.slow
 def test_one_engine_serves_every_lambda_exactly(small):
     data, fold = small
-    shared = ls.Engine("resnet20", 4)
+    shared = _engine.Engine("resnet20", 4)
     for lam in (1e-4, 1e-1):
-        fresh = ls.train_fold(data, fold, lam, CFG, engine=ls.Engine("resnet20", 4))
+        fresh = ls.train_fold(data, fold, lam, CFG, engine=_engine.Engine("resnet20", 4))
         reused = ls.train_fold(data, fold, lam, CFG, engine=shared)
         same_result(fresh, reused)
     baseline = ls.train_fold(data, fold, None, CFG, attention="none")
     assert baseline.status == "completed" and baseline.e_lambda is None
+
+
+def test_fresh_weights_are_a_seeds_and_leave_the_callers_rng(small):
+    engine = _engine.Engine("resnet20", 4)
+    before = torch.random.get_rng_state()
+    fresh = engine.fresh(3).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    engine.reset(3, 1e-4)
+    assert fresh.keys() == engine.model.state_dict().keys()
+    assert all(torch.equal(fresh[k], v) for k, v in engine.model.state_dict().items())
+    assert not all(torch.equal(fresh[k], v) for k, v in engine.fresh(4).state_dict().items())
 
 
 def test_budget_in_iterations_and_sparse_evaluation(small):
@@ -219,4 +230,4 @@ def test_fold_level_errors(small):
     with pytest.raises(ValueError, match="e_lambda must be a finite number > 0"):
         ls.train_fold(data, fold, 0.0, CFG)
     with pytest.raises(ValueError, match="the engine was built for"):
-        ls.train_fold(data, fold, 1e-4, CFG, engine=ls.Engine("resnet20", 10))
+        ls.train_fold(data, fold, 1e-4, CFG, engine=_engine.Engine("resnet20", 10))
