@@ -142,10 +142,10 @@ class FileLocks:
     folder opened for reading takes them, so a read-only copy is read as any other."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path = Path(path).resolve()  # one folder for every worker, whatever symlink it opened the file by
         # this file's bytes: 2**30 trials from its own offset (a CRC of its name, so that
         # databases in one folder keep apart)
-        self._base = zlib.crc32(path.name.encode()) << 30
+        self._base = zlib.crc32(self.path.name.encode()) << 30
 
     def _folder(self) -> int:
         return os.open(self.path.parent if str(self.path.parent) else ".", os.O_RDONLY | os.O_DIRECTORY)

@@ -148,7 +148,11 @@ def _claim(store: Store, name: str, config: dict, label: str) -> Claim | str:
                         "fold_accuracies": s.fold_accuracies})
         trial_id = storage.create_new_trial(sid, template)
         lease = store.locks.lease(trial_id)
-        number = storage.get_trial(trial_id).number
+        try:
+            number = storage.get_trial(trial_id).number
+        except BaseException:
+            lease.release()  # never a lease left held by a trial nobody runs
+            raise
         return Claim(trial_id, number, point, dict(s.folds), lease)
 
 
@@ -317,9 +321,15 @@ def _work(store: Store, name: str, plan: Plan, packs: dict[str, int], engines: E
                 time.sleep(0.1)
             continue
         attention = claim.point.attention
-        status = _run_claim(store, plan, claim, engines(attention), checkpoint_dir=checkpoint_dir, log=log,
+        try:  # building (and compiling) the network can fail: the trial fails and its lease goes with it
+            engine, pack_cache = engines(attention), engines.packs(attention)
+        except BaseException as exc:
+            _fail(store, claim.trial_id, f"error: {type(exc).__name__}: {exc}")
+            claim.lease.release()
+            raise
+        status = _run_claim(store, plan, claim, engine, checkpoint_dir=checkpoint_dir, log=log,
                             progress=progress, should_stop=should_stop, stats=stats, label=label, n_workers=n_workers,
-                            pack=packs.get(attention, 1), pack_cache=engines.packs(attention))
+                            pack=packs.get(attention, 1), pack_cache=pack_cache)
         counts["interrupted" if status == "stopped" else status] += 1
         if status == "stopped":
             break

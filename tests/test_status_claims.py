@@ -1,6 +1,7 @@
 """Unit tests of the study's state (_status) and of claiming points (_worker), without
 training: hand-made trials, a real SQLite storage, leases taken and dropped by hand."""
 
+import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -105,3 +106,35 @@ def test_the_baseline_lives_in_its_companion_study(tiny_config, tmp_path):
     assert [t.params for t in baseline] == [{}]  # no lambda: best_params of "tiny" is always a lambda
     for c in claims:
         c.lease.release()
+
+
+def test_a_symlinked_database_shares_the_locks(tiny_config, tmp_path):
+    """A worker that opens the study through a symlink in another folder sees the same claim
+    lock and leases: it never claims a point another worker runs."""
+    store, config = _store(tiny_config, tmp_path, lambdas="[1e-4, 1e-1]")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "tiny.db").symlink_to(tmp_path / "tiny.db")
+    other = ls.open_store(f"sqlite:///{elsewhere / 'tiny.db'}")
+    first = _claim(store, "tiny", config, "")
+    second = _claim(other, "tiny", config, "")
+    assert first.point != second.point and other.locks.alive(first.trial_id)
+    assert store.storage.get_trial(first.trial_id).state == TrialState.RUNNING
+    for c in (first, second):
+        c.lease.release()
+
+
+def test_a_network_that_cannot_be_built_fails_its_trial_and_frees_its_lease(tiny_config, tmp_path, monkeypatch):
+    from lambda_search import _measure
+
+    store, config = _store(tiny_config, tmp_path, lambdas="[1e-4]")
+
+    def broken(self, attention):
+        raise MemoryError("no memory for the network")
+
+    monkeypatch.setattr(_measure.Engines, "__call__", broken)
+    with pytest.raises(MemoryError):
+        ls.run_worker(store, "tiny", log=lambda s: None, pin={"simam_kernel": False, "packs": {"simam": 1}})
+    trial = store.storage.get_all_trials(store.storage.get_study_id_from_name("tiny"))[0]
+    assert trial.state == TrialState.FAIL and "MemoryError" in trial.system_attrs[REASON_ATTR]
+    assert not store.locks.alive(trial._trial_id)
