@@ -23,7 +23,6 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from ._config import IDENTITY_EXEMPT, ConfigError, resolve_config
-from ._engine import Engine
 from ._kernels import cpu_kernel, use_kernels
 from ._measure import Engines, worker_pack
 from ._numerics import device_kind, proposed_pin
@@ -166,8 +165,8 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def _run_claim(store: Store, plan: Plan, claim: Claim, engine: Engine, *, checkpoint_dir, log, progress,
-               should_stop, stats: dict, label: str, n_workers: int, pack: int = 1, pack_cache=None) -> str:
+def _run_claim(store: Store, plan: Plan, claim: Claim, engines: Engines, *, checkpoint_dir, log, progress,
+               should_stop, stats: dict, label: str, n_workers: int, pack: int = 1) -> str:
     storage, tid, point = store.storage, claim.trial_id, claim.point
     names = fold_names(plan.config, point.repeat)
     epochs = None
@@ -202,6 +201,7 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engine: Engine, *, checkp
         + (f" (keeps finished folds {', '.join(reused)})" if reused else "")
     )
     try:
+        engine, pack_cache = engines(point.attention), engines.packs(point.attention)  # built once, may fail
         note = own_checkpoints(checkpoint_dir, point, _run_id(store, plan.config["study"]["name"]))
         if note:
             log(f"{label}warning: {note}")
@@ -320,16 +320,9 @@ def _work(store: Store, name: str, plan: Plan, packs: dict[str, int], engines: E
             while time.monotonic() < deadline and not should_stop():
                 time.sleep(0.1)
             continue
-        attention = claim.point.attention
-        try:  # building (and compiling) the network can fail: the trial fails and its lease goes with it
-            engine, pack_cache = engines(attention), engines.packs(attention)
-        except BaseException as exc:
-            _fail(store, claim.trial_id, f"error: {type(exc).__name__}: {exc}")
-            claim.lease.release()
-            raise
-        status = _run_claim(store, plan, claim, engine, checkpoint_dir=checkpoint_dir, log=log,
+        status = _run_claim(store, plan, claim, engines, checkpoint_dir=checkpoint_dir, log=log,
                             progress=progress, should_stop=should_stop, stats=stats, label=label, n_workers=n_workers,
-                            pack=packs.get(attention, 1), pack_cache=pack_cache)
+                            pack=packs.get(claim.point.attention, 1))
         counts["interrupted" if status == "stopped" else status] += 1
         if status == "stopped":
             break
