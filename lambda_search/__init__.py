@@ -40,6 +40,7 @@ from ._checkpoint import load_official_checkpoint
 from ._config import ConfigError, load_config
 from ._data import load_dataset
 from ._engine import TrainConfig
+from ._failures import StorageError, StorageFailure
 from ._folds import make_folds
 from ._models import MODEL_NAMES, build_model
 from ._objective import format_lambda
@@ -49,7 +50,7 @@ from ._report import export_tables, folds_frame, results_frame, status_table
 from ._select import corrected_t_test, format_selection, select
 from ._simam import SimAM, set_e_lambda, simam
 from ._status import StudyError, StudyStatus, list_studies, study_status
-from ._storage import StorageError, StorageFailure, open_store
+from ._storage import open_store
 from ._study import resume_config, run_search
 from ._train import train_fold
 from ._worker import run_worker

@@ -23,7 +23,6 @@ from ._data import ImageData
 from ._engine import cpu_threads, make_optimizer, on_device
 from ._kernels import cpu_kernel
 from ._measure import (
-    Projection,
     eval_rates,
     lambda_of,
     least_share,
@@ -31,12 +30,12 @@ from ._measure import (
     pack_setting,
     pick_rounds,
     plan_engine,
-    project_rounds,
     search_step,
     time_rounds,
 )
 from ._models import BasicBlock, build_model
 from ._objective import Plan, make_plan
+from ._projection import Projection, project_rounds
 from ._simam import SimAM, simam_reference
 
 __all__ = ["Bench", "PAPER_FIGURE4", "paper_figure4_config", "run_bench", "format_bench"]

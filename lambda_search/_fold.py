@@ -40,6 +40,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _os_error(exc: BaseException | None) -> OSError | None:
+    """``exc``, or the OSError it wraps (torch.save reports a failed write as a RuntimeError)."""
+    for _ in range(10):
+        if exc is None or isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write atomically (temporary file, fsync, rename); the previous file is kept as .prev."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,12 +61,12 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         if path.exists():
             os.replace(path, path.with_name(path.name + ".prev"))
         os.replace(tmp, path)
-    except OSError as exc:  # a full disk, say: the previous checkpoint stays as it was
+    except BaseException as exc:  # a full disk, say: the previous checkpoint stays as it was
         tmp.unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        failed = _os_error(exc)
+        if failed is None:
+            raise
+        raise OSError(failed.errno, failed.strerror, str(path)) from exc  # the checkpoint named, not its tmp file
     _fsync_dir(path.parent)
 
 

@@ -20,9 +20,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ._config import resolve_config
+from ._failures import failures
 from ._numerics import distinct_numerics, mixed_folds
 from ._objective import Point, fold_names, grid_points
-from ._storage import Store, failures
+from ._storage import Store
 
 __all__ = ["StudyError", "PointStatus", "StudyStatus", "baseline_study_name", "load_study_config", "study_status",
            "list_studies", "STORAGE_ENV"]

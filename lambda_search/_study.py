@@ -14,10 +14,12 @@ import optuna
 import torch
 
 from ._config import config_diff
+from ._failures import failures, redact
 from ._kernels import use_kernels
-from ._measure import Engines, format_seconds, quick_projection
+from ._measure import Engines, quick_projection
 from ._numerics import device_kind, proposed_pin
 from ._objective import Plan, make_plan
+from ._projection import format_seconds
 from ._status import (
     CONFIG_ATTR,
     FINGERPRINT_ATTR,
@@ -32,7 +34,7 @@ from ._status import (
     study_pins,
     study_status,
 )
-from ._storage import Store, failures, open_store, redact
+from ._storage import Store, open_store
 from ._supervise import run_processes, worker_count
 from ._worker import describe_pin, pin_numerics, run_worker, worker_config
 

@@ -23,6 +23,7 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from ._config import IDENTITY_EXEMPT, ConfigError, resolve_config
+from ._failures import failures
 from ._kernels import cpu_kernel, use_kernels
 from ._measure import Engines, worker_pack
 from ._numerics import device_kind, proposed_pin
@@ -44,7 +45,7 @@ from ._status import (
     study_id,
     study_pins,
 )
-from ._storage import Store, failures
+from ._storage import Store
 
 __all__ = ["run_worker"]
 

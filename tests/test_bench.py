@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lambda_search as ls
-from lambda_search import _bench, _measure, _models, _objective
+from lambda_search import _bench, _measure, _models, _objective, _projection
 from lambda_search.cli import main
 
 from conftest import SCRIPT
@@ -21,7 +21,7 @@ def test_projection_counts_every_point_fold_step_and_validation_pass(tiny_config
     config = ls.load_config(path, ["data.folds=3", "train.eval_every=2"])
     plan = _objective.make_plan(config)
     assert [(len(f.train), len(f.val)) for f in plan.folds] == [(40, 20)] * 3
-    p = _measure.project(plan, {"simam": 0.5, "none": 0.25}, eval_images_per_s=10.0)
+    p = _projection.project(plan, {"simam": 0.5, "none": 0.25}, eval_images_per_s=10.0)
     # epochs 2 and 3 are evaluated (every 2nd, and the last): 40 validation images a training
     assert (p.trainings, p.iterations, p.eval_images) == (6, 90, 240)
     assert p.seconds == pytest.approx(3 * (15 * 0.5 + 4) + 3 * (15 * 0.25 + 4))
@@ -31,7 +31,7 @@ def test_projection_counts_every_point_fold_step_and_validation_pass(tiny_config
 def test_paper_figure4_projection_is_30_trainings_of_64k_iterations():
     config = ls.paper_figure4_config(["train.device='cpu'", "data.options.num_samples=500"])
     plan = _objective.make_plan(config)
-    p = _measure.project(plan, {"simam": 0.01, "none": 0.01}, eval_images_per_s=1e9)
+    p = _projection.project(plan, {"simam": 0.01, "none": 0.01}, eval_images_per_s=1e9)
     assert (p.trainings, p.iterations) == (30, 30 * 64000)
     assert p.seconds == pytest.approx(30 * 64000 * 0.01 + p.eval_images / 1e9, rel=1e-9)
 
@@ -66,9 +66,9 @@ def test_projection_range_runs_from_the_fastest_to_the_slowest_round(tiny_config
     """Made-up timings: seconds from the medians, low from the fastest round of each
     measurement (training steps and validation passes), high from the slowest."""
     plan = _three_fold_plan(tiny_config)
-    p = _measure.project_rounds(plan, {"simam": [0.5, 0.4, 0.6], "none": [0.25, 0.3, 0.2]}, [10.0, 8.0, 20.0],
+    p = _projection.project_rounds(plan, {"simam": [0.5, 0.4, 0.6], "none": [0.25, 0.3, 0.2]}, [10.0, 8.0, 20.0],
                           packs={"simam": 1, "none": 1}, steps=7, cpu_share=0.95)
-    mid = _measure.project(plan, {"simam": 0.5, "none": 0.25}, 10.0)
+    mid = _projection.project(plan, {"simam": 0.5, "none": 0.25}, 10.0)
     assert (p.trainings, p.iterations, p.eval_images, p.seconds) == (mid.trainings, mid.iterations,
                                                                      mid.eval_images, mid.seconds)
     assert p.low == pytest.approx(3 * (15 * 0.4 + 40 / 20) + 3 * (15 * 0.2 + 40 / 20))  # 39 s
@@ -77,17 +77,17 @@ def test_projection_range_runs_from_the_fastest_to_the_slowest_round(tiny_config
     assert p.describe() == ("6 trainings, 90 iterations and 240 validation images: 58 s "
                             "(39-70 s: 3 rounds of 7 steps, fastest..slowest)")
     # timed steps that got under 80 % of their CPU: a busy machine, said with the full-speed figure
-    busy = _measure.project_rounds(plan, {"simam": [0.5], "none": [0.25]}, [10.0], steps=1, cpu_share=0.25)
+    busy = _projection.project_rounds(plan, {"simam": [0.5], "none": [0.25]}, [10.0], steps=1, cpu_share=0.25)
     assert busy.describe() == ("6 trainings, 90 iterations and 240 validation images: 58 s "
                                "(58-58 s: 1 round of 1 step, fastest..slowest); the timed steps got 25% of "
                                "their CPU time, a busy machine: about 14 s at full speed")
 
 
 def test_range_is_written_in_the_unit_of_its_high_end():
-    assert _measure.format_range(45, 110) == "45-110 s"
-    assert _measure.format_range(100, 200) == "1.7-3.3 min"
-    assert _measure.format_range(3000, 9000) == "0.8-2.5 h"
-    assert _measure.format_seconds(58.4) == "58 s" and _measure.format_seconds(936) == "15.6 min"
+    assert _projection.format_range(45, 110) == "45-110 s"
+    assert _projection.format_range(100, 200) == "1.7-3.3 min"
+    assert _projection.format_range(3000, 9000) == "0.8-2.5 h"
+    assert _projection.format_seconds(58.4) == "58 s" and _projection.format_seconds(936) == "15.6 min"
 
 
 def test_pack_pick_is_the_faster_point_on_gpus_and_one_at_a_time_on_the_cpu(tiny_config):

@@ -31,7 +31,10 @@ LAYERS = [
     "_numerics",
     "_runs",
     "_objective",
+    "_projection",
     "_measure",
+    "_failures",
+    "_locks",
     "_storage",
     "_status",
     "_worker",
@@ -41,6 +44,7 @@ LAYERS = [
     "_select",
     "_plot",
     "_bench",
+    "_parser",
     "cli",
 ]
 OPTUNA_FREE = set(LAYERS[: LAYERS.index("_measure") + 1]) | {"_bench"}
@@ -184,3 +188,15 @@ def test_only_the_cli_imports_bench():
             "lambda_search.run_bench; print(loaded, 'lambda_search._bench' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_functions_and_modules_stay_short():
+    """A function fits on a screen (80 lines; the parser's declaration excepted) and a module
+    holds one idea (400 lines): past either, split by idea."""
+    for path in PACKAGE.glob("*.py"):
+        source = path.read_text()
+        assert len(source.splitlines()) <= 400, f"{path.name} has {len(source.splitlines())} lines"
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "build_parser":
+                length = node.end_lineno - node.lineno + 1
+                assert length <= 80, f"{path.name}: {node.name} has {length} lines"

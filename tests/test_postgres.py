@@ -144,3 +144,31 @@ def test_the_server_stopping_mid_search_and_coming_back(postgres, tiny_config, c
                     for f in plan.folds]
         assert done[point.key].user_attrs["fold_accuracies"] == expected
     assert done["e_lambda=0.001/repeat=0"].user_attrs["fold_results"]["r0f0"]["resumed_from_iteration"] == 6
+
+
+def test_alive_reads_pg_locks_and_never_takes_a_lease(postgres, monkeypatch):
+    """A lease held by one process is seen alive by another, and seeing it never takes the
+    lock (which could make the holder's own lease() fail). Keys span the full 32-bit range."""
+    from lambda_search._locks import PgLocks
+
+    sa_url = postgres.replace("postgresql://", "postgresql+psycopg://")
+    holder, reader = PgLocks(sa_url), PgLocks(sa_url)
+    taken = []
+    real_call = PgLocks._call
+
+    def call(self, conn, fn, key):
+        taken.append(fn)
+        return real_call(self, conn, fn, key)
+
+    monkeypatch.setattr(PgLocks, "_call", call)
+    for trial_id in (5, 2**31 + 7, 2**32 - 2):
+        assert reader.alive(trial_id) is False
+        lease = holder.lease(trial_id)
+        try:
+            assert reader.alive(trial_id) is True and holder.alive(trial_id) is True
+            assert reader.alive(trial_id + 1) is False
+        finally:
+            lease.release()
+        assert reader.alive(trial_id) is False
+        holder.lease(trial_id).release()  # free again
+    assert taken == ["pg_try_advisory_lock"] * 6  # the holder's leases only: alive() took none

@@ -2,6 +2,7 @@
 messages), the repair of a journal's torn tail, and the file locks (claim lock and leases)
 as other processes see them. No training; the other processes are forked peers."""
 
+import errno
 import fcntl
 import multiprocessing
 import os
@@ -16,7 +17,8 @@ import optuna
 import pytest
 
 from lambda_search import StorageError, open_store
-from lambda_search._storage import FileLocks, redact
+from lambda_search._failures import redact
+from lambda_search._locks import FileLocks
 
 NOBODY = 65534
 
@@ -117,6 +119,11 @@ def test_journal_refusals(tmp_path):
     foreign.write_text('{"not": "an optuna record"}\n')
     assert _refused(f"journal:{foreign}") == (f"storage 'journal:{foreign}': '{foreign}' is not an Optuna journal "
                                               "(KeyError)")
+    for text in (b"hello\n", b"\n", b"[1, 2]\n" + CREATE):  # Optuna would skip such lines: an empty storage
+        foreign.write_bytes(text)
+        assert _refused(f"journal:{foreign}") == (f"storage 'journal:{foreign}': '{foreign}' is not an Optuna "
+                                                  "journal (its first line is not a record)")
+        assert foreign.read_bytes() == text
 
 
 @pytest.mark.parametrize("url, scheme, shown", [
@@ -341,6 +348,59 @@ def test_a_lease_dies_with_its_process(tmp_path):
         locks.lease(3).release()  # and it can be taken again
     finally:
         holder.close()
+
+
+def test_alive_raises_what_is_not_a_missing_folder(tmp_path, monkeypatch):
+    """Only a missing folder means "no lease"; a folder that cannot be opened (too many open
+    files, say) is an error, never a dead worker whose point would be run twice."""
+    locks = FileLocks(tmp_path / "s.db")
+    monkeypatch.setattr(os, "open", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EMFILE, "Too many open files")))
+    with pytest.raises(OSError, match="Too many open files"):
+        locks.alive(1)
+
+
+def test_failures_name_what_happened():
+    """A full disk names the file (also when torch.save wraps it); SQLite's lock timeout and a
+    database made read-only are said as such, not as a lost database; a dropped connection is."""
+    import sqlalchemy
+
+    from lambda_search._failures import DiskFull, StorageFailure, StorageLost, failures
+
+    def raised(exc):
+        with pytest.raises(StorageFailure) as info, failures():
+            raise exc
+        return info.value
+
+    def sa(message):
+        return sqlalchemy.exc.OperationalError("INSERT ...", {}, sqlite3.OperationalError(message))
+
+    full = raised(OSError(errno.ENOSPC, "No space left on device", "/ck/f0.pt"))
+    assert type(full) is DiskFull and str(full).startswith("no space left on the device writing /ck/f0.pt;")
+    locked = raised(sa("database is locked"))
+    assert type(locked) is StorageFailure and "stayed locked by another process" in str(locked)
+    readonly = raised(sa("attempt to write a readonly database"))
+    assert type(readonly) is StorageFailure and "became read-only while in use" in str(readonly)
+    lost = raised(sa("disk I/O error"))
+    assert type(lost) is StorageLost and str(lost).startswith("lost the study database (")
+    with pytest.raises(ValueError), failures():
+        raise ValueError("not a storage failure")
+
+
+def test_a_checkpoint_write_torch_wraps_names_the_checkpoint(tmp_path, monkeypatch):
+    from lambda_search import _fold
+    from lambda_search._failures import DiskFull, failures
+
+    def save(obj, f, *args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise RuntimeError("[enforce fail at inline_container.cc] file write failed") from exc
+
+    monkeypatch.setattr(_fold.torch, "save", save)
+    path = tmp_path / "f0.pt"
+    with pytest.raises(DiskFull, match=f"writing {path};"), failures():
+        _fold.save_checkpoint(path, {"x": 1})
+    assert os.listdir(tmp_path) == []  # no partial file left
 
 
 def test_alive_writes_nothing_and_needs_a_folder(tmp_path):
