@@ -17,7 +17,8 @@ Read the answer
     corrected_t_test(a, b, ratio)      Nadeau and Bengio's test over paired folds
     format_selection(selection)        the selection as text
     status_table(status)               the points as text
-    results_frame(status)              one row per point, scikit-learn's cv_results_ shape
+    cv_results(status)                 scikit-learn's GridSearchCV.cv_results_, one entry per lambda
+    results_frame(status)              pd.DataFrame(cv_results) and a row for the baseline
     folds_frame(status)                one row per fold
     export_tables(status, path)        both tables as CSV or JSON
     figure4_data(status)               what Figure 4 shows (a pure function)
@@ -26,7 +27,7 @@ Read the answer
 
 Models and one training
     SimAM, simam, build_model, set_e_lambda, load_official_checkpoint, MODEL_NAMES
-    load_dataset, make_folds, TrainConfig, train_fold, train_pack
+    load_dataset, make_folds, TrainConfig, train_fold (several folds at once: _pack.train_pack)
 
 Errors
     ConfigError, StorageError, StudyError (bad input: the CLI's exit code 2);
@@ -44,9 +45,8 @@ from ._failures import StorageError, StorageFailure
 from ._folds import make_folds
 from ._models import MODEL_NAMES, build_model
 from ._objective import format_lambda
-from ._pack import train_pack
 from ._plot import draw_figure4, figure4_data, plot_figure4
-from ._report import export_tables, folds_frame, results_frame, status_table
+from ._report import cv_results, export_tables, folds_frame, results_frame, status_table
 from ._select import corrected_t_test, format_selection, select
 from ._simam import SimAM, set_e_lambda, simam
 from ._status import StudyError, StudyStatus, list_studies, study_status
@@ -62,12 +62,12 @@ _BENCH = ("Bench", "format_bench", "paper_figure4_config", "run_bench")
 __all__ = [
     "load_config", "run_search", "resume_config", "run_worker", "open_store", "study_status", "list_studies",
     "StudyStatus",
-    "select", "corrected_t_test", "format_selection", "status_table", "results_frame", "folds_frame",
+    "select", "corrected_t_test", "format_selection", "status_table", "cv_results", "results_frame", "folds_frame",
     "export_tables", "figure4_data", "draw_figure4", "plot_figure4", "format_lambda",
     "SimAM", "simam", "build_model", "set_e_lambda", "load_official_checkpoint", "MODEL_NAMES",
-    "load_dataset", "make_folds", "TrainConfig", "train_fold", "train_pack",
+    "load_dataset", "make_folds", "TrainConfig", "train_fold",
     "ConfigError", "StorageError", "StudyError", "StorageFailure",
-    "run_bench", "__version__",
+    "run_bench",
 ]
 
 

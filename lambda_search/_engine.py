@@ -117,6 +117,7 @@ class EpochMetrics:
     val_accuracy: float | None  # None where the epoch was not evaluated
     val_loss: float | None
     seconds: float  # training time since the fold started, resumes included
+    eval_seconds: float | None = None  # the validation pass's seconds (None where the epoch was not evaluated)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class FoldResult:
     seed: int = 0
     fold: str = ""
     resumed_from_iteration: int | None = None
+    score_seconds: float | None = None  # the final model's validation pass (scikit-learn's score time)
 
     def to_dict(self) -> dict:
         return asdict(self)

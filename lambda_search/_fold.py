@@ -254,12 +254,20 @@ class FoldRun:
 
     # ------------------------------------------------------------ transitions
 
-    def finish(self, status: str, accuracy=None, loss=None, diverged_at=None) -> FoldResult:
+    def finish(self, status: str, accuracy=None, loss=None, diverged_at=None, score_seconds=None) -> FoldResult:
         self.result = FoldResult(status, accuracy, loss, self.elapsed(), self.iteration, list(self.curve),
-                                 diverged_at, self.e_lambda, self.seed, self.fold.name, self.resumed_from)
+                                 diverged_at, self.e_lambda, self.seed, self.fold.name, self.resumed_from,
+                                 score_seconds)
         return self.result
 
-    def end_epoch(self, evaluated: tuple[float, float] | None = None) -> FoldResult | None:
+    def _timed_evaluate(self) -> tuple[float, float, float]:
+        """(accuracy, loss, seconds) of one validation pass of the model as it is."""
+        started = time.monotonic()
+        accuracy, loss = self.evaluate(self)
+        return accuracy, loss, time.monotonic() - started
+
+    def end_epoch(self, evaluated: tuple[float, float] | None = None,
+                  eval_seconds: float | None = None) -> FoldResult | None:
         """The end of an epoch, or of the budget: "diverged" where a loss was not finite; else
         its metrics (validated where due: ``evaluated``, or ``evaluate``) go to the curve and
         the callback, the checkpoint is saved where due, and the run ends "stopped" (the
@@ -272,9 +280,15 @@ class FoldRun:
         epoch_number = math.ceil(self.iteration / self.steps_per_epoch)
         accuracy = val_loss = None
         if self.due():
-            accuracy, val_loss = evaluated if evaluated is not None else self.evaluate(self)
+            if evaluated is None:
+                accuracy, val_loss, eval_seconds = self._timed_evaluate()
+            else:
+                accuracy, val_loss = evaluated
+        else:
+            eval_seconds = None
         metrics = EpochMetrics(epoch_number, self.iteration, self.last_lr,
-                               self.loss_sum.item() / max(self.epoch_steps, 1), accuracy, val_loss, self.elapsed())
+                               self.loss_sum.item() / max(self.epoch_steps, 1), accuracy, val_loss, self.elapsed(),
+                               eval_seconds)
         self.curve.append(metrics)
         self.loss_sum.zero_()
         self.epoch_steps = 0
@@ -304,9 +318,9 @@ class FoldRun:
         model's accuracy and loss, evaluated unless the curve's last epoch has them."""
         last = self.curve[-1] if self.curve else None
         if last is None or last.iteration != self.iteration or last.val_accuracy is None:
-            accuracy, val_loss = self.evaluate(self)
+            accuracy, val_loss, seconds = self._timed_evaluate()
         else:
-            accuracy, val_loss = last.val_accuracy, last.val_loss
+            accuracy, val_loss, seconds = last.val_accuracy, last.val_loss, last.eval_seconds
         if not math.isfinite(val_loss):
             return self.finish("diverged", diverged_at=self.iteration)
-        return self.finish("completed", accuracy, val_loss)
+        return self.finish("completed", accuracy, val_loss, score_seconds=seconds)

@@ -192,6 +192,7 @@ def fold_record(result: FoldResult, numerics: dict | None = None) -> dict:
     return dict(status=result.status, val_accuracy=result.val_accuracy, val_loss=result.val_loss,
                 seconds=round(result.seconds, 3), iterations=result.iterations, seed=result.seed,
                 diverged_at_step=result.diverged_at_step, resumed_from_iteration=result.resumed_from_iteration,
+                score_seconds=None if result.score_seconds is None else round(result.score_seconds, 4),
                 numerics=numerics)
 
 

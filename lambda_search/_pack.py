@@ -254,13 +254,15 @@ def _packed_steps(pack: Pack, runs: list[FoldRun], data: ImageData, config: Trai
         track(runs[0].tracked, losses, masks[active])  # the pack's trackers: every member's slot
         ended = [i for i, run in enumerate(runs) if active[i] and run.advance()]
         # (a diverged member's slot computes NaN for itself alone; its end_epoch ignores it)
-        evaluated = [None] * n
+        evaluated, eval_seconds = [None] * n, None
         validate = [i for i in ended if runs[i].due()]
         if len(validate) > 1 or (validate and n == 1):
+            started = time.monotonic()
             evaluated = pack.evaluate(data, [run.val_index if i in validate else None for i, run in enumerate(runs)],
                                       config.eval_batch_size)
+            eval_seconds = (time.monotonic() - started) / len(validate)  # one packed pass, shared
         for i in ended:
-            runs[i].end_epoch(evaluated[i])
+            runs[i].end_epoch(evaluated[i], eval_seconds if evaluated[i] is not None else None)
         unfinished = [run for run in runs if run.result is None]
         if not unfinished:
             break

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ._config import ConfigError
 from ._objective import format_lambda
-from ._select import lambda_stats, select
+from ._select import lambda_stats, select, verdict_short
 from ._status import StudyStatus
 
 __all__ = ["figure4_data", "draw_figure4", "plot_figure4", "plot_title", "default_plot_path", "PLOT_FORMATS"]
@@ -47,7 +47,8 @@ def _crowded_ticks(lambdas: list[float]) -> bool:
 def figure4_data(status: StudyStatus, prefer: str = "larger") -> dict:
     """What Figure 4 shows, in percent: per lambda (ascending) its mean, std (ddof=1), fold
     accuracies and whether it is finished; the baseline's mean and std (or None); the
-    chosen lambda (one-standard-error rule, ``prefer``) and the best-mean lambda; labels,
+    chosen lambda (one-standard-error rule, ``prefer``), the best-mean lambda and the
+    verdict against the baseline (a line under the title; None without one); labels,
     the x tick labels (``format_lambda``, exact) and whether they are crowded (slanted)."""
     stats = lambda_stats(status)
     sel = select(status, prefer, stats)
@@ -78,6 +79,7 @@ def figure4_data(status: StudyStatus, prefer: str = "larger") -> dict:
         "chosen": sel["one_se"]["e_lambda"] if sel["one_se"] else None,
         "best": sel["best"]["e_lambda"] if sel["best"] else None,
         "prefer": prefer,
+        "verdict": verdict_short(sel["verdict"]),
         "finished": all(p["state"] in ("complete", "diverged") for p in points),
     }
 
@@ -141,7 +143,7 @@ def draw_figure4(data: dict, path) -> Path:
             ax.minorticks_off()
             ax.invert_xaxis()  # as the paper: from 1e-1 on the left down to the smallest lambda
         title = data["title"] + ("" if data["finished"] else " (still running)")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title + (f"\n{data['verdict']}" if data["verdict"] else ""), fontsize=10)
         ax.set_xlabel(data["xlabel"])
         ax.set_ylabel(data["ylabel"])
         ax.grid(alpha=0.3)

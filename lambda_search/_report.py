@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+from scipy.stats import rankdata
 
 from ._config import ConfigError
 from ._numerics import numerics_label
 from ._objective import format_lambda
 from ._status import StudyStatus
 
-__all__ = ["status_table", "numerics_lines", "results_frame", "folds_frame", "export_csv", "export_tables",
+__all__ = ["status_table", "numerics_lines", "cv_results", "results_frame", "folds_frame", "export_tables",
            "table_text", "format_studies", "EXPORT_FORMATS"]
 
 
@@ -69,30 +71,90 @@ def numerics_lines(status: StudyStatus) -> list[str]:
     return lines
 
 
+def _splits(status: StudyStatus) -> list[str]:
+    """The study's splits in scikit-learn's order: every fold of repeat 0, then of repeat 1..."""
+    first = next((p.point.e_lambda for p in status.points if not p.point.baseline), None)
+    points = sorted((p for p in status.points if p.point.e_lambda == first and not p.point.baseline),
+                    key=lambda p: p.point.repeat)
+    return [name for p in points for name in p.fold_names]
+
+
+def _split_values(status: StudyStatus, e_lambda, splits: list[str], key: str) -> np.ndarray:
+    """``key`` of each finished fold of ``e_lambda`` (all its repeats), NaN where not finished."""
+    records = {n: r for p in status.points if p.point.e_lambda == e_lambda and p.point.baseline == (e_lambda is None)
+               for n, r in p.folds.items() if r.get("status") == "completed"}
+    return np.array([np.nan if records.get(n, {}).get(key) is None else records[n][key] for n in splits],
+                    dtype=np.float64)
+
+
+def _rank_min(means: np.ndarray) -> np.ndarray:
+    """scikit-learn's rank_test_score: 1 the best, ties "min"; a NaN mean (a lambda not
+    complete, or diverged) tied with the worst."""
+    if np.isnan(means).all():
+        return np.ones_like(means, dtype=np.int32)
+    filled = np.nan_to_num(means, nan=np.nanmin(means) - 1)
+    return rankdata(-filled, method="min").astype(np.int32, copy=False)
+
+
+def _moments(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: mean and std (ddof=0) as scikit-learn's ``np.average``; NaN where a value is."""
+    if values.shape[1] == 0:
+        nan = np.full(values.shape[0], np.nan)
+        return nan, nan.copy()
+    mean = np.average(values, axis=1)
+    return mean, np.sqrt(np.average((values - mean[:, np.newaxis]) ** 2, axis=1))
+
+
+def _rows(status: StudyStatus, keys: list, splits: list[str], key: str) -> np.ndarray:
+    return np.array([_split_values(status, k, splits, key) for k in keys], dtype=np.float64).reshape(-1, len(splits))
+
+
+def _scores_and_times(status: StudyStatus, keys: list, splits: list[str]) -> dict:
+    """The keys of cv_results but the params and rank, for ``keys`` (lambdas, or [None])."""
+    out = {}
+    for name, key in (("fit_time", "seconds"), ("score_time", "score_seconds")):
+        out[f"mean_{name}"], out[f"std_{name}"] = _moments(_rows(status, keys, splits, key))
+    scores = _rows(status, keys, splits, "val_accuracy")
+    out.update({f"split{i}_test_score": scores[:, i] for i in range(len(splits))})
+    out["mean_test_score"], out["std_test_score"] = _moments(scores)
+    return out
+
+
+def cv_results(status: StudyStatus) -> dict:
+    """The lambdas of ``status`` as scikit-learn's ``GridSearchCV.cv_results_`` (single metric,
+    no train scores): the same keys in the same order and types: mean_/std_fit_time and
+    mean_/std_score_time (seconds: a fold's whole training; its final validation pass),
+    ``param_e_lambda`` (a masked float array), ``params`` (a list of dicts),
+    ``split{i}_test_score`` (validation accuracy of split i: every fold of repeat 0, then
+    repeat 1...), mean_/std_test_score (std with ddof=0, as scikit-learn; the tool's own
+    tables use ddof=1) and ``rank_test_score`` (int32, ties "min"). A lambda with a fold not
+    finished (or diverged) has NaN there, as an ``error_score=nan`` fit, and ranks last.
+    The baseline is not a candidate: it is not here (``results_frame`` adds it as a row)."""
+    lambdas = list(dict.fromkeys(p.point.e_lambda for p in status.points if not p.point.baseline))
+    splits = _splits(status)
+    computed = _scores_and_times(status, lambdas, splits)
+    param = np.ma.MaskedArray(np.empty(len(lambdas), dtype=np.float64), mask=True)
+    for i, lam in enumerate(lambdas):
+        param[i] = lam
+    out = {k: computed[k] for k in ("mean_fit_time", "std_fit_time", "mean_score_time", "std_score_time")}
+    out["param_e_lambda"], out["params"] = param, [{"e_lambda": lam} for lam in lambdas]
+    out.update({k: v for k, v in computed.items() if k.startswith(("split", "mean_test", "std_test"))})
+    out["rank_test_score"] = _rank_min(computed["mean_test_score"])
+    return out
+
+
 def results_frame(status: StudyStatus) -> pd.DataFrame:
-    """One row per point, in scikit-learn's ``cv_results_`` shape: param_e_lambda (NaN for the
-    baseline), param_repeat, baseline, state, split{i}_val_accuracy, mean_/std_/rank_val_accuracy
-    (std with ddof=1; rank 1 is the best mean among complete points), mean_/std_fit_time (s)."""
-    rows = []
-    for p in status.points:
-        d = p.to_dict()
-        row = {"param_e_lambda": p.point.e_lambda, "param_repeat": p.point.repeat, "baseline": p.point.baseline,
-               "state": p.state}
-        for i, a in enumerate(d["fold_accuracies"]):
-            row[f"split{i}_val_accuracy"] = a
-        row["mean_val_accuracy"] = p.mean
-        row["std_val_accuracy"] = p.std
-        times = pd.Series([t for t in d["fold_seconds"] if t is not None], dtype="float64")
-        row["mean_fit_time"] = times.mean() if len(times) else None
-        row["std_fit_time"] = times.std(ddof=1) if len(times) > 1 else None
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    complete = frame["state"] == "complete"
-    frame["rank_val_accuracy"] = (
-        frame["mean_val_accuracy"].where(complete).rank(ascending=False, method="min").astype("Int64")
-    )
-    cols = [c for c in frame.columns if c not in ("mean_fit_time", "std_fit_time")] + ["mean_fit_time", "std_fit_time"]
-    return frame[cols]
+    """``pd.DataFrame(cv_results(status))``, one row per lambda, and where the study has a
+    baseline, a last row for it: ``params`` "baseline", ``param_e_lambda`` and
+    ``rank_test_score`` empty (it is not a candidate), its scores and times as a lambda's."""
+    frame = pd.DataFrame(cv_results(status))
+    frame["rank_test_score"] = frame["rank_test_score"].astype("Int32")
+    if not any(p.point.baseline for p in status.points):
+        return frame
+    row = {k: v[0] for k, v in _scores_and_times(status, [None], _splits(status)).items()}
+    row.update(params="baseline", param_e_lambda=np.nan, rank_test_score=pd.NA)
+    baseline = pd.DataFrame([row], columns=frame.columns).astype(frame.dtypes.to_dict())
+    return pd.concat([frame, baseline], ignore_index=True)
 
 
 def folds_frame(status: StudyStatus) -> pd.DataFrame:
@@ -145,16 +207,6 @@ def export_tables(status: StudyStatus, path, folds_only: bool = False, fmt: str 
     path.write_text(table_text(status, False, ext))
     folds_path.write_text(table_text(status, True, ext))
     return [path, folds_path]
-
-
-def export_csv(status: StudyStatus, path) -> tuple[Path, Path]:
-    """Write the per-point table to ``path`` and the per-fold table beside it
-    (``NAME.folds.csv``), as CSV whatever the extension. Returns both paths."""
-    path = Path(path)
-    folds_path = path.with_name(path.stem + ".folds" + (path.suffix or ".csv"))
-    results_frame(status).to_csv(path, index=False)
-    folds_frame(status).to_csv(folds_path, index=False)
-    return path, folds_path
 
 
 def format_studies(studies: list[dict], storage: str) -> str:

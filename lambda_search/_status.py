@@ -13,6 +13,7 @@ its finished folds are kept.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -35,6 +36,8 @@ POINT_ATTR = "lambda_search:point"
 REASON_ATTR = "lambda_search:fail_reason"
 RUN_ATTR = "lambda_search:run"  # a study's own id: its checkpoint folders carry it (never another's adopted)
 NUMERICS_ATTR = "lambda_search:numerics"  # device kind -> the pin its workers use (see _numerics)
+CHOSEN_ATTR = "lambda_search:chosen"  # a finished search's choice (one-SE rule, larger end) and its verdict
+METRIC_NAME = "val_accuracy"  # what a trial's value is, named for Optuna's tools (the dashboard, trials_dataframe)
 STORAGE_ENV = "LAMBDA_SEARCH_STORAGE"  # how a parent hands a storage URL to its workers (never argv)
 
 
@@ -51,6 +54,13 @@ def study_id(store: Store, name: str) -> int | None:
         return store.storage.get_study_id_from_name(name)
     except KeyError:
         return None
+
+
+def name_metric(store: Store, name: str) -> None:
+    """Name study ``name``'s objective METRIC_NAME, as Optuna's ``set_metric_names`` does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.load_study(study_name=name, storage=store.storage).set_metric_names([METRIC_NAME])
 
 
 def quiet_optuna() -> None:

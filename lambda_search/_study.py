@@ -20,6 +20,7 @@ from ._measure import Engines, quick_projection
 from ._numerics import device_kind, proposed_pin
 from ._objective import Plan, make_plan
 from ._projection import format_seconds
+from ._select import record_choice
 from ._status import (
     CONFIG_ATTR,
     FINGERPRINT_ATTR,
@@ -29,6 +30,7 @@ from ._status import (
     StudyStatus,
     baseline_study_name,
     completed_config,
+    name_metric,
     quiet_optuna,
     study_id,
     study_pins,
@@ -74,6 +76,7 @@ def create_or_resume(store: Store, config: dict, plan: Plan) -> str:
         if sid is None:
             quiet_optuna()
             sid = store.storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], name)
+            name_metric(store, name)
             created = "created"
         else:
             created = "resumed"
@@ -90,6 +93,8 @@ def create_or_resume(store: Store, config: dict, plan: Plan) -> str:
             store.storage.set_study_user_attr(sid, CONFIG_ATTR, stored_config)  # last: marks the study complete
             return "created"
         _check_same(name, attrs, stored_config, plan)
+        if "study:metric_names" not in store.storage.get_study_system_attrs(sid):  # made by an earlier version
+            name_metric(store, name)
         return created
 
 
@@ -159,6 +164,7 @@ def _run_search(config: dict, *, workers: int | str | None = None, log: Callable
     status = _effective(study_status(store, name), plan.config)
     log(f"study {name!r} {how} in {store.shown}: {status.complete} of {status.total} points complete")
     if status.finished:
+        record_choice(store, status)  # (a study finished by an earlier version)
         return how, status
     kind = device_kind(plan.train.device)
     pin = study_pins(store, name).get(kind)

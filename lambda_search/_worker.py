@@ -28,6 +28,7 @@ from ._kernels import cpu_kernel, use_kernels
 from ._measure import Engines, worker_pack
 from ._numerics import device_kind, proposed_pin
 from ._objective import Plan, Point, fold_names, make_plan, own_checkpoints, remove_checkpoints, run_point
+from ._select import record_choice
 from ._status import (
     FINGERPRINT_ATTR,
     NUMERICS_ATTR,
@@ -40,10 +41,12 @@ from ._status import (
     fold_accuracies,
     live_trials,
     load_study_config,
+    name_metric,
     point_statuses,
     quiet_optuna,
     study_id,
     study_pins,
+    study_status,
 )
 from ._storage import Store
 
@@ -132,6 +135,7 @@ def _claim(store: Store, name: str, config: dict, label: str) -> Claim | str:
             quiet_optuna()
             sid = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], study)
             storage.set_study_user_attr(sid, "lambda_search:baseline_of", name)
+            name_metric(store, study)
         lambdas = config["search"]["lambdas"]
         params, dists = {}, {}
         if not point.baseline:
@@ -276,9 +280,12 @@ def run_worker(store: Store, name: str, *, overrides=(), device: str | None = No
     built). ``engines``: the networks' engines, reused where given (built and compiled once).
     Returns counts: {"completed", "diverged", "interrupted", "lost"}."""
     with failures():
-        return _run_worker(store, name, overrides=overrides, device=device, label=label, log=log, progress=progress,
-                           should_stop=should_stop, poll_seconds=poll_seconds, n_workers=n_workers, plan=plan,
-                           pin=pin, engines=engines)
+        counts = _run_worker(store, name, overrides=overrides, device=device, label=label, log=log,
+                             progress=progress, should_stop=should_stop, poll_seconds=poll_seconds,
+                             n_workers=n_workers, plan=plan, pin=pin, engines=engines)
+        if not (should_stop and should_stop()):
+            record_choice(store, study_status(store, name))
+        return counts
 
 
 def _run_worker(store: Store, name: str, *, overrides=(), device: str | None = None, label: str = "",

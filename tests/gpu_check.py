@@ -30,6 +30,7 @@ import torch
 import lambda_search as ls
 from lambda_search import _bench, _measure, _objective, _simam
 from lambda_search._engine import on_device
+from lambda_search._pack import train_pack
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE, SMOKE = "cuda", False
@@ -97,8 +98,8 @@ def correctness() -> dict:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     res = {}
-    graphed = ls.train_pack(data, folds, lambdas, cfg, seeds=seeds)
-    plain = ls.train_pack(data, folds, lambdas, replace(cfg, cuda_graphs=False), seeds=seeds)
+    graphed = train_pack(data, folds, lambdas, cfg, seeds=seeds)
+    plain = train_pack(data, folds, lambdas, replace(cfg, cuda_graphs=False), seeds=seeds)
     alone = [ls.train_fold(data, f, lam, cfg, seed=s) for f, lam, s in zip(folds, lambdas, seeds)]
     res["acc_graphed"] = [r.val_accuracy for r in graphed]
     res["acc_plain"] = [r.val_accuracy for r in plain]

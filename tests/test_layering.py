@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lambda_search"
 # config -> data and folds -> model -> train (one, packed) -> how a point's folds run -> objective -> timing ->
-# storage -> status -> worker -> processes -> study -> report, select, plot -> bench -> CLI
+# storage -> status -> select -> worker -> processes -> study -> report, plot -> bench -> CLI
 LAYERS = [
     "_config",
     "_data",
@@ -37,11 +37,11 @@ LAYERS = [
     "_locks",
     "_storage",
     "_status",
+    "_select",
     "_worker",
     "_supervise",
     "_study",
     "_report",
-    "_select",
     "_plot",
     "_bench",
     "_parser",

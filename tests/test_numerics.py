@@ -8,6 +8,7 @@ import torch
 
 import lambda_search as ls
 from lambda_search import _kernels, _supervise
+from lambda_search._pack import train_pack
 from lambda_search.cli import main
 
 
@@ -20,7 +21,7 @@ def test_a_training_runs_on_train_threads_and_gives_the_threads_back():
     for threads in (1, 2):
         cfg = ls.TrainConfig(iterations=2, batch_size=8, threads=threads, checkpoint_every_seconds=None)
         ls.train_fold(data, fold, 1e-4, cfg, callback=lambda m: seen.append(torch.get_num_threads()))
-        ls.train_pack(data, [fold], [1e-4], cfg, seeds=[0], callback=lambda i, m: seen.append(torch.get_num_threads()))
+        train_pack(data, [fold], [1e-4], cfg, seeds=[0], callback=lambda i, m: seen.append(torch.get_num_threads()))
     assert seen == [1, 1, 2, 2] and torch.get_num_threads() == before
     with pytest.raises(ValueError, match="threads must be an integer > 0, got threads=0"):
         ls.TrainConfig(iterations=2, threads=0)

@@ -5,6 +5,7 @@ import torch
 
 import lambda_search as ls
 from lambda_search import _engine, _pack
+from lambda_search._pack import train_pack
 
 CFG = ls.TrainConfig(epochs=3, batch_size=17, lr=0.05, checkpoint_every_seconds=None)
 LAMBDAS = [1e-4, 1e-1, 3.0]
@@ -52,7 +53,7 @@ def test_a_pack_equals_separate_trainings(data, tmp_path, shortcut):
     alone = [ls.train_fold(data, fold, lam, CFG, seed=seed, shortcut=shortcut, engine=engine,
                            checkpoint=tmp_path / f"alone-{fold.name}.pt")
              for fold, lam, seed in zip(folds, LAMBDAS, seeds)]
-    packed = ls.train_pack(data, folds, LAMBDAS, CFG, seeds=seeds, shortcut=shortcut, engine=engine,
+    packed = train_pack(data, folds, LAMBDAS, CFG, seeds=seeds, shortcut=shortcut, engine=engine,
                            checkpoints=[tmp_path / f"pack-{f.name}.pt" for f in folds])
     assert [r.iterations for r in packed] == [9, 9, 12]
     for fold, p, a in zip(folds, packed, alone):
@@ -77,7 +78,7 @@ def test_a_float32_pack_matches_separate_trainings_on_its_first_step(data, tmp_p
     engine = _engine.Engine("resnet20", data.num_classes)
     alone = [ls.train_fold(data, fold, lam, cfg, seed=7, engine=engine, checkpoint=tmp_path / f"a{fold.name}.pt")
              for fold, lam in zip(folds, LAMBDAS)]
-    packed = ls.train_pack(data, folds, LAMBDAS, cfg, seeds=[7, 7, 7], engine=engine,
+    packed = train_pack(data, folds, LAMBDAS, cfg, seeds=[7, 7, 7], engine=engine,
                            checkpoints=[tmp_path / f"p{fold.name}.pt" for fold in folds])
     for fold, p, a in zip(folds, packed, alone):
         assert p.iterations == a.iterations == 1 and p.status == a.status == "completed"
@@ -93,7 +94,7 @@ def test_a_pack_of_the_baseline_network_with_nesterov(data):
                          checkpoint_every_seconds=None)
     engine = _engine.Engine("resnet20", data.num_classes, attention="none", dtype=torch.float64)
     alone = [ls.train_fold(data, f, None, cfg, attention="none", seed=5, engine=engine) for f in folds[:2]]
-    packed = ls.train_pack(data, folds[:2], [None, None], cfg, attention="none", seeds=[5, 5], engine=engine)
+    packed = train_pack(data, folds[:2], [None, None], cfg, attention="none", seeds=[5, 5], engine=engine)
     for p, a in zip(packed, alone):
         close_results(p, a, tol=1e-9)
 
@@ -105,13 +106,13 @@ def test_a_stopped_pack_resumes_packed_or_alone(data, tmp_path):
     paths = [tmp_path / f"{f.name}.pt" for f in folds]
     steps = []
     engine = _engine.Engine("resnet20", data.num_classes, dtype=torch.float64)
-    stopped = ls.train_pack(data, folds, LAMBDAS, CFG, seeds=seeds, checkpoints=paths, engine=engine,
+    stopped = train_pack(data, folds, LAMBDAS, CFG, seeds=seeds, checkpoints=paths, engine=engine,
                             should_stop=lambda: steps.append(1) or len(steps) >= 2)
     assert [r.status for r in stopped] == ["stopped"] * 3
     assert all(checkpoint(p)["iteration"] == 2 for p in paths)  # mid-epoch
     # member 0 resumes on its own, members 1 and 2 as a pack of two
     first = ls.train_fold(data, folds[0], LAMBDAS[0], CFG, seed=seeds[0], checkpoint=paths[0], engine=engine)
-    rest = ls.train_pack(data, folds[1:], LAMBDAS[1:], CFG, seeds=seeds[1:], checkpoints=paths[1:], engine=engine)
+    rest = train_pack(data, folds[1:], LAMBDAS[1:], CFG, seeds=seeds[1:], checkpoints=paths[1:], engine=engine)
     for fold, lam, seed, resumed in zip(folds, LAMBDAS, seeds, [first, *rest]):
         assert resumed.resumed_from_iteration == 2
         close_results(resumed, ls.train_fold(data, fold, lam, CFG, seed=seed, engine=engine), tol=1e-9)
@@ -132,7 +133,7 @@ def test_a_diverging_member_fails_alone(data):
                 pack.model.fc.weight[1, 0, 0] = float("nan")
 
     pack.load = poisoned
-    good, bad = ls.train_pack(data, folds[:2], [1e-4, 1e-4], cfg, seeds=[0, 0], packs=packs)
+    good, bad = train_pack(data, folds[:2], [1e-4, 1e-4], cfg, seeds=[0, 0], packs=packs)
     assert bad.status == "diverged" and bad.diverged_at_step == 1 and bad.val_accuracy is None
     close_results(good, ls.train_fold(data, folds[0], 1e-4, cfg, seed=0, engine=engine), tol=1e-9)
 
@@ -140,9 +141,9 @@ def test_a_diverging_member_fails_alone(data):
 def test_pack_errors_name_the_value(data):
     data, folds = data
     with pytest.raises(ValueError, match="one lambda, seed"):
-        ls.train_pack(data, folds, [1e-4], CFG, seeds=[0, 1, 2])
+        train_pack(data, folds, [1e-4], CFG, seeds=[0, 1, 2])
     with pytest.raises(ValueError, match="e_lambda must be a finite number > 0, got e_lambda=0"):
-        ls.train_pack(data, folds[:1], [0], CFG, seeds=[0])
+        train_pack(data, folds[:1], [0], CFG, seeds=[0])
     with pytest.raises(ValueError, match="pack size must be an integer >= 1, got size=0"):
         _pack.Pack(_engine.Engine("resnet20", 4), 0)
 
@@ -152,7 +153,7 @@ def test_a_pack_of_one_equals_train_fold(data):
     data, folds = data
     engine = _engine.Engine("resnet20", data.num_classes, dtype=torch.float64)
     alone = ls.train_fold(data, folds[2], 0.1, CFG, seed=4, engine=engine)
-    [packed] = ls.train_pack(data, folds[2:], [0.1], CFG, seeds=[4], engine=engine)
+    [packed] = train_pack(data, folds[2:], [0.1], CFG, seeds=[4], engine=engine)
     close_results(packed, alone, tol=1e-9)
 
 
@@ -185,11 +186,11 @@ def test_packs_are_kept_by_their_owner_not_by_the_engine(data):
     assert packs(2) is packs(2) and packs(3) is not packs(2) and packs(2).engine is engine
     assert not any("pack" in name for name in vars(engine))
     built = packs(2)
-    kept = ls.train_pack(data, folds[:2], [1e-4, 0.1], cfg, seeds=[0, 1], packs=packs)
+    kept = train_pack(data, folds[:2], [1e-4, 0.1], cfg, seeds=[0, 1], packs=packs)
     assert packs(2) is built
-    own = ls.train_pack(data, folds[:2], [1e-4, 0.1], cfg, seeds=[0, 1], engine=engine)  # a pack of its own
+    own = train_pack(data, folds[:2], [1e-4, 0.1], cfg, seeds=[0, 1], engine=engine)  # a pack of its own
     for a, b in zip(kept, own):
         close_results(a, b, tol=0)
     with pytest.raises(ValueError, match="packs of another engine"):
-        ls.train_pack(data, folds[:2], [1e-4, 0.1], cfg, seeds=[0, 1], packs=packs,
+        train_pack(data, folds[:2], [1e-4, 0.1], cfg, seeds=[0, 1], packs=packs,
                       engine=_engine.Engine("resnet20", data.num_classes, dtype=torch.float64))

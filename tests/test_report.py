@@ -93,40 +93,87 @@ def test_numerics_lines():
 
 # ---------------------------------------------------------------- the frames
 
-RESULT_COLUMNS = ["param_e_lambda", "param_repeat", "baseline", "state", "split0_val_accuracy", "split1_val_accuracy",
-                  "split2_val_accuracy", "mean_val_accuracy", "std_val_accuracy", "rank_val_accuracy", "mean_fit_time",
-                  "std_fit_time"]
+RESULT_COLUMNS = ["mean_fit_time", "std_fit_time", "mean_score_time", "std_score_time", "param_e_lambda", "params",
+                  "split0_test_score", "split1_test_score", "split2_test_score", "mean_test_score", "std_test_score",
+                  "rank_test_score"]
 FOLD_COLUMNS = ["e_lambda", "repeat", "baseline", "fold", "status", "val_accuracy", "val_loss", "seconds",
                 "iterations", "seed", "numerics"]
 
 
-def test_results_frame_columns_dtypes_and_values():
-    frame = ls.results_frame(make_status())
-    assert list(frame.columns) == RESULT_COLUMNS and len(frame) == 5
-    floats = ["param_e_lambda", "split0_val_accuracy", "split1_val_accuracy", "split2_val_accuracy",
-              "mean_val_accuracy", "std_val_accuracy", "mean_fit_time", "std_fit_time"]
-    assert all(frame[c].dtype == "float64" for c in floats), frame.dtypes
-    assert frame["param_repeat"].dtype == "int64" and frame["baseline"].dtype == bool
-    assert frame["rank_val_accuracy"].dtype == "Int64"
-    assert pd.api.types.is_string_dtype(frame["state"])
-    assert frame["param_e_lambda"].tolist()[:4] == [1e-3, 1e-2, 1e-1, 1.0] and math.isnan(frame["param_e_lambda"][4])
-    assert frame["baseline"].tolist() == [False, False, False, False, True]
-    assert frame["state"].tolist() == ["complete", "complete", "running", "diverged", "pending"]
-    splits = ["split0_val_accuracy", "split1_val_accuracy", "split2_val_accuracy"]
-    assert frame.loc[0, splits].tolist() == [0.8, 0.9, 0.85]
-    assert frame.loc[2, splits[0]] == 0.7 and frame.loc[2, splits[1:]].isna().all()
-    assert frame["mean_val_accuracy"].tolist()[:2] == [0.85, 0.9] and frame["mean_val_accuracy"][2:].isna().all()
-    # rank 1 is the best mean among complete points; the others have none
-    assert frame["rank_val_accuracy"].tolist() == [2, 1, pd.NA, pd.NA, pd.NA]
-    assert frame["mean_fit_time"][:3].tolist() == [2.0, 1.5, 2.0]
-    assert frame["std_fit_time"][:2].tolist() == [1.0, 0.0]  # ddof=1 over the three folds
-    assert math.isnan(frame["std_fit_time"][2]) and math.isnan(frame["mean_fit_time"][4])
+def _grid_search_cv_results(n_splits: int) -> dict:
+    """A real scikit-learn GridSearchCV over one float parameter, ``n_splits`` splits."""
+    import numpy as np
+    from sklearn.linear_model import RidgeClassifier
+    from sklearn.model_selection import GridSearchCV, KFold
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 4)), np.arange(60) % 2
+    search = GridSearchCV(RidgeClassifier(), {"alpha": [1e-3, 1e-1, 1.0]}, cv=KFold(n_splits)).fit(X, y)
+    return {k.replace("param_alpha", "param_e_lambda"): v for k, v in search.cv_results_.items()}
 
 
-def test_results_frame_ranks_ties_alike():
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_cv_results_has_scikit_learns_keys_and_types(repeats):
+    """Keys in scikit-learn's order, the same container and dtype for each, against a real
+    GridSearchCV (the parameter renamed): a DataFrame of it reads as users expect."""
+    import numpy as np
+
+    status = make_status(repeats)
+    if repeats == 2:  # a second repeat's folds are splits 3..5
+        status.points.append(PointStatus(Point(1e-3, 1), "complete", {f"r1f{i}": rec(0.8) for i in range(3)},
+                                         ["r1f0", "r1f1", "r1f2"]))
+    ours, theirs = ls.cv_results(status), _grid_search_cv_results(3 * repeats)
+    assert list(ours) == list(theirs)
+    for key, value in theirs.items():
+        assert type(ours[key]) is type(value), key
+        if isinstance(value, np.ndarray):
+            assert ours[key].dtype == value.dtype and ours[key].shape == (4,), key
+    assert type(ours["params"][0]) is dict and ours["params"][0] == {"e_lambda": 1e-3}
+    assert not np.ma.getmaskarray(ours["param_e_lambda"]).any()
+
+
+def test_cv_results_values():
+    """ddof=0 as scikit-learn; a lambda not complete (or diverged) NaN and ranked last, ties
+    "min"; the baseline not a candidate."""
+    import numpy as np
+
+    cv = ls.cv_results(make_status())
+    assert cv["param_e_lambda"].tolist() == [1e-3, 1e-2, 1e-1, 1.0]
+    assert cv["split0_test_score"].tolist() == [0.8, 0.9, 0.7, 0.3]
+    assert np.isnan(cv["split1_test_score"][2:]).all()  # running; the diverged fold: NaN (error_score=nan)
+    assert cv["mean_test_score"][:2].tolist() == pytest.approx([0.85, 0.9], rel=1e-15)
+    assert np.isnan(cv["mean_test_score"][2:]).all()
+    assert cv["std_test_score"][:2] == pytest.approx([math.sqrt(0.005 / 3), math.sqrt(0.005 / 3)], rel=1e-12)  # ddof=0
+    assert cv["rank_test_score"].tolist() == [2, 1, 3, 3]
+    assert cv["mean_fit_time"][:2].tolist() == [2.0, 1.5] and cv["std_fit_time"][:2] == pytest.approx([
+        math.sqrt(2 / 3), 0.0])
+    assert np.isnan(cv["mean_score_time"]).all()  # folds stored before score times were recorded
     status = make_status()
-    status.points[1].mean = status.points[0].mean
-    assert ls.results_frame(status)["rank_val_accuracy"].tolist()[:2] == [1, 1]
+    for r in status.points[1].folds.values():
+        r["score_seconds"] = 0.25
+    cv = ls.cv_results(status)
+    assert cv["mean_score_time"][1] == 0.25 and cv["std_score_time"][1] == 0.0
+    tied = make_status()
+    tied.points[1].folds = done([0.8, 0.9, 0.85], [1.0, 1.0, 1.0])  # the same folds as 1e-3: tied, "min"
+    assert ls.cv_results(tied)["rank_test_score"].tolist() == [1, 1, 3, 3]
+
+
+def test_results_frame_is_the_cv_results_and_the_baseline_row():
+    status = make_status()
+    status.points[4] = PointStatus(Point(None), "complete", done([0.5, 0.6, 0.7], [1.0, 1.0, 1.0]), NAMES)
+    frame = ls.results_frame(status)
+    assert list(frame.columns) == RESULT_COLUMNS and len(frame) == 5
+    expected = pd.DataFrame(ls.cv_results(status))
+    _same(frame.iloc[:4], expected)
+    assert frame["rank_test_score"].dtype == "Int32" and frame["rank_test_score"].tolist() == [2, 1, 3, 3, pd.NA]
+    base = frame.iloc[4]
+    assert base["params"] == "baseline" and math.isnan(base["param_e_lambda"])
+    assert base["mean_test_score"] == pytest.approx(0.6)
+    assert base["std_test_score"] == pytest.approx(math.sqrt(0.02 / 3))
+    assert len(ls.results_frame(make_status())) == 5  # a pending baseline: its row, all NaN
+    no_baseline = make_status()
+    no_baseline.points = no_baseline.points[:4]
+    assert len(ls.results_frame(no_baseline)) == 4
 
 
 def test_folds_frame_has_one_row_per_finished_fold():
@@ -164,8 +211,8 @@ def _same(read: pd.DataFrame, frame: pd.DataFrame, rel=1e-15):
         for x, y in zip(a, b):
             if pd.isna(y):
                 assert pd.isna(x), (c, x, y)
-            elif isinstance(y, str):
-                assert x == y, (c, x, y)
+            elif isinstance(y, (str, dict)):
+                assert x == y or x == str(y), (c, x, y)  # a dict in CSV: its repr
             else:
                 assert float(x) == pytest.approx(float(y), rel=rel, abs=0), (c, x, y)
 
@@ -195,8 +242,9 @@ def test_json_text_round_trips(folds):
     assert isinstance(records, list) and len(records) == len(frame)
     assert all(list(r) == list(frame.columns) for r in records)
     if not folds:  # missing values are null, never NaN (which JSON has not)
-        assert records[4]["param_e_lambda"] is None and records[4]["rank_val_accuracy"] is None
-        assert records[0]["rank_val_accuracy"] == 2 and records[1]["baseline"] is False
+        assert records[4]["param_e_lambda"] is None and records[4]["rank_test_score"] is None
+        assert records[0]["rank_test_score"] == 2 and records[4]["params"] == "baseline"
+        assert records[1]["params"] == {"e_lambda": 0.01}
     _same(pd.DataFrame.from_records(records, columns=list(frame.columns)), frame, rel=1e-9)
 
 
@@ -205,7 +253,8 @@ def test_json_text_keeps_every_float_exactly():
     status.points[1].point = Point(1.0000000000000002e-3)  # one float step above the first point's lambda
     records = json.loads(_report.table_text(status, fmt="json"))
     assert [r["param_e_lambda"] for r in records[:2]] == [1e-3, 1.0000000000000002e-3]
-    assert records[3]["std_fit_time"] == ls.results_frame(status)["std_fit_time"][3]
+    assert records[1]["std_fit_time"] == ls.results_frame(status)["std_fit_time"][1] == 0.0
+    assert records[0]["std_test_score"] == ls.cv_results(status)["std_test_score"][0]
 
 
 @pytest.mark.parametrize("ext", ["csv", "json"])
@@ -236,14 +285,6 @@ def test_export_tables_refuses_another_extension(tmp_path, name, fmt, want):
         ls.export_tables(make_status(), path, fmt=fmt)
     assert str(info.value) == f"export writes {want} files (or - for standard output), got -o {str(path)!r}"
     assert list(tmp_path.iterdir()) == []  # nothing written
-
-
-def test_export_csv_writes_csv_whatever_the_extension(tmp_path):
-    status = make_status()
-    assert _report.export_csv(status, tmp_path / "t") == (tmp_path / "t", tmp_path / "t.folds.csv")
-    assert _report.export_csv(status, tmp_path / "t.txt") == (tmp_path / "t.txt", tmp_path / "t.folds.txt")
-    _same(pd.read_csv(tmp_path / "t.txt"), ls.results_frame(status))
-    _same(pd.read_csv(tmp_path / "t.folds.csv"), ls.folds_frame(status))
 
 
 # ---------------------------------------------------------------- the studies of a storage

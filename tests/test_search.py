@@ -14,6 +14,7 @@ import torch
 
 import lambda_search as ls
 from lambda_search import _objective, _status
+from lambda_search._pack import train_pack
 from lambda_search.cli import main
 
 from conftest import SCRIPT, poll, write_config
@@ -109,7 +110,7 @@ def test_a_packed_search_interrupted_and_resumed(tiny_config, capsys):
         point = next(p for p in plan.points if p.key == key)
         records = trial.user_attrs["fold_results"]
         resumed += [r["resumed_from_iteration"] for r in records.values() if r["resumed_from_iteration"]]
-        packed = ls.train_pack(plan.data, plan.folds, [point.e_lambda] * 2, plan.train, attention=point.attention,
+        packed = train_pack(plan.data, plan.folds, [point.e_lambda] * 2, plan.train, attention=point.attention,
                                seeds=[plan.train_seed(f) for f in plan.folds])
         for fold, alone in zip(plan.folds, packed):
             assert (records[fold.name]["val_accuracy"], records[fold.name]["val_loss"]) == \
@@ -164,13 +165,15 @@ def test_status_and_export(tiny_config, tmp_path, capsys):
 
     points = pd.read_csv(tmp_path / "out.csv")
     folds = pd.read_csv(tmp_path / "out.folds.csv")
-    assert list(points.columns[:6]) == ["param_e_lambda", "param_repeat", "baseline", "state", "split0_val_accuracy",
-                                        "split1_val_accuracy"]
-    best_first = points.sort_values("mean_val_accuracy", ascending=False)
-    assert best_first["rank_val_accuracy"].iloc[0] == 1 and best_first["rank_val_accuracy"].is_monotonic_increasing
+    assert list(points.columns) == list(pd.DataFrame(ls.cv_results(ls.study_status(ls.open_store(url), "tiny"))))
+    assert points["params"].tolist() == ["{'e_lambda': 0.0001}", "{'e_lambda': 0.1}", "baseline"]
+    lambdas = points[points["params"] != "baseline"].sort_values("mean_test_score", ascending=False)
+    assert lambdas["rank_test_score"].iloc[0] == 1 and lambdas["rank_test_score"].is_monotonic_increasing
+    assert points["rank_test_score"].isna().tolist() == [False, False, True]  # the baseline is not ranked
     assert len(folds) == 6 and set(folds["status"]) == {"completed"}
-    assert points["mean_val_accuracy"].tolist() == pytest.approx(
+    assert points["mean_test_score"].tolist() == pytest.approx(
         folds.groupby(["e_lambda", "baseline"], dropna=False, sort=False)["val_accuracy"].mean().tolist())
+    assert (points["mean_score_time"] > 0).all()  # the final validation pass, timed
 
 
 @pytest.mark.parametrize("args, message", [

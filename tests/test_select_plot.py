@@ -60,8 +60,92 @@ def test_corrected_t_test_by_hand():
     assert test["t"] == pytest.approx(t, rel=1e-6) and test["t"] == pytest.approx(-0.175412, rel=1e-5)
     assert test["p"] == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)  # df = 2, in closed form
     same = ls.corrected_t_test(b, b, ratio=0.5)
-    assert (same["diff"], same["t"], same["p"]) == (0.0, 0.0, 1.0)
-    assert ls.corrected_t_test({"f0": 1.0}, {"f0": 0.5}, 0.5)["p"] is None  # one fold: no test
+    assert (same["diff"], same["t"], same["p"]) == (0.0, None, None)  # no p of 1 made up
+    assert same["reason"] == "same accuracy on every fold (3 folds): the corrected test is undefined"
+    one = ls.corrected_t_test({"f0": 1.0}, {"f0": 0.5}, 0.5)
+    assert one["p"] is None and one["reason"] == "one shared fold: no test"
+
+
+def test_a_difference_with_zero_variance_has_no_p():
+    """One image better on every fold (var(d) = 0) is not certainty (p = 0): the test is
+    undefined, said so, while 2, 1, 1 images better gives an ordinary p."""
+    n = 599  # validation images per fold
+    base = {f"r0f{i}": (500 + i) / n for i in range(3)}
+    one_image = {k: v + 1 / n for k, v in base.items()}
+    test = ls.corrected_t_test(one_image, base, ratio=0.5)
+    assert test["diff"] == pytest.approx(1 / n) and (test["t"], test["p"]) == (None, None)
+    assert test["reason"] == "same difference on every fold (3 folds): the corrected test is undefined"
+    more = {k: v + d / n for (k, v), d in zip(base.items(), (2, 1, 1))}
+    d = [2 / n, 1 / n, 1 / n]
+    mean = sum(d) / 3
+    t = mean / math.sqrt((1 / 3 + 0.5) * sum((x - mean) ** 2 for x in d) / 2)
+    assert ls.corrected_t_test(more, base, 0.5)["p"] == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)
+
+
+def _tied_status(prefer_sems=(0.004, 0.002)):
+    """1e-5 and 1e-3 tie at the best mean, with different spreads; 1e-1 a little below."""
+    config = _config.resolve_config({"search": {"lambdas": [1e-5, 1e-3, 1e-1], "baseline": True},
+                                     "data": {"dataset": "digits", "folds": 3}, "train": {"iterations": 10}},
+                                    name="tied")
+    names = ["r0f0", "r0f1", "r0f2"]
+
+    def point(e_lambda, accs):
+        folds = {n: {"status": "completed", "val_accuracy": a, "seconds": 1.0} for n, a in zip(names, accs)}
+        return PointStatus(_objective.Point(e_lambda, 0), "complete", folds, names)
+
+    points = [point(1e-5, [0.97, 0.98, 0.99]), point(1e-3, [0.975, 0.98, 0.985]), point(1e-1, [0.974, 0.975, 0.976]),
+              point(None, [0.965, 0.969, 0.973])]
+    return ls.StudyStatus("tied", config, points, "sqlite:///tied.db")
+
+
+def test_ties_at_the_best_mean_are_taken_at_the_preferred_end():
+    """glmnet's getOptcv.glmnet: of the lambdas tied at the best mean, the one at the
+    preferred end is the best, and its own standard error sets the threshold."""
+    status = _tied_status()
+    large = ls.select(status, prefer="larger")
+    sem_3 = 0.005 / math.sqrt(3)  # std of (0.975, 0.98, 0.985) is 0.005
+    assert large["best"]["e_lambda"] == 1e-3 and large["best"]["tied"] == [1e-5, 1e-3]
+    assert large["one_se"]["threshold"] == pytest.approx(0.98 - sem_3)  # 0.97711: 1e-1 (0.975) is out
+    assert large["one_se"]["e_lambda"] == 1e-3 and large["one_se"]["candidates"] == [1e-5, 1e-3]
+    small = ls.select(status, prefer="smaller")
+    sem_5 = 0.01 / math.sqrt(3)  # std of (0.97, 0.98, 0.99) is 0.01
+    assert small["best"]["e_lambda"] == 1e-5 and small["best"]["tied"] == [1e-5, 1e-3]
+    assert small["one_se"]["threshold"] == pytest.approx(0.98 - sem_5)  # 0.97423: 1e-1 (0.975) is in
+    assert small["one_se"]["candidates"] == [1e-5, 1e-3, 1e-1] and small["one_se"]["e_lambda"] == 1e-5
+    text = ls.format_selection(large)
+    assert "best mean:        lambda = 1e-03" in text and "(tied with 1e-05: the largest of them, as glmnet)" in text
+    assert "tied with 1e-03: the smallest of them" in ls.format_selection(small)
+
+
+def test_the_verdict_against_the_baseline():
+    # chosen 1e-2 (0.91, 0.915, 0.93) vs baseline (0.89, 0.90, 0.88): d = (0.02, 0.015, 0.05)
+    sel = ls.select(_status())
+    d = [0.02, 0.015, 0.05]
+    mean = sum(d) / 3
+    t = mean / math.sqrt((1 / 3 + 0.5) * sum((x - mean) ** 2 for x in d) / 2)
+    p = 1 - abs(t) / math.sqrt(2 + t * t)
+    v = sel["verdict"]
+    assert v["e_lambda"] == 1e-2 and v["diff"] == pytest.approx(mean) and v["p"] == pytest.approx(p, rel=1e-9)
+    assert v["verdict"] == ("helps" if p < 0.05 else "no difference") and v["folds"] == 3 and v["alpha"] == 0.05
+    assert v["baseline_within_one_se"] is False  # 0.89 < 0.90845
+    line = next(x for x in ls.format_selection(sel).splitlines() if x.startswith("verdict:"))
+    assert line == (f"verdict: no difference shown at these folds: lambda = 1e-02 vs the baseline +{100 * mean:.2f} pp "
+                    f"(p = {p:.3f}, 3 folds, alpha 0.05); the baseline is not within one SE of the best mean")
+    # the tied study: 1e-3 (0.975, 0.98, 0.985) vs baseline (0.965, 0.969, 0.973): d = (0.010, 0.011, 0.012)
+    v = ls.select(_tied_status())["verdict"]
+    d = [0.010, 0.011, 0.012]
+    t = 0.011 / math.sqrt((1 / 3 + 0.5) * sum((x - 0.011) ** 2 for x in d) / 2)
+    assert v["p"] == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9) and v["p"] < 0.05
+    assert v["verdict"] == "helps" and v["baseline_within_one_se"] is False
+    hurt = _tied_status()
+    hurt.points[-1] = PointStatus(_objective.Point(None, 0), "complete",
+                                  {n: {"status": "completed", "val_accuracy": a} for n, a in
+                                   zip(["r0f0", "r0f1", "r0f2"], [0.986, 0.992, 0.998])}, ["r0f0", "r0f1", "r0f2"])
+    v = ls.select(hurt)["verdict"]
+    assert v["verdict"] == "hurts" and v["baseline_within_one_se"] is True
+    text = ls.format_selection(ls.select(hurt))
+    assert text.count("verdict: SimAM hurts: lambda = 1e-03 trails the baseline by -1.20 pp (p = ") == 1
+    assert ls.select(_status(baseline=False))["verdict"]["verdict"] is None
 
 
 def test_select_best_and_one_standard_error_rule():
@@ -75,7 +159,7 @@ def test_select_best_and_one_standard_error_rule():
     assert sel["test_train_ratio"] == 0.5 and sel["complete"] == 3 and sel["lambdas"] == 5
     rows = {c["e_lambda"]: c for c in sel["comparisons"]}
     assert rows[1e-2]["vs_best"]["t"] == pytest.approx(-0.175412, rel=1e-5)
-    assert rows[1e-3]["vs_best"]["p"] == 1.0
+    assert rows[1e-3]["vs_best"]["p"] is None and "same accuracy on every fold" in rows[1e-3]["vs_best"]["reason"]
     assert rows[1e-1]["vs_baseline"]["diff"] == pytest.approx(0.85 - 0.89)
     assert rows[1e-4]["vs_best"]["folds"] == 1 and rows[1e-6]["vs_best"] is None
     assert "diverged" in rows[1e-6]["reason"]
@@ -99,6 +183,10 @@ def test_figure4_data_by_hand():
     assert (data["chosen"], data["best"], data["finished"]) == (1e-2, 1e-3, False)
     assert data["bar_label"] == "mean +- std over 3 folds (ddof=1)"
     assert ls.figure4_data(_status(baseline=False))["baseline"] is None
+    assert data["verdict"].startswith("no difference shown: +2.83 pp vs no SimAM (p = 0.")
+    assert data["verdict"].endswith(", 3 folds)")
+    assert ls.figure4_data(_tied_status())["verdict"].startswith("SimAM helps: +1.10 pp vs no SimAM (p = 0.0")
+    assert ls.figure4_data(_status(baseline=False))["verdict"] is None
 
 
 @pytest.mark.parametrize("suffix, magic", [(".png", b"\x89PNG"), (".svg", b"<?xml"), (".pdf", b"%PDF")])
@@ -144,6 +232,27 @@ def test_select_and_plot_commands(tiny_study, tmp_path, capsys):
     assert main(["plot", "--storage", url, "--study", "tiny", "-o", str(tmp_path / "no" / "f.png")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and "got" in err[0] and "cannot write the plot" in err[1]
+
+
+def test_optuna_sees_the_metric_and_the_choice(tiny_study, capsys):
+    """Optuna's own tools name the value val_accuracy (the dashboard, trials_dataframe), and a
+    finished search leaves its choice and verdict in the study's user attributes."""
+    import optuna
+
+    url, _ = tiny_study
+    study = optuna.load_study(study_name="tiny", storage=url)
+    assert study.metric_names == ["val_accuracy"]
+    assert optuna.load_study(study_name="tiny:baseline", storage=url).metric_names == ["val_accuracy"]
+    assert "value_val_accuracy" in study.trials_dataframe(multi_index=False).columns
+    assert main(["select", "--storage", url, "--study", "tiny", "--json"]) == 0
+    sel = json.loads(capsys.readouterr().out)
+    chosen = study.user_attrs["lambda_search:chosen"]
+    assert chosen["e_lambda"] == sel["one_se"]["e_lambda"] and chosen["best_e_lambda"] == sel["best"]["e_lambda"]
+    assert (chosen["rule"], chosen["prefer"]) == ("one-SE", "larger")
+    assert chosen["verdict"] == sel["verdict"]["verdict"] and chosen["p_vs_baseline"] == sel["verdict"]["p"]
+    assert main(["select", "--storage", url, "--study", "tiny"]) == 0
+    verdicts = [line for line in capsys.readouterr().out.splitlines() if line.startswith("verdict: ")]
+    assert len(verdicts) == 1 and "the baseline is" in verdicts[0] and "one SE of the best mean" in verdicts[0]
 
 
 @pytest.mark.slow
