@@ -21,6 +21,8 @@ test: install
 test-fast: install
 	$(VENV)/bin/python -m pytest -m "not slow"
 
-# the main job: the quickstart lambda search on scikit-learn's bundled digits (about 1 min on 2 CPU cores)
+# the main job: the quickstart lambda search on scikit-learn's bundled digits, then the final evaluation of
+# its choice and the baseline on the held-out test images (about 2 min on 2 CPU cores)
 quickstart: install
 	$(VENV)/bin/lambda-search search studies/quickstart.toml
+	$(VENV)/bin/lambda-search evaluate --storage sqlite:///studies/quickstart.db --study quickstart

@@ -6,15 +6,15 @@ module, e.g. ``lambda_search._objective.make_plan``, for tests and the curious):
 Run a search
     load_config(path, overrides)       a study config (TOML), checked, defaults filled in
     run_search(config, workers=...)    create or resume the study and run every point once
-    resume_config(url, name)           the config stored in a study, to run_search it again
     run_worker(store, name)            one more worker on a running study
     open_store(url)                    an SQLite, PostgreSQL or journal storage
     study_status(store, name)          every point: state, folds, mean and std (StudyStatus)
     list_studies(store)                the studies of a storage
+    run_evaluation(url, name)          train the choice and the baseline on the whole training set, test them
+    read_evaluation(store, name)       that final evaluation as it stands (None where there is none)
 
 Read the answer
     select(status, prefer)             best mean, one-standard-error choice, corrected t-tests
-    corrected_t_test(a, b, ratio)      Nadeau and Bengio's test over paired folds
     format_selection(selection)        the selection as text
     status_table(status)               the points as text
     cv_results(status)                 scikit-learn's GridSearchCV.cv_results_, one entry per lambda
@@ -41,17 +41,18 @@ from ._checkpoint import load_official_checkpoint
 from ._config import ConfigError, load_config
 from ._data import load_dataset
 from ._engine import TrainConfig
+from ._evaluate import read_evaluation, run_evaluation
 from ._failures import StorageError, StorageFailure
 from ._folds import make_folds
 from ._models import MODEL_NAMES, build_model
 from ._objective import format_lambda
 from ._plot import draw_figure4, figure4_data, plot_figure4
 from ._report import cv_results, export_tables, folds_frame, results_frame, status_table
-from ._select import corrected_t_test, format_selection, select
+from ._select import format_selection, select
 from ._simam import SimAM, set_e_lambda, simam
 from ._status import StudyError, StudyStatus, list_studies, study_status
 from ._storage import open_store
-from ._study import resume_config, run_search
+from ._study import run_search
 from ._train import train_fold
 from ._worker import run_worker
 
@@ -60,9 +61,9 @@ __version__ = "0.1.0"
 _BENCH = ("Bench", "format_bench", "paper_figure4_config", "run_bench")
 
 __all__ = [
-    "load_config", "run_search", "resume_config", "run_worker", "open_store", "study_status", "list_studies",
-    "StudyStatus",
-    "select", "corrected_t_test", "format_selection", "status_table", "cv_results", "results_frame", "folds_frame",
+    "load_config", "run_search", "run_worker", "run_evaluation", "read_evaluation", "open_store", "study_status",
+    "list_studies", "StudyStatus",
+    "select", "format_selection", "status_table", "cv_results", "results_frame", "folds_frame",
     "export_tables", "figure4_data", "draw_figure4", "plot_figure4", "format_lambda",
     "SimAM", "simam", "build_model", "set_e_lambda", "load_official_checkpoint", "MODEL_NAMES",
     "load_dataset", "make_folds", "TrainConfig", "train_fold",

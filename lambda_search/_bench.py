@@ -35,7 +35,7 @@ from ._measure import (
 )
 from ._models import BasicBlock, build_model
 from ._objective import Plan, make_plan
-from ._projection import Projection, project_rounds
+from ._projection import Projection, evaluation_trainings, project_rounds
 from ._simam import SimAM, simam_reference
 
 __all__ = ["Bench", "PAPER_FIGURE4", "paper_figure4_config", "run_bench", "format_bench"]
@@ -46,11 +46,15 @@ __all__ = ["Bench", "PAPER_FIGURE4", "paper_figure4_config", "run_bench", "forma
 PAPER_FIGURE4 = {
     "study": {"name": "figure4-shape"},
     "search": {"lambdas": [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], "baseline": False},
-    "data": {"dataset": "synthetic", "folds": 5,
-             "options": {"num_samples": 50000, "num_classes": 100, "image_size": 32}},
+    # CIFAR-100's 50,000 training and 10,000 test images: 60,000, of which 1/6 held out for the test
+    "data": {"dataset": "synthetic", "folds": 5, "test_fraction": 1 / 6,
+             "options": {"num_samples": 60000, "num_classes": 100, "image_size": 32}},
     "model": {"name": "resnet20"},
     "train": {"iterations": 64000, "batch_size": 128, "lr": 0.1},
 }
+
+
+EVALUATION_SEEDS = 3  # `lambda-search evaluate`'s default
 
 
 def paper_figure4_config(overrides=()) -> dict:
@@ -74,6 +78,7 @@ class Bench:
     baseline_images_per_s: float  # the engine, network without SimAM
     eval_images_per_s: float
     projection: Projection
+    evaluation: Projection  # `lambda-search evaluate` after the search: 2 networks x EVALUATION_SEEDS
     pack_images_per_s: dict  # pack size -> training images/s of all its networks (engine, SimAM)
     pack: int  # the size a search picks here (train.pack = "auto")
 
@@ -98,6 +103,7 @@ class Bench:
                "packed_speedup": self.packed_speedup}
         out.update({k: v for k, v in asdict(self).items() if k not in out and k != "projection"})
         out["projection"] = asdict(self.projection)
+        out["evaluation"] = asdict(self.evaluation)
         return out
 
 
@@ -219,9 +225,12 @@ def _run_bench(plan: Plan, rounds: int, block_seconds: float, workers: int | Non
         size_none, step["none"], _ = pick_rounds(plan, baseline_engine, data, None, pack_setting(plan, device),
                                                   rounds=max(1, rounds // 2), block_seconds=block_seconds)
     projection = project_rounds(plan, step, rates, {"simam": size, "none": size_none}, k, least_share(shares))
+    alone = {"simam": timed.seconds["engine"], "none": timed.seconds["baseline"]}  # one training per point: no pack
+    evaluation = project_rounds(plan, alone, rates, {"simam": 1, "none": 1}, k, least_share(shares),
+                                evaluation_trainings(plan, EVALUATION_SEEDS))
     return Bench(str(device), config["model"]["name"], data.input_size, batch, torch.get_num_threads(), workers,
                  rounds, k, batch / seconds["reference"], batch / seconds["engine"], batch / seconds["baseline"],
-                 statistics.median(rates), projection,
+                 statistics.median(rates), projection, evaluation,
                  {s: s * batch / t for s, t in sorted(medians(packed.seconds).items())}, size)
 
 
@@ -235,7 +244,9 @@ def format_bench(bench: Bench) -> str:
               f"speedup over the reference: {bench.speedup:.2f}x"
               + (f" (packs of {bench.pack}: {bench.packed_speedup:.2f}x)" if bench.pack > 1 else ""),
               f"SimAM overhead in the engine: {bench.simam_overhead:+.1%} (step time with SimAM / without - 1)",
-              f"projected on one {bench.device} worker: {bench.projection.describe()}"]
+              f"projected on one {bench.device} worker: {bench.projection.describe()}",
+              f"then `evaluate` (2 networks x {EVALUATION_SEEDS} seeds on the whole training set, tested once): "
+              f"{bench.evaluation.describe()}"]
     if len(bench.pack_images_per_s) > 1:
         one = bench.pack_images_per_s[1]
         lines.insert(4, "  packed training (train.pack), all networks together:")

@@ -42,7 +42,12 @@ def _int(v):
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 
 
+FINAL_SUFFIX = ":final"  # the companion study of a final evaluation: NAME:final
+
+
 def study_name_ok(name) -> bool:
+    if isinstance(name, str) and name.endswith(FINAL_SUFFIX):
+        name = name[: -len(FINAL_SUFFIX)]
     return isinstance(name, str) and bool(_NAME.match(name))
 
 
@@ -67,6 +72,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
         "root": (None, lambda v: isinstance(v, str) and v != "", "a folder path string"),
         "folds": (5, lambda v: _int(v) and v >= 2, "an integer >= 2"),
         "holdout": (None, lambda v: _real(v) and 0 < v < 1, "a validation fraction in (0, 1)"),
+        "test_fraction": (None, lambda v: _real(v) and 0 <= v < 1,
+                          "a fraction in [0, 1) held out for the final test (digits and synthetic; default 0.2)"),
+        "test": (False, lambda v: isinstance(v, bool), "true or false (set by `lambda-search evaluate` only)"),
         "seed": (0, lambda v: _int(v) and 0 <= v < 2**31, "an integer in [0, 2**31)"),
         "download": (False, lambda v: isinstance(v, bool), "true or false"),
         "options": ({}, lambda v: isinstance(v, dict), "a table of data set options"),
@@ -189,7 +197,30 @@ def _semantic(config: dict, origin: str) -> dict:
         train[key] = float(train[key])
     if config["data"]["holdout"] is not None:
         config["data"]["holdout"] = float(config["data"]["holdout"])
+    _test_fraction(config["data"], origin)
+    name = config["study"]["name"]
+    if name is not None and name.endswith(FINAL_SUFFIX) != config["data"]["test"]:
+        raise ConfigError(f"{origin}: study.name ending in {FINAL_SUFFIX!r} is a final evaluation's (made by "
+                          f"`lambda-search evaluate`, with data.test), got study.name={name!r}")
     return config
+
+
+# data sets without a test split of their own hold out this fraction for the final test
+DEFAULT_TEST_FRACTION = 0.2
+HELD_OUT_TEST = ("digits", "synthetic")
+OWN_TEST = ("cifar10", "cifar100", "imagefolder")  # (an unknown name is refused where the data set is loaded)
+
+
+def _test_fraction(data: dict, origin: str) -> None:
+    """data.test_fraction: the default (0.2) for a data set without a test split of its own,
+    refused for one that has it (CIFAR's test batch, an image folder's val/)."""
+    if data["dataset"] in HELD_OUT_TEST:
+        fraction = DEFAULT_TEST_FRACTION if data["test_fraction"] is None else data["test_fraction"]
+        data["test_fraction"] = float(fraction)
+    elif data["test_fraction"] is not None and data["dataset"] in OWN_TEST:
+        raise ConfigError(f"{origin}: data.test_fraction applies to data sets without a test split of their own "
+                          f"(digits, synthetic); {data['dataset']!r} has one, got data.test_fraction="
+                          f"{_fmt(data['test_fraction'])}")
 
 
 def _merge(base: dict, section: str, key: str, value) -> None:
@@ -228,6 +259,10 @@ def load_config(path, overrides=()) -> dict:
     data.folds and data.holdout are exclusive: giving both is refused."""
     p = Path(path)
     raw = _read_toml(p)
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    if "test" in data or any(parse_override(o)[:2] == ("data", "test") for o in overrides):
+        raise ConfigError(f"{p}: data.test is set by `lambda-search evaluate` only (it trains on every training "
+                          "image and tests on the test split); a search cross-validates")
     stem = p.stem if study_name_ok(p.stem) else None
     config = resolve_config(_beside(raw, p.parent), overrides, origin=str(p), name=stem)
     _one_split(raw, overrides, str(p), config["data"])

@@ -11,6 +11,10 @@ that trains on it; augmentation and normalisation run batched there (see ``_augm
   centre square) under ``root/.lambda_search_cache``.
 - ``digits``: scikit-learn's bundled handwritten digits (1,797 real 8x8 images), offline.
 - ``synthetic``: class-dependent random images of any size, for tests and benchmarks.
+
+Test splits (``split="test"``, for the final evaluation): CIFAR's official test batch; an
+image folder's ``root/val`` (ImageNet's layout; else ``root/test``). Digits have none: a
+study holds part of them out (``subset``, with ``_folds.test_split``), as for synthetic data.
 """
 
 from __future__ import annotations
@@ -27,7 +31,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Augmentation", "ImageData", "DATASETS", "load_dataset", "dataset_fingerprint"]
+__all__ = ["Augmentation", "ImageData", "DATASETS", "load_dataset", "dataset_fingerprint", "TEST_SPLITS",
+           "subset", "join"]
+
+# where each data set's test split comes from: its own files, or held out (data.test_fraction)
+TEST_SPLITS = {"cifar10": "the official test batch (test_batch)", "cifar100": "the official test batch (test)",
+               "imagefolder": "the val/ folder beside train/ (else test/)", "digits": None, "synthetic": None}
+_COMPUTED_STATS = ("digits", "synthetic")  # mean and std measured on the images (not constants)
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits", "synthetic")
 SPLITS = ("train", "test")
@@ -84,6 +94,29 @@ class ImageData:
 
     def to(self, device: str | torch.device) -> ImageData:
         return replace(self, images=self.images.to(device), labels=self.labels.to(device))
+
+
+def subset(data: ImageData, index) -> ImageData:
+    """The images ``index`` of ``data`` (a copy). Where mean and std are measured on the images
+    (digits, synthetic) they are measured again on the subset, so that images held out for
+    testing never inform the normalisation."""
+    index = torch.as_tensor(np.asarray(index), dtype=torch.int64)
+    images = data.images[index].contiguous()
+    mean, std = _stats(images) if data.name in _COMPUTED_STATS else (data.mean, data.std)
+    key = None
+    if data.content_key is not None:
+        key = f"{data.content_key}[{hashlib.sha256(index.numpy().tobytes()).hexdigest()[:16]}]"
+    return replace(data, images=images, labels=data.labels[index].contiguous(), mean=mean, std=std, content_key=key)
+
+
+def join(first: ImageData, second: ImageData) -> ImageData:
+    """``second``'s images after ``first``'s, normalised as ``first`` (its training set)."""
+    if first.images.shape[1:] != second.images.shape[1:] or first.classes != second.classes:
+        raise ValueError(f"cannot join {second.name} images {tuple(second.images.shape[1:])} of {len(second.classes)} "
+                         f"classes to {tuple(first.images.shape[1:])} of {len(first.classes)}")
+    key = None if first.content_key is None else f"{first.content_key}+{second.content_key}"
+    return replace(first, images=torch.cat([first.images, second.images]),
+                   labels=torch.cat([first.labels, second.labels]), content_key=key)
 
 
 def dataset_fingerprint(data: ImageData) -> str:
@@ -195,6 +228,8 @@ def _load_imagefolder(root: str | None, split: str, resolution: int = 112, cache
     if cache_size < resolution:
         raise ValueError(f"cache_size must be >= resolution={resolution}, got cache_size={cache_size}")
     folder = Path(root).expanduser() / split
+    if split == "test" and (Path(root).expanduser() / "val").is_dir():
+        folder = Path(root).expanduser() / "val"  # ImageNet's layout: train/ and val/
     if not folder.is_dir():
         raise FileNotFoundError(f"imagefolder not found: expected the folder {folder} with one sub-folder per class")
     classes, samples = _scan(folder)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.model_selection import StratifiedKFold, StratifiedShuffleSplit
 
-__all__ = ["Fold", "make_folds", "folds_fingerprint", "derive_seed"]
+__all__ = ["Fold", "make_folds", "folds_fingerprint", "derive_seed", "test_split", "final_folds", "TEST_SPLIT_KEY"]
+
+TEST_SPLIT_KEY = 23  # derive_seed(data.seed, TEST_SPLIT_KEY): the held-out test split's own seed
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +40,31 @@ def _check_int(name: str, value, low: int) -> int:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {name}={value!r}")
     return int(value)
+
+
+def test_split(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed stratified split of a data set without a test split of its own: (the indices
+    the folds are made from, the held-out test indices), sorted. ``fraction`` of the images
+    (rounded up) are held out, by ``derive_seed(seed, TEST_SPLIT_KEY)``: the same labels,
+    fraction and seed give the same split, and the folds never see its test images."""
+    y = np.asarray(labels)
+    if not isinstance(fraction, numbers.Real) or isinstance(fraction, bool) or not 0 < fraction < 1:
+        raise ValueError(f"test_fraction must be a fraction in (0, 1), got test_fraction={fraction!r}")
+    classes = len(np.unique(y))
+    n_test = int(np.ceil(fraction * len(y)))
+    if n_test < classes or len(y) - n_test < classes:
+        raise ValueError(f"test_fraction={fraction} leaves {n_test} test and {len(y) - n_test} other images; "
+                         f"each side needs at least one per class ({classes})")
+    splitter = StratifiedShuffleSplit(n_splits=1, test_size=fraction, random_state=derive_seed(seed, TEST_SPLIT_KEY))
+    keep, test = next(splitter.split(np.zeros(len(y)), y))
+    return np.sort(keep).astype(np.int64), np.sort(test).astype(np.int64)
+
+
+def final_folds(n_train: int, n_test: int, seed: int, seeds: int) -> list[Fold]:
+    """The final evaluation's "folds": every training image (the first ``n_train``) against the
+    test images after them, once per seed; fold ``r`` is seed ``r`` (its repeat)."""
+    train, test = np.arange(n_train, dtype=np.int64), np.arange(n_train, n_train + n_test, dtype=np.int64)
+    return [Fold(r, 0, train, test, derive_seed(int(seed), TEST_SPLIT_KEY, r)) for r in range(seeds)]
 
 
 def make_folds(labels, n_splits: int = 5, seed: int = 0, repeats: int = 1,

@@ -22,12 +22,14 @@ from torch import Tensor, nn
 
 from ._simam import SimAM, SimAMBatchNorm, check_e_lambda
 
-__all__ = ["BasicBlock", "ResNet", "build_model", "MODEL_NAMES"]
+__all__ = ["BasicBlock", "ResNet", "build_model", "MODEL_NAMES", "MODEL_LABELS"]
 
 # CIFAR: blocks in each of the 3 stages; ImageNet: blocks per stage
 _CIFAR = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
 _IMAGENET = {"resnet18": (2, 2, 2, 2)}
 MODEL_NAMES = tuple(_CIFAR) + tuple(_IMAGENET)
+MODEL_LABELS = {"resnet20": "ResNet-20", "resnet32": "ResNet-32", "resnet44": "ResNet-44", "resnet56": "ResNet-56",
+                "resnet110": "ResNet-110", "resnet18": "ResNet-18"}  # as the paper writes them
 ATTENTIONS = ("simam", "none")
 SHORTCUTS = ("B", "A")
 

@@ -18,10 +18,10 @@ from typing import Callable
 import torch
 
 from ._config import ConfigError
-from ._data import ImageData, dataset_fingerprint, load_dataset
+from ._data import TEST_SPLITS, ImageData, dataset_fingerprint, join, load_dataset, subset
 from ._engine import Engine, EpochMetrics, FoldResult, TrainConfig, engine_for
 from ._fold import set_aside
-from ._folds import Fold, derive_seed, folds_fingerprint, make_folds
+from ._folds import Fold, derive_seed, final_folds, folds_fingerprint, make_folds, test_split
 from ._models import MODEL_NAMES
 from ._numerics import training_numerics
 from ._pack import Packs
@@ -93,6 +93,7 @@ class Plan:
     train: TrainConfig
     fingerprint: str  # of the data set and the fold assignment
     points: list[Point]
+    test_images: int | None = None  # of the test split, where known (held out, or the final evaluation's)
 
     def folds_of(self, repeat: int) -> list[Fold]:
         return [f for f in self.folds if f.repeat == repeat]
@@ -117,7 +118,7 @@ def grid_points(config: dict) -> list[Point]:
 
 def fold_names(config: dict, repeat: int = 0) -> list[str]:
     """The names of one repeat's folds (as ``Fold.name``), from the config alone."""
-    n = 1 if config["data"]["holdout"] is not None else config["data"]["folds"]
+    n = 1 if config["data"]["holdout"] is not None or config["data"]["test"] else config["data"]["folds"]
     return [f"r{repeat}f{i}" for i in range(n)]
 
 
@@ -141,28 +142,65 @@ def check_device(device: str) -> None:
                               f"cuda:0 to cuda:{count - 1}")
 
 
-def make_plan(config: dict, device: str | None = None) -> Plan:
-    """Load the data, make the folds and check every value of a resolved config."""
-    data_cfg, model_cfg, search = config["data"], config["model"], config["search"]
-    if model_cfg["name"] not in MODEL_NAMES:
-        raise ConfigError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got model.name={model_cfg['name']!r}")
-    check_device(device or config["train"]["device"])
-    train = train_config(config["train"], device)
+def _load(data_cfg: dict, split: str) -> ImageData:
     root = data_cfg["root"]
     try:
-        data = load_dataset(data_cfg["dataset"], root=root, split="train", download=data_cfg["download"],
+        return load_dataset(data_cfg["dataset"], root=root, split=split, download=data_cfg["download"],
                             **data_cfg["options"])
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"data: {exc}") from None
     except OSError as exc:
-        raise ConfigError(f"data: cannot read data set {data_cfg['dataset']!r} from root={root!r} ({exc})") from None
+        what = "data set" if split == "train" else "the test split of"
+        raise ConfigError(f"data: cannot read {what} {data_cfg['dataset']!r} from root={root!r} ({exc})") from None
+
+
+def _hold_out(data: ImageData, data_cfg: dict) -> tuple[ImageData, ImageData | None]:
+    """(the images the folds are made from, the held-out test images or None): a data set
+    without a test split of its own holds out data.test_fraction of it before any fold."""
+    fraction = data_cfg["test_fraction"]
+    if not fraction:
+        return data, None
     try:
-        folds = make_folds(data.labels.numpy(), n_splits=data_cfg["folds"], seed=data_cfg["seed"],
-                           repeats=search["repeats"], holdout=data_cfg["holdout"])
+        keep, test = test_split(data.labels.numpy(), fraction, data_cfg["seed"])
+    except ValueError as exc:
+        raise ConfigError(f"data: {str(exc).replace('test_fraction', 'data.test_fraction')}") from None
+    return subset(data, keep), subset(data, test)
+
+
+def _folds(data: ImageData, test: ImageData | None, config: dict) -> tuple[ImageData, list[Fold]]:
+    """The data a plan trains on and its folds: cross-validation folds, or with data.test
+    (a final evaluation) every training image against the test split, once per seed."""
+    data_cfg, repeats = config["data"], config["search"]["repeats"]
+    if data_cfg["test"]:
+        if test is None and TEST_SPLITS.get(data_cfg["dataset"]) is None:
+            raise ConfigError(f"data: {data_cfg['dataset']!r} has no test split of its own and data.test_fraction is "
+                              "0: the folds covered every image, none is left to test on")
+        test = _load(data_cfg, "test") if test is None else test
+        try:
+            joined = join(data, test)
+        except ValueError as exc:
+            raise ConfigError(f"data: the test split does not match the training set: {exc}") from None
+        return joined, final_folds(len(data), len(test), data_cfg["seed"], repeats)
+    try:
+        return data, make_folds(data.labels.numpy(), n_splits=data_cfg["folds"], seed=data_cfg["seed"],
+                                repeats=repeats, holdout=data_cfg["holdout"])
     except ValueError as exc:
         if data_cfg["holdout"] is None:
             raise ConfigError(f"data: {str(exc).replace('n_splits', 'data.folds')}") from None
         raise ConfigError(f"data: {exc} (data.holdout)") from None
+
+
+def make_plan(config: dict, device: str | None = None) -> Plan:
+    """Load the data, hold out its test split where it has none of its own, make the folds
+    (or with data.test the final evaluation's trainings) and check every value of a
+    resolved config."""
+    data_cfg, model_cfg = config["data"], config["model"]
+    if model_cfg["name"] not in MODEL_NAMES:
+        raise ConfigError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got model.name={model_cfg['name']!r}")
+    check_device(device or config["train"]["device"])
+    train = train_config(config["train"], device)
+    data, held_out = _hold_out(_load(data_cfg, "train"), data_cfg)
+    data, folds = _folds(data, held_out, config)
     smallest = min(len(f.train) for f in folds)
     if train.batch_size > smallest:
         raise ConfigError(f"train.batch_size must be <= the smallest fold's {smallest} training images, "
@@ -172,7 +210,8 @@ def make_plan(config: dict, device: str | None = None) -> Plan:
             f"model.name='resnet18' needs images of at least 32 px, the data set has {data.input_size} px"
         )
     fingerprint = folds_fingerprint(folds, dataset_fingerprint(data))
-    return Plan(config, data, folds, train, fingerprint, grid_points(config))
+    test_images = len(folds[0].val) if data_cfg["test"] else (None if held_out is None else len(held_out))
+    return Plan(config, data, folds, train, fingerprint, grid_points(config), test_images)
 
 
 def summarize(accuracies: list[float]) -> dict:
@@ -187,9 +226,10 @@ def summarize(accuracies: list[float]) -> dict:
     return dict(mean=mean, std=std, std_ddof=STD_DDOF, sem=sem, n=n)
 
 
-def fold_record(result: FoldResult, numerics: dict | None = None) -> dict:
-    """A fold's stored record; ``numerics``: what it was trained under (training_numerics)."""
-    return dict(status=result.status, val_accuracy=result.val_accuracy, val_loss=result.val_loss,
+def fold_record(result: FoldResult, numerics: dict | None = None, val_images: int | None = None) -> dict:
+    """A fold's stored record; ``numerics``: what it was trained under (training_numerics);
+    ``val_images``: the images its accuracy is over."""
+    return dict(status=result.status, val_accuracy=result.val_accuracy, val_loss=result.val_loss, val_images=val_images,
                 seconds=round(result.seconds, 3), iterations=result.iterations, seed=result.seed,
                 diverged_at_step=result.diverged_at_step, resumed_from_iteration=result.resumed_from_iteration,
                 score_seconds=None if result.score_seconds is None else round(result.score_seconds, 4),
@@ -280,7 +320,7 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
         numerics = training_numerics(engine, plan.train, len(group))
         for fold, result in zip(group, results):  # finished folds are kept, also when others stopped
             if result.status != "stopped":
-                records[fold.name] = fold_record(result, numerics)
+                records[fold.name] = fold_record(result, numerics, len(fold.val))
                 if on_fold is not None:
                     on_fold(fold, records[fold.name], records)
         for fold, result in zip(group, results):

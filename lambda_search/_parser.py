@@ -91,6 +91,18 @@ def _run_commands(commands) -> None:
     resume.add_argument("--workers", type=_workers, help="worker processes, or 'auto' (as search)")
     _set_arg(resume, "change where or how fast it runs (train.device, data.root, study.checkpoint_dir, ...)")
 
+    evaluate = commands.add_parser("evaluate", help="train the chosen lambda and the baseline on the whole training "
+                                   "set, seed by seed, and report test accuracy (the paper's Table 2)")
+    _study_args(evaluate)
+    evaluate.add_argument("--seeds", type=_positive_int, default=3,
+                          help="trainings per network, seed by seed, the same seeds for both (default 3)")
+    evaluate.add_argument("--lambda", dest="e_lambda", type=float, metavar="X",
+                          help="evaluate lambda X instead of the one-SE rule's choice (the output says so)")
+    evaluate.add_argument("--prefer", choices=("larger", "smaller"), default="larger", help=PREFER_HELP)
+    evaluate.add_argument("--workers", type=_workers, help="worker processes, or 'auto' (as search)")
+    evaluate.add_argument("--json", action="store_true", help="print the evaluation as JSON (progress on stderr)")
+    _set_arg(evaluate, "change where or how fast it runs, as resume")
+
     worker = commands.add_parser("worker", help="join a running study from another process, GPU or machine")
     _study_args(worker)
     worker.add_argument("--device", help="torch device for this worker: cpu, cuda or cuda:N (default: train.device)")

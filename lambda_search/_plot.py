@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ._config import ConfigError
+from ._models import MODEL_LABELS
 from ._objective import format_lambda
 from ._select import lambda_stats, select, verdict_short
 from ._status import StudyStatus
@@ -19,8 +20,6 @@ PLOT_FORMATS = (".png", ".svg", ".pdf")
 _DATASETS = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10", "digits": "digits (8x8)", "synthetic": "synthetic data"}
 CROWDED_RATIO = 3.0  # neighbouring lambdas closer than this factor on the log axis: slanted tick labels
 CROWDED_TICKS = 8  # more ticks than this: slanted tick labels
-_MODELS = {"resnet20": "ResNet-20", "resnet32": "ResNet-32", "resnet44": "ResNet-44", "resnet56": "ResNet-56",
-           "resnet110": "ResNet-110", "resnet18": "ResNet-18"}
 
 
 def plot_title(config: dict) -> str:
@@ -33,7 +32,7 @@ def plot_title(config: dict) -> str:
         dataset = f"{name or 'image folder'} at {res} px"
     else:
         dataset = _DATASETS.get(data["dataset"], data["dataset"])
-    model = _MODELS.get(config["model"]["name"], config["model"]["name"])
+    model = MODEL_LABELS.get(config["model"]["name"], config["model"]["name"])
     return f"Cross-validation accuracy on {dataset}, {model}"
 
 
@@ -44,11 +43,25 @@ def _crowded_ticks(lambdas: list[float]) -> bool:
     return close or len(lambdas) > CROWDED_TICKS
 
 
-def figure4_data(status: StudyStatus, prefer: str = "larger") -> dict:
+def _test_marks(evaluation: dict | None) -> dict | None:
+    """The final evaluation's test accuracies (%) to mark: the chosen lambda's and the
+    baseline's mean and std over seeds (None where there is none yet)."""
+    if not evaluation:
+        return None
+    marks = {"seeds": evaluation["seeds"], "simam": None, "baseline": None}
+    for n in evaluation["networks"]:
+        if n["mean"] is not None:
+            marks["simam" if n["network"] == "simam" else "baseline"] = {
+                "e_lambda": n["e_lambda"], "mean": 100 * n["mean"], "std": None if n["std"] is None else 100 * n["std"]}
+    return marks if marks["simam"] or marks["baseline"] else None
+
+
+def figure4_data(status: StudyStatus, prefer: str = "larger", evaluation: dict | None = None) -> dict:
     """What Figure 4 shows, in percent: per lambda (ascending) its mean, std (ddof=1), fold
     accuracies and whether it is finished; the baseline's mean and std (or None); the
     chosen lambda (one-standard-error rule, ``prefer``), the best-mean lambda and the
-    verdict against the baseline (a line under the title; None without one); labels,
+    verdict against the baseline (a line under the title; None without one); the test
+    accuracies of the final evaluation where given (``read_evaluation``); labels,
     the x tick labels (``format_lambda``, exact) and whether they are crowded (slanted)."""
     stats = lambda_stats(status)
     sel = select(status, prefer, stats)
@@ -80,6 +93,8 @@ def figure4_data(status: StudyStatus, prefer: str = "larger") -> dict:
         "best": sel["best"]["e_lambda"] if sel["best"] else None,
         "prefer": prefer,
         "verdict": verdict_short(sel["verdict"]),
+        "test": _test_marks(evaluation),
+        "ylabel_test": "accuracy (%): validation (blue), test (green)",
         "finished": all(p["state"] in ("complete", "diverged") for p in points),
     }
 
@@ -131,24 +146,8 @@ def draw_figure4(data: dict, path) -> Path:
             ax.axvline(chosen["e_lambda"], color="tab:orange", lw=1, ls=":", zorder=1)
             ax.plot([chosen["e_lambda"]], [chosen["mean"]], marker="*", ms=14, color="tab:orange", zorder=4, ls="none",
                     label=f"chosen: lambda = {format_lambda(chosen['e_lambda'])} (one-SE rule, {data['prefer']})")
-        ax.set_xscale("log")
-        if pts:
-            xs = [p["e_lambda"] for p in pts]
-            ax.set_xlim(min(xs) / 2.5, max(xs) * 2.5)
-            ax.set_xticks(xs)
-            if data["crowded_ticks"]:
-                ax.set_xticklabels(data["tick_labels"], fontsize=7, rotation=45, ha="right", rotation_mode="anchor")
-            else:
-                ax.set_xticklabels(data["tick_labels"], fontsize=8)
-            ax.minorticks_off()
-            ax.invert_xaxis()  # as the paper: from 1e-1 on the left down to the smallest lambda
-        title = data["title"] + ("" if data["finished"] else " (still running)")
-        ax.set_title(title + (f"\n{data['verdict']}" if data["verdict"] else ""), fontsize=10)
-        ax.set_xlabel(data["xlabel"])
-        ax.set_ylabel(data["ylabel"])
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # nothing finished yet: no legend
-            ax.legend(fontsize=7, loc="best")
+        _draw_test(ax, data["test"])
+        _dress(ax, data)
         fig.tight_layout()
         fig.savefig(path)
     finally:
@@ -156,17 +155,58 @@ def draw_figure4(data: dict, path) -> Path:
     return path
 
 
+def _draw_test(ax, test: dict | None) -> None:
+    """The final evaluation's test accuracies: a green diamond at the chosen lambda, a green
+    dotted line for the baseline."""
+    if not test:
+        return
+    seeds = f"{test['seeds']} seed{'s' if test['seeds'] > 1 else ''}"
+    if test["baseline"]:
+        ax.axhline(test["baseline"]["mean"], color="tab:green", lw=1, ls=":",
+                   label=f"baseline, test accuracy (mean over {seeds})")
+    if test["simam"]:
+        s = test["simam"]
+        ax.errorbar([s["e_lambda"]], [s["mean"]], yerr=[s["std"] or 0], fmt="D", color="tab:green", capsize=4,
+                    zorder=5, label=f"lambda = {format_lambda(s['e_lambda'])}, test accuracy (mean +- std, {seeds})")
+
+
+def _dress(ax, data: dict) -> None:
+    """Axes, ticks, title, labels and legend."""
+    pts = data["points"]
+    ax.set_xscale("log")
+    if pts:
+        xs = [p["e_lambda"] for p in pts]
+        tested = [data["test"]["simam"]["e_lambda"]] if data["test"] and data["test"]["simam"] else []
+        ax.set_xlim(min(xs + tested) / 2.5, max(xs + tested) * 2.5)  # (a lambda given to evaluate: in sight)
+        ax.set_xticks(xs)
+        if data["crowded_ticks"]:
+            ax.set_xticklabels(data["tick_labels"], fontsize=7, rotation=45, ha="right", rotation_mode="anchor")
+        else:
+            ax.set_xticklabels(data["tick_labels"], fontsize=8)
+        ax.minorticks_off()
+        ax.invert_xaxis()  # as the paper: from 1e-1 on the left down to the smallest lambda
+    title = data["title"] + ("" if data["finished"] else " (still running)")
+    ax.set_title(title + (f"\n{data['verdict']}" if data["verdict"] else ""), fontsize=10)
+    ax.set_xlabel(data["xlabel"])
+    ax.set_ylabel(data["ylabel_test"] if data["test"] else data["ylabel"])
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:  # nothing finished yet: no legend
+        ax.legend(fontsize=7, loc="best")
+
+
 def default_plot_path(status: StudyStatus) -> Path:
     """Where a search leaves its plot: beside its checkpoints, ``<study>.png``."""
     return Path(status.config["study"]["checkpoint_dir"]).with_suffix(".png")
 
 
-def plot_figure4(status: StudyStatus, path, prefer: str = "larger", make_folder: bool = False) -> Path:
+def plot_figure4(status: StudyStatus, path, prefer: str = "larger", make_folder: bool = False,
+                 evaluation: dict | None = None) -> Path:
     """Write Figure 4 of ``status`` to ``path``; the format follows the extension. With
-    ``make_folder`` (the search's own plot), its folder is made where missing."""
+    ``make_folder`` (the search's own plot), its folder is made where missing; with
+    ``evaluation`` (``read_evaluation``), the test accuracies are marked."""
     path = Path(path)
     if path.suffix.lower() not in PLOT_FORMATS:
         raise ConfigError(f"the plot file must end in .png, .svg or .pdf, got {str(path)!r}")
     if make_folder:
         path.parent.mkdir(parents=True, exist_ok=True)
-    return draw_figure4(figure4_data(status, prefer), path)
+    return draw_figure4(figure4_data(status, prefer, evaluation), path)

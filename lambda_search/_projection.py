@@ -9,7 +9,8 @@ from dataclasses import dataclass, replace
 
 from ._objective import Plan
 
-__all__ = ["Projection", "project", "project_rounds", "format_seconds", "format_range", "BUSY_SHARE"]
+__all__ = ["Projection", "project", "project_rounds", "search_trainings", "evaluation_trainings", "format_seconds",
+           "format_range", "BUSY_SHARE"]
 
 
 @dataclass(frozen=True)
@@ -67,35 +68,54 @@ def format_range(low: float, high: float) -> str:
     return f"{low / divisor:{fmt}}-{high / divisor:{fmt}}{suffix}"
 
 
-def project(plan: Plan, step_seconds: dict[str, float], eval_images_per_s: float,
-            packs: dict | None = None) -> Projection:
-    """Wall time of every point and fold of ``plan`` on one worker: training steps at
-    ``step_seconds[attention]`` ("simam" or "none": seconds per iteration of one training,
-    a pack's step divided by its size) plus every validation pass."""
-    train = plan.train
-    trainings = iterations = eval_images = 0
-    seconds = 0.0
+def search_trainings(plan: Plan) -> list[tuple[str, int, int, int]]:
+    """Every training of ``plan``'s search: (attention, training images, validation images,
+    validation passes), a pass where train.eval_every says and at the end."""
+    train, out = plan.train, []
     for point in plan.points:
         for fold in plan.folds_of(point.repeat):
             n_train = len(fold.train)
-            total = train.total_iterations(n_train)
-            epochs = math.ceil(total / (n_train // train.batch_size))
-            evaluated = sum(1 for e in range(1, epochs + 1) if e % train.eval_every == 0 or e == epochs)
-            trainings += 1
-            iterations += total
-            eval_images += evaluated * len(fold.val)
-            seconds += total * step_seconds[point.attention] + evaluated * len(fold.val) / eval_images_per_s
-    return Projection(trainings, iterations, eval_images, seconds, packs)
+            epochs = math.ceil(train.total_iterations(n_train) / (n_train // train.batch_size))
+            passes = sum(1 for e in range(1, epochs + 1) if e % train.eval_every == 0 or e == epochs)
+            out.append((point.attention, n_train, len(fold.val), passes))
+    return out
+
+
+def evaluation_trainings(plan: Plan, seeds: int = 3) -> list[tuple[str, int, int, int]]:
+    """The final evaluation of ``plan``'s search (``lambda-search evaluate``): the chosen
+    lambda and the network without SimAM, ``seeds`` each, on every image the folds were
+    made from, the test split once at the end (its size where known, else none counted)."""
+    return [(attention, len(plan.data), plan.test_images or 0, 1)
+            for attention in ("simam", "none") for _ in range(seeds)]
+
+
+def project(plan: Plan, step_seconds: dict[str, float], eval_images_per_s: float,
+            packs: dict | None = None, trainings: list | None = None) -> Projection:
+    """Wall time on one worker of ``trainings`` (default: every point and fold of ``plan``'s
+    search; see :func:`evaluation_trainings`): training steps at ``step_seconds[attention]``
+    ("simam" or "none": seconds per iteration of one training, a pack's step divided by its
+    size) plus every validation pass."""
+    trainings = search_trainings(plan) if trainings is None else trainings
+    iterations = eval_images = 0
+    seconds = 0.0
+    for attention, n_train, n_val, passes in trainings:
+        total = plan.train.total_iterations(n_train)
+        iterations += total
+        eval_images += passes * n_val
+        seconds += total * step_seconds[attention] + passes * n_val / eval_images_per_s
+    return Projection(len(trainings), iterations, eval_images, seconds, packs)
 
 
 def project_rounds(plan: Plan, step_rounds: dict[str, list[float]], eval_rates: list[float],
-                   packs: dict | None = None, steps: int = 0, cpu_share: float | None = None) -> Projection:
+                   packs: dict | None = None, steps: int = 0, cpu_share: float | None = None,
+                   trainings: list | None = None) -> Projection:
     """:func:`project` from timed rounds: ``step_rounds[attention]`` the seconds per iteration
     of one training in each round, ``eval_rates`` validation images/s of each timed pass.
     ``seconds`` from the medians; ``low`` from the fastest round of each, ``high`` from the
     slowest (so low <= seconds <= high)."""
     def at(pick_step, pick_eval) -> Projection:
-        return project(plan, {a: pick_step(v) for a, v in step_rounds.items()}, pick_eval(eval_rates), packs)
+        return project(plan, {a: pick_step(v) for a, v in step_rounds.items()}, pick_eval(eval_rates), packs,
+                       trainings)
 
     central = at(statistics.median, statistics.median)
     rounds = min((len(v) for v in step_rounds.values()), default=0)

@@ -77,7 +77,11 @@ def lambda_stats(status: StudyStatus) -> list[LambdaStats]:
 
 
 def test_train_ratio(config: dict) -> float:
-    """n_test / n_train of one split, the correction of Nadeau and Bengio."""
+    """n_test / n_train of one split, the correction of Nadeau and Bengio; 0 for a final
+    evaluation (data.test: every seed trains on the same images, tests on the same split, so
+    the plain paired t-test over seeds)."""
+    if config["data"].get("test"):
+        return 0.0
     holdout = config["data"]["holdout"]
     if holdout is not None:
         return holdout / (1 - holdout)
@@ -152,7 +156,7 @@ def verdict_short(v: dict) -> str | None:
     """The verdict for a figure: "SimAM helps: +0.17 pp vs no SimAM (p = 0.031, 5 folds)"."""
     if v is None or v["verdict"] is None:
         return None
-    p = f"p = {v['p']:.3f}" if v["p"] is not None else "p undefined: same difference on every fold"
+    p = f"p = {v['p']:.3f}" if v["p"] is not None else "p undefined: the same on every fold"
     head = {"helps": "SimAM helps", "hurts": "SimAM hurts", "no difference": "no difference shown"}[v["verdict"]]
     return f"{head}: {100 * v['diff']:+.2f} pp vs no SimAM ({p}, {v['folds']} folds)"
 
@@ -218,7 +222,7 @@ def record_choice(store: Store, status: StudyStatus) -> dict | None:
     """Once ``status``'s study is finished, store its choice (one-SE rule, the larger end, as
     ``select`` by default) and verdict as the study's user attribute CHOSEN_ATTR, for Optuna's
     own tools and the dashboard. Returns it (None while the study is not finished)."""
-    if not status.finished:
+    if not status.finished or status.config["data"].get("test"):  # (a final evaluation reports itself)
         return None
     sel = select(status)
     if sel["one_se"] is None:

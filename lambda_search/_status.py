@@ -20,7 +20,7 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ._config import resolve_config
+from ._config import HELD_OUT_TEST, resolve_config
 from ._failures import failures
 from ._numerics import distinct_numerics, mixed_folds
 from ._objective import Point, fold_names, grid_points
@@ -71,7 +71,7 @@ def load_study_config(store: Store, name: str) -> dict:
     """The resolved config stored in study ``name``."""
     sid = study_id(store, name)
     if sid is None:
-        names = [n for n in store.study_names() if not n.endswith(":baseline")]
+        names = [n for n in store.study_names() if not n.endswith((":baseline", ":final"))]
         there = ", ".join(repr(n) for n in names) if names else "none"
         raise StudyError(f"no study named {name!r} in {store.shown}; studies there: {there}")
     attrs = store.storage.get_study_user_attrs(sid)
@@ -81,7 +81,11 @@ def load_study_config(store: Store, name: str) -> dict:
 
 
 def completed_config(stored: dict) -> dict:
-    """A stored config with the defaults of keys added since it was stored (train.threads)."""
+    """A stored config with the defaults of keys added since it was stored (train.threads);
+    a study stored before data.test_fraction existed held nothing out (0): its folds stay."""
+    data = stored.get("data", {})
+    if "test_fraction" not in data and data.get("dataset") in HELD_OUT_TEST:
+        stored = {**stored, "data": {**data, "test_fraction": 0.0}}
     return resolve_config(stored, origin="the stored config")
 
 
@@ -266,11 +270,10 @@ def _list_studies(store: Store) -> list[dict]:
     names = store.study_names()
     out = []
     for name in names:
-        base = name.rsplit(":", 1)[0]
-        if ":" in name and base in names:
-            continue  # a companion, listed under its study
+        if ":" in name and name.split(":", 1)[0] in names:
+            continue  # a companion (NAME:baseline, NAME:final and its NAME:final:baseline), listed under its study
         entry = {"study": name, "lambda_search": False, "trials": None, "complete": None, "total": None,
-                 "finished": None, "companions": [n for n in names if n.rsplit(":", 1)[0] == name and n != name]}
+                 "finished": None, "companions": [n for n in names if n.startswith(name + ":")]}
         sid = store.storage.get_study_id_from_name(name)
         if CONFIG_ATTR in store.storage.get_study_user_attrs(sid):
             status = study_status(store, name)

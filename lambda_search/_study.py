@@ -122,8 +122,11 @@ def _check_same(name: str, attrs: dict, config: dict, plan: Plan) -> None:
     if diff:
         parts = [f"{k} (stored {_show(a)}, given {_show(b)})" for k, a, b in diff[:4]]
         more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        hint = ""
+        if any(k == "data.test_fraction" for k, _, _ in diff):  # a study made before the key held nothing out
+            hint = " (a study made before data.test_fraction existed held no test images out)"
         raise StudyError(f"config conflicts with study {name!r}: " + "; ".join(parts) + more
-                         + "; use another study.name, or resume with the stored config (lambda-search resume)")
+                         + "; use another study.name, or resume with the stored config (lambda-search resume)" + hint)
     if attrs.get(FINGERPRINT_ATTR) != plan.fingerprint:
         raise StudyError(f"the data set or its folds differ from those study {name!r} was made with "
                          f"(fingerprint {str(attrs.get(FINGERPRINT_ATTR))[:12]} stored, {plan.fingerprint[:12]} now)")

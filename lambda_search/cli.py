@@ -27,17 +27,20 @@ from . import (
     load_config,
     open_store,
     plot_figure4,
-    resume_config,
+    read_evaluation,
+    run_evaluation,
     run_search,
     run_worker,
     select,
     status_table,
     study_status,
 )
+from ._evaluate import format_evaluation
 from ._plot import default_plot_path
 from ._report import format_studies, table_text
 from ._select import nothing_selected
 from ._status import STORAGE_ENV
+from ._study import resume_config
 
 USER_ERRORS = (ConfigError, StorageError, StudyError)
 
@@ -103,9 +106,9 @@ def _interrupted(stop) -> int:
     return 128 + int(stop.signal)
 
 
-def _write_plot(status, path, prefer="larger", make_folder=False):
+def _write_plot(status, path, prefer="larger", make_folder=False, evaluation=None):
     try:
-        return plot_figure4(status, path, prefer, make_folder)
+        return plot_figure4(status, path, prefer, make_folder, evaluation)
     except OSError as exc:
         raise StorageError(f"cannot write the plot {str(path)!r}: {exc.strerror or exc}") from None
 
@@ -151,6 +154,40 @@ def _resume(args: argparse.Namespace) -> int:
     return _finish(status, stop)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr(on: bool):
+    """With ``on``, what this process and the workers it starts write to standard output goes
+    to standard error, so that standard output holds the JSON alone."""
+    if not on:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    log = _say if not args.json else _note  # with --json, stdout holds the JSON alone
+    with stop_on_signals() as stop, _stdout_to_stderr(args.json):
+        evaluation = run_evaluation(_url(args), args.study, seeds=args.seeds, e_lambda=args.e_lambda,
+                                    prefer=args.prefer, overrides=args.set, workers=args.workers, log=log,
+                                    progress=_progress(), should_stop=stop)
+    print(json.dumps(evaluation, indent=1) if args.json else "\n" + format_evaluation(evaluation))
+    if stop():
+        return _interrupted(stop)
+    return 0 if evaluation["finished"] else 1
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def _worker(args: argparse.Namespace) -> int:
     store = open_store(_url(args), write=True)
     label = f"[{args.label}] " if args.label else ""
@@ -167,12 +204,15 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    status = study_status(open_store(_url(args)), args.study)
+    store = open_store(_url(args))
+    status, evaluation = study_status(store, args.study), read_evaluation(store, args.study)
     if args.json:
-        print(json.dumps(status.to_dict(), indent=1))
+        print(json.dumps({**status.to_dict(), "evaluation": evaluation}, indent=1))
     else:
         print(f"study {status.name!r} in {status.storage}")
         print(status_table(status))
+        if evaluation:
+            print("\n" + format_evaluation(evaluation))
     return 0
 
 
@@ -200,8 +240,9 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    status = study_status(open_store(_url(args)), args.study)
-    print(f"wrote {_write_plot(status, args.output, args.prefer)}")
+    store = open_store(_url(args))
+    status = study_status(store, args.study)
+    print(f"wrote {_write_plot(status, args.output, args.prefer, evaluation=read_evaluation(store, args.study))}")
     return _answer(select(status, args.prefer))
 
 
@@ -232,8 +273,9 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"search": _search, "resume": _resume, "worker": _worker, "bench": _bench, "studies": _studies,
-            "status": _status, "select": _select, "plot": _plot, "export": _export, "models": _models}
+COMMANDS = {"search": _search, "resume": _resume, "evaluate": _evaluate, "worker": _worker, "bench": _bench,
+            "studies": _studies, "status": _status, "select": _select, "plot": _plot, "export": _export,
+            "models": _models}
 
 
 def build_parser() -> argparse.ArgumentParser:

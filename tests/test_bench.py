@@ -18,7 +18,7 @@ from conftest import SCRIPT
 def test_projection_counts_every_point_fold_step_and_validation_pass(tiny_config):
     # 60 images, 3 folds: 40 train / 20 validation; batch 8: 5 steps an epoch; 3 epochs
     path = tiny_config(lambdas="[1e-3]", baseline="true", samples=60, epochs=3)
-    config = ls.load_config(path, ["data.folds=3", "train.eval_every=2"])
+    config = ls.load_config(path, ["data.folds=3", "train.eval_every=2", "data.test_fraction=0"])
     plan = _objective.make_plan(config)
     assert [(len(f.train), len(f.val)) for f in plan.folds] == [(40, 20)] * 3
     p = _projection.project(plan, {"simam": 0.5, "none": 0.25}, eval_images_per_s=10.0)
@@ -29,11 +29,17 @@ def test_projection_counts_every_point_fold_step_and_validation_pass(tiny_config
 
 
 def test_paper_figure4_projection_is_30_trainings_of_64k_iterations():
-    config = ls.paper_figure4_config(["train.device='cpu'", "data.options.num_samples=500"])
+    # 1,200 images, 1/6 held out for the test: 200 test and 1,000 in 5 folds of 800/200
+    config = ls.paper_figure4_config(["train.device='cpu'", "data.options.num_samples=1200"])
     plan = _objective.make_plan(config)
-    p = _projection.project(plan, {"simam": 0.01, "none": 0.01}, eval_images_per_s=1e9)
+    assert (len(plan.data), plan.test_images, len(plan.folds[0].val)) == (1000, 200, 200)
+    p = _projection.project(plan, {"simam": 0.01, "none": 0.02}, eval_images_per_s=1e3)
     assert (p.trainings, p.iterations) == (30, 30 * 64000)
-    assert p.seconds == pytest.approx(30 * 64000 * 0.01 + p.eval_images / 1e9, rel=1e-9)
+    assert p.seconds == pytest.approx(30 * 64000 * 0.01 + p.eval_images / 1e3, rel=1e-9)
+    # then `evaluate`: SimAM and the baseline, 3 seeds each, 64k iterations on all 1,000, the test once
+    e = _projection.project(plan, {"simam": 0.01, "none": 0.02}, 1e3, trainings=_projection.evaluation_trainings(plan))
+    assert (e.trainings, e.iterations, e.eval_images) == (6, 6 * 64000, 6 * 200)
+    assert e.seconds == pytest.approx(3 * 64000 * 0.01 + 3 * 64000 * 0.02 + 6 * 200 / 1e3, rel=1e-12)
 
 
 def test_rounds_rotate_and_time_every_variant_alike():
@@ -59,7 +65,7 @@ def test_time_rounds_keeps_every_round_and_the_cpu_share():
 
 def _three_fold_plan(tiny_config):
     path = tiny_config(lambdas="[1e-3]", baseline="true", samples=60, epochs=3)
-    return _objective.make_plan(ls.load_config(path, ["data.folds=3", "train.eval_every=2"]))
+    return _objective.make_plan(ls.load_config(path, ["data.folds=3", "train.eval_every=2", "data.test_fraction=0"]))
 
 
 def test_projection_range_runs_from_the_fastest_to_the_slowest_round(tiny_config):
@@ -177,7 +183,10 @@ def test_bench_command_prints_its_figures_as_json(tiny_config, cli_env):
     assert out["device"] == "cpu" and out["batch_size"] == 8 and out["image_size"] == 8
     assert out["speedup"] == pytest.approx(out["engine_images_per_s"] / out["reference_images_per_s"])
     assert out["simam_overhead"] == pytest.approx(out["baseline_images_per_s"] / out["engine_images_per_s"] - 1)
-    assert out["projection"]["trainings"] == 4 and out["projection"]["iterations"] == 4 * 2 * 3
+    # 48 images, 10 held out for the test: folds of 19 training images, 2 steps of 8 an epoch, 2 epochs
+    assert out["projection"]["trainings"] == 4 and out["projection"]["iterations"] == 4 * 2 * 2
+    evaluation = out["evaluation"]  # then 2 networks x 3 seeds on all 38: 4 steps an epoch, the 10 tested once
+    assert (evaluation["trainings"], evaluation["iterations"], evaluation["eval_images"]) == (6, 6 * 4 * 2, 6 * 10)
     assert out["projected_seconds"] == out["projection"]["seconds"] > 0
 
 

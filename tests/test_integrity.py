@@ -78,7 +78,7 @@ def test_two_storages_in_one_folder_keep_apart(tiny_config, tmp_path, capsys):
 @pytest.mark.slow
 def test_a_fold_checkpoint_of_another_run_is_one_warning_line(tiny_config, tmp_path, cli_env):
     path = tiny_config(ckpt_seconds=0.0)
-    _stopped(ls.load_config(path))
+    _stopped(ls.load_config(path), steps=3)  # fold r0f0 in flight (4 steps: 2 epochs of 2)
     ckpt = next((tmp_path / "tiny.ckpt").rglob("r0f0.pt"))
     payload = torch.load(ckpt, weights_only=True)
     payload["key"]["seed"] += 1  # another run's fold checkpoint in this study's own folder

@@ -41,6 +41,7 @@ LAYERS = [
     "_worker",
     "_supervise",
     "_study",
+    "_evaluate",
     "_report",
     "_plot",
     "_bench",
@@ -200,3 +201,13 @@ def test_functions_and_modules_stay_short():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != "build_parser":
                 length = node.end_lineno - node.lineno + 1
                 assert length <= 80, f"{path.name}: {node.name} has {length} lines"
+
+
+def test_the_public_surface_is_at_most_35_names_each_documented():
+    import lambda_search
+
+    doc = lambda_search.__doc__
+    assert len(lambda_search.__all__) <= 35
+    for name in lambda_search.__all__:
+        assert name in doc, f"{name} is public but not in the package's docstring"
+        assert getattr(lambda_search, name) is not None

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lambda_search as ls
-from lambda_search import _kernels, _supervise
+from lambda_search import _kernels, _study, _supervise
 from lambda_search._pack import train_pack
 from lambda_search.cli import main
 
@@ -157,7 +157,7 @@ def test_what_changes_rounding_cannot_change_on_resume(tiny_config):
     url = config["study"]["storage"]
     for key in ("train.threads=2", "train.pack=2", "train.compile=true"):
         with pytest.raises(ls.ConfigError, match=f"--set {key.split('=')[0]}: a stored study's config can only change"):
-            ls.resume_config(url, "tiny", [key])
+            _study.resume_config(url, "tiny", [key])
         with pytest.raises(ls.StudyError, match=f"config conflicts with study 'tiny': {key.split('=')[0]}"):
             ls.run_search(ls.load_config(tiny_config(lambdas="[1e-3]"), [key]), log=lambda s: None)
 

@@ -15,10 +15,11 @@ from lambda_search._objective import Point, check_device, fold_names, format_lam
 
 
 def config(search=None, data=None, model=None, train=None):
-    """A resolved config of 48 synthetic 8 px images, 3 classes, 2 folds."""
+    """A resolved config of 48 synthetic 8 px images, 3 classes, 2 folds (none held out for a
+    test unless ``data`` says so)."""
     raw = {"search": {"lambdas": [1e-1, 1e-3], "baseline": True, **(search or {})},
-           "data": {"dataset": "synthetic", "folds": 2, "options": {"num_samples": 48, "num_classes": 3,
-                                                                    "image_size": 8}, **(data or {})},
+           "data": {"dataset": "synthetic", "folds": 2, "test_fraction": 0,
+                    "options": {"num_samples": 48, "num_classes": 3, "image_size": 8}, **(data or {})},
            "model": model or {}, "train": {"epochs": 1, "batch_size": 8, **(train or {})}}
     if "holdout" in (data or {}):
         del raw["data"]["folds"]

@@ -53,16 +53,16 @@ def test_lambda_stats_by_hand():
 def test_corrected_t_test_by_hand():
     a = {"f0": 0.91, "f1": 0.915, "f2": 0.93, "only_a": 0.5}
     b = {"f0": 0.90, "f1": 0.92, "f2": 0.94}
-    test = ls.corrected_t_test(a, b, ratio=0.5)
+    test = _select.corrected_t_test(a, b, ratio=0.5)
     # d = (+0.01, -0.005, -0.01): mean -1/600, var (ddof=1) = 1.0833e-4, t = mean / sqrt((1/3 + 1/2) var)
     t = (-1 / 600) / math.sqrt((1 / 3 + 1 / 2) * 1.0833333333e-4)
     assert test["folds"] == 3 and test["diff"] == pytest.approx(-1 / 600)
     assert test["t"] == pytest.approx(t, rel=1e-6) and test["t"] == pytest.approx(-0.175412, rel=1e-5)
     assert test["p"] == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)  # df = 2, in closed form
-    same = ls.corrected_t_test(b, b, ratio=0.5)
+    same = _select.corrected_t_test(b, b, ratio=0.5)
     assert (same["diff"], same["t"], same["p"]) == (0.0, None, None)  # no p of 1 made up
     assert same["reason"] == "same accuracy on every fold (3 folds): the corrected test is undefined"
-    one = ls.corrected_t_test({"f0": 1.0}, {"f0": 0.5}, 0.5)
+    one = _select.corrected_t_test({"f0": 1.0}, {"f0": 0.5}, 0.5)
     assert one["p"] is None and one["reason"] == "one shared fold: no test"
 
 
@@ -72,14 +72,14 @@ def test_a_difference_with_zero_variance_has_no_p():
     n = 599  # validation images per fold
     base = {f"r0f{i}": (500 + i) / n for i in range(3)}
     one_image = {k: v + 1 / n for k, v in base.items()}
-    test = ls.corrected_t_test(one_image, base, ratio=0.5)
+    test = _select.corrected_t_test(one_image, base, ratio=0.5)
     assert test["diff"] == pytest.approx(1 / n) and (test["t"], test["p"]) == (None, None)
     assert test["reason"] == "same difference on every fold (3 folds): the corrected test is undefined"
     more = {k: v + d / n for (k, v), d in zip(base.items(), (2, 1, 1))}
     d = [2 / n, 1 / n, 1 / n]
     mean = sum(d) / 3
     t = mean / math.sqrt((1 / 3 + 0.5) * sum((x - mean) ** 2 for x in d) / 2)
-    assert ls.corrected_t_test(more, base, 0.5)["p"] == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)
+    assert _select.corrected_t_test(more, base, 0.5)["p"] == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)
 
 
 def _tied_status(prefer_sems=(0.004, 0.002)):
