@@ -109,14 +109,36 @@ def subset(data: ImageData, index) -> ImageData:
     return replace(data, images=images, labels=data.labels[index].contiguous(), mean=mean, std=std, content_key=key)
 
 
-def join(first: ImageData, second: ImageData) -> ImageData:
-    """``second``'s images after ``first``'s, normalised as ``first`` (its training set)."""
+def join(first: ImageData, second: ImageData, cache: Path | None = None) -> ImageData:
+    """``second``'s images after ``first``'s, normalised as ``first`` (its training set). With
+    ``cache`` (a folder: an image folder's cache), the joined images are a memory-mapped file
+    there, written once, so that a data set larger than memory stays on disk."""
     if first.images.shape[1:] != second.images.shape[1:] or first.classes != second.classes:
         raise ValueError(f"cannot join {second.name} images {tuple(second.images.shape[1:])} of {len(second.classes)} "
                          f"classes to {tuple(first.images.shape[1:])} of {len(first.classes)}")
     key = None if first.content_key is None else f"{first.content_key}+{second.content_key}"
-    return replace(first, images=torch.cat([first.images, second.images]),
-                   labels=torch.cat([first.labels, second.labels]), content_key=key)
+    if cache is None or key is None:
+        images = torch.cat([first.images, second.images])
+    else:
+        name = f"joined-{hashlib.sha256(key.encode()).hexdigest()[:16]}.u8.npy"
+        images = _joined_file(first.images, second.images, Path(cache) / name)
+    return replace(first, images=images, labels=torch.cat([first.labels, second.labels]), content_key=key)
+
+
+def _joined_file(a: Tensor, b: Tensor, path: Path, chunk: int = 4096) -> Tensor:
+    """``a`` then ``b`` in the memory-mapped file ``path`` (written once, whole, then renamed)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(a) + len(b), *a.shape[1:]))
+        for offset, part in ((0, a), (len(a), b)):
+            for i in range(0, len(part), chunk):
+                piece = part[i : i + chunk].numpy()
+                out[offset + i : offset + i + len(piece)] = piece
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
 
 
 def dataset_fingerprint(data: ImageData) -> str:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from ._config import ConfigError
-from ._data import TEST_SPLITS, ImageData, dataset_fingerprint, join, load_dataset, subset
+from ._data import CACHE_DIR, TEST_SPLITS, ImageData, dataset_fingerprint, join, load_dataset, subset
 from ._engine import Engine, EpochMetrics, FoldResult, TrainConfig, engine_for
 from ._fold import set_aside
 from ._folds import Fold, derive_seed, final_folds, folds_fingerprint, make_folds, test_split
@@ -177,7 +177,8 @@ def _folds(data: ImageData, test: ImageData | None, config: dict) -> tuple[Image
                               "0: the folds covered every image, none is left to test on")
         test = _load(data_cfg, "test") if test is None else test
         try:
-            joined = join(data, test)
+            cache = Path(data_cfg["root"]).expanduser() / CACHE_DIR if data_cfg["dataset"] == "imagefolder" else None
+            joined = join(data, test, cache)
         except ValueError as exc:
             raise ConfigError(f"data: the test split does not match the training set: {exc}") from None
         return joined, final_folds(len(data), len(test), data_cfg["seed"], repeats)

@@ -97,6 +97,12 @@ def test_official_test_splits_cifar_and_an_image_folder(tmp_path):
                                               "options": {"resolution": 8}}}, name="f")
     final = _plan(final_config(folder, 1e-3, 1))
     assert (len(final.folds[0].train), len(final.folds[0].val)) == (12, 11)
+    train = ls.load_dataset("imagefolder", root=tmp_path / "f", resolution=8)
+    val = ls.load_dataset("imagefolder", root=tmp_path / "f", split="test", resolution=8)
+    assert torch.equal(final.data.images[:12], train.images) and torch.equal(final.data.images[12:], val.images)
+    joined = list((tmp_path / "f" / ".lambda_search_cache").glob("joined-*.u8.npy"))
+    assert len(joined) == 1  # on disk, memory-mapped: an ImageNet-sized training set never held in memory
+    assert _plan(final_config(folder, 1e-3, 1)).fingerprint == final.fingerprint  # the file reused, the same
 
 
 # ---------------------------------------------------------------- evaluate, end to end
