@@ -128,7 +128,8 @@ def cv_results(status: StudyStatus) -> dict:
     ``split{i}_test_score`` (validation accuracy of split i: every fold of repeat 0, then
     repeat 1...), mean_/std_test_score (std with ddof=0, as scikit-learn; the tool's own
     tables use ddof=1) and ``rank_test_score`` (int32, ties "min"). A lambda with a fold not
-    finished (or diverged) has NaN there, as an ``error_score=nan`` fit, and ranks last.
+    finished (or diverged) has NaN there (its score, and its times), and ranks last as
+    scikit-learn ranks an ``error_score=nan`` fit.
     The baseline is not a candidate: it is not here (``results_frame`` adds it as a row)."""
     lambdas = list(dict.fromkeys(p.point.e_lambda for p in status.points if not p.point.baseline))
     splits = _splits(status)
@@ -181,7 +182,7 @@ EXPORT_FORMATS = ("csv", "json")
 def _text(frame: pd.DataFrame, fmt: str) -> str:
     if fmt == "json":  # records, every float exact (pandas' to_json keeps 15 digits); NaN and missing as null
         records = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
-        return json.dumps(records, indent=1, default=lambda v: v.item()) + "\n"
+        return json.dumps(records, indent=1, default=lambda v: v.item(), allow_nan=False) + "\n"
     return frame.to_csv(index=False)
 
 

@@ -88,12 +88,17 @@ def test_train_ratio(config: dict) -> float:
     return 1 / (config["data"]["folds"] - 1)
 
 
+# accuracies (fractions) closer than this are equal: counts divided by image counts, subtracted
+# or summed in floats, differ by rounding noise (~1e-16) where the counts are equal
+TIE_TOLERANCE = 1e-12
+
+
 def corrected_t_test(a: dict[str, float], b: dict[str, float], ratio: float) -> dict:
     """Paired, corrected resampled t-test of ``a`` against ``b`` over their shared folds:
     t = mean(d) / sqrt((1/J + n_test/n_train) * var(d)), with d = a - b per fold, var with
     ddof=1, J shared folds, J - 1 degrees of freedom; two-sided p. Where d is the same on
-    every fold (var(d) = 0) the test is undefined: t and p are None and ``reason`` says so
-    (no p of 0 or 1 is made up)."""
+    every fold (within TIE_TOLERANCE: float rounding of equal image counts) the test is
+    undefined: t and p are None and ``reason`` says so (no p of 0 or 1 is made up)."""
     shared = sorted(set(a) & set(b))
     d = [a[k] - b[k] for k in shared]
     J = len(d)
@@ -108,8 +113,8 @@ def corrected_t_test(a: dict[str, float], b: dict[str, float], ratio: float) -> 
         return out
     var = math.fsum((x - mean) ** 2 for x in d) / (J - 1)
     scale = math.sqrt((1 / J + ratio) * var)
-    if scale == 0:
-        same = "same accuracy" if mean == 0 else "same difference"
+    if max(d) - min(d) <= TIE_TOLERANCE:  # the same on every fold, up to float rounding: var(d) is 0
+        same = "same accuracy" if abs(mean) <= TIE_TOLERANCE else "same difference"
         out["reason"] = f"{same} on every fold ({J} folds): the corrected test is undefined"
         return out
     t = mean / scale
@@ -117,7 +122,6 @@ def corrected_t_test(a: dict[str, float], b: dict[str, float], ratio: float) -> 
     return out
 
 
-TIE_TOLERANCE = 1e-12  # means closer than this (accuracy as a fraction) are tied: float sums of equal counts
 ALPHA = 0.05  # the verdict's significance level (two-sided)
 
 
@@ -138,41 +142,49 @@ def verdict(chosen: LambdaStats, baseline: LambdaStats | None, threshold: float,
     """The chosen lambda against the baseline, in one word and one line: "helps" or "hurts"
     (the corrected t-test over shared folds, two-sided p < ALPHA), else "no difference" (not
     shown at these folds: p >= ALPHA or undefined); ``baseline_within_one_se``: whether the
-    baseline's mean reaches the one-SE threshold (None without a baseline)."""
-    if baseline is None or not baseline.folds:
+    baseline's mean reaches the one-SE threshold. No verdict (None, and ``reason``) without a
+    complete baseline."""
+    if baseline is None or baseline.state != "complete":
+        reason = ("no baseline in this study (search.baseline = true trains one)" if baseline is None else
+                  f"the baseline is {baseline.state} ({len(baseline.folds)} of {baseline.n_folds} folds): no verdict "
+                  "until it is complete")
         return {"verdict": None, "e_lambda": chosen.e_lambda, "diff": None, "p": None, "folds": 0, "alpha": ALPHA,
-                "reason": "no baseline in this study (search.baseline = true trains one)",
-                "baseline_within_one_se": None}
+                "reason": reason, "baseline_within_one_se": None}
     test = corrected_t_test(chosen.folds, baseline.folds, ratio)
     word = "no difference"
     if test["p"] is not None and test["p"] < ALPHA:
         word = "helps" if test["diff"] > 0 else "hurts"
     return {"verdict": word, "e_lambda": chosen.e_lambda, "diff": test["diff"], "p": test["p"],
             "folds": test["folds"], "alpha": ALPHA, "reason": test["reason"],
-            "baseline_within_one_se": baseline.state == "complete" and baseline.mean >= threshold}
+            "baseline_within_one_se": baseline.mean >= threshold}
+
+
+def _verdict_p(v: dict) -> str:
+    """"p = 0.031, 5 folds", or why there is no p ("same difference on every fold (3 folds)")."""
+    if v["p"] is None:
+        return f"p undefined: {(v['reason'] or 'no test').split(':')[0]}"
+    return f"p = {v['p']:.3f}, {v['folds']} fold{'s' if v['folds'] != 1 else ''}"
 
 
 def verdict_short(v: dict) -> str | None:
     """The verdict for a figure: "SimAM helps: +0.17 pp vs no SimAM (p = 0.031, 5 folds)"."""
     if v is None or v["verdict"] is None:
         return None
-    p = f"p = {v['p']:.3f}" if v["p"] is not None else "p undefined: the same on every fold"
     head = {"helps": "SimAM helps", "hurts": "SimAM hurts", "no difference": "no difference shown"}[v["verdict"]]
-    return f"{head}: {100 * v['diff']:+.2f} pp vs no SimAM ({p}, {v['folds']} folds)"
+    return f"{head}: {100 * v['diff']:+.2f} pp vs no SimAM ({_verdict_p(v)})"
 
 
 def verdict_text(v: dict) -> str:
     """The verdict in one line: "SimAM helps: lambda = 1e-03 beats the baseline by +0.17 pp
-    (p = 0.031, 5 folds); the baseline is not within one SE of the best mean"."""
+    (p = 0.031, 5 folds, alpha 0.05); the baseline is not within one SE of the best mean"."""
     if v["verdict"] is None:
         return f"verdict: none ({v['reason']})"
     lam, diff = format_lambda(v["e_lambda"]), 100 * v["diff"]
-    p = f"p = {v['p']:.3f}" if v["p"] is not None else v["reason"]
     head = {"helps": f"SimAM helps: lambda = {lam} beats the baseline by {diff:+.2f} pp",
             "hurts": f"SimAM hurts: lambda = {lam} trails the baseline by {diff:+.2f} pp",
             "no difference": f"no difference shown at these folds: lambda = {lam} vs the baseline {diff:+.2f} pp"}
     within = "within" if v["baseline_within_one_se"] else "not within"
-    return (f"verdict: {head[v['verdict']]} ({p}, {v['folds']} folds, alpha {v['alpha']}); "
+    return (f"verdict: {head[v['verdict']]} ({_verdict_p(v)}, alpha {v['alpha']}); "
             f"the baseline is {within} one SE of the best mean")
 
 

@@ -82,6 +82,31 @@ def test_a_difference_with_zero_variance_has_no_p():
     assert _select.corrected_t_test(more, base, 0.5)["p"] == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)
 
 
+def test_the_same_difference_through_float_rounding_is_still_undefined():
+    """Accuracies are counts / images: +17 images of 10,000 on every fold subtracts, in floats,
+    to differences that differ in the last bits; still the same difference, no p of ~0."""
+    base = {f"r0f{i}": c / 10000 for i, c in enumerate((9571, 9632, 9583, 9710, 9655))}
+    better = {k: (round(v * 10000) + 17) / 10000 for k, v in base.items()}
+    assert len({better[k] - base[k] for k in base}) > 1  # the rounding noise is there
+    test = _select.corrected_t_test(better, base, 0.25)
+    assert (test["t"], test["p"]) == (None, None) and test["diff"] == pytest.approx(0.0017)
+    assert test["reason"] == "same difference on every fold (5 folds): the corrected test is undefined"
+    same = _select.corrected_t_test({k: v + 0.0 for k, v in base.items()}, base, 0.25)
+    assert same["reason"].startswith("same accuracy on every fold")
+
+
+def test_no_verdict_against_a_baseline_that_is_not_complete():
+    status = _status()
+    names = ["r0f0", "r0f1", "r0f2"]
+    status.points[-1] = PointStatus(_objective.Point(None, 0), "interrupted",
+                                    {"r0f0": {"status": "completed", "val_accuracy": 0.5}}, names)
+    v = ls.select(status)["verdict"]
+    assert v["verdict"] is None and v["baseline_within_one_se"] is None
+    assert v["reason"] == "the baseline is running (1 of 3 folds): no verdict until it is complete"
+    assert "verdict: none (the baseline is running (1 of 3 folds)" in ls.format_selection(ls.select(status))
+    assert ls.figure4_data(status)["verdict"] is None
+
+
 def _tied_status(prefer_sems=(0.004, 0.002)):
     """1e-5 and 1e-3 tie at the best mean, with different spreads; 1e-1 a little below."""
     config = _config.resolve_config({"search": {"lambdas": [1e-5, 1e-3, 1e-1], "baseline": True},
