@@ -20,7 +20,7 @@ from typing import Callable
 from ._config import E_LAMBDA_MIN, FINAL_SUFFIX, HELD_OUT_TEST, ConfigError, resolve_config
 from ._data import TEST_SPLITS
 from ._models import MODEL_LABELS
-from ._objective import format_lambda, make_plan
+from ._objective import format_lambda, make_plan, summarize
 from ._select import PREFER, corrected_t_test, lambda_stats, select
 from ._status import CONFIG_ATTR, FINGERPRINT_ATTR, StudyError, StudyStatus, study_id, study_status
 from ._storage import Store, open_store
@@ -140,14 +140,14 @@ def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | Non
     return read_evaluation(store, name)
 
 
-def _network(final: StudyStatus, attention: str, seeds: int) -> dict:
+def _network(final: StudyStatus, attention: str) -> dict:
     points = sorted((p for p in final.points if p.point.attention == attention), key=lambda p: p.point.repeat)
     records = [p.folds.get(f"r{p.point.repeat}f0", {}) for p in points]
     accs = [r.get("val_accuracy") if r.get("status") == "completed" else None for r in records]
     states = [p.state for p in points]
     done = [a for a in accs if a is not None]
-    mean = math.fsum(done) / len(done) if done else None
-    std = math.sqrt(math.fsum((a - mean) ** 2 for a in done) / (len(done) - 1)) if len(done) > 1 else None
+    moments = summarize(done) if done else {"mean": None, "std": None}
+    mean, std = moments["mean"], moments["std"]
     return {"network": attention, "e_lambda": points[0].point.e_lambda if points else None, "seeds": accs,
             "seed_states": states,
             "mean": mean, "std": std, "std_ddof": 1, "complete": states.count("complete"),
@@ -161,16 +161,17 @@ def read_evaluation(store: Store, name: str) -> dict | None:
     SimAM minus baseline; the cross-validated accuracy of the same networks beside them."""
     fname = final_study_name(name)
     sid = study_id(store, fname)
-    if sid is None or CONFIG_ATTR not in store.storage.get_study_user_attrs(sid):  # none, or killed as it was made
+    attrs = {} if sid is None else store.storage.get_study_user_attrs(sid)
+    if CONFIG_ATTR not in attrs:  # none, or killed as it was made
         return None
     final, search = study_status(store, fname), study_status(store, name)
-    attrs = store.storage.get_study_user_attrs(sid).get(EVALUATE_ATTR, {})
+    attrs = attrs.get(EVALUATE_ATTR, {})
     seeds = final.config["search"]["repeats"]
     cv = {s.e_lambda: s for s in lambda_stats(search)}
     networks = []
     for attention in ("simam", "none"):
         if any(p.point.attention == attention for p in final.points):
-            row = _network(final, attention, seeds)
+            row = _network(final, attention)
             stats = cv.get(row["e_lambda"])
             row.update(cv_mean=stats.mean if stats else None, cv_std=stats.std if stats else None)
             networks.append(row)

@@ -80,10 +80,11 @@ def figure4_data(status: StudyStatus, prefer: str = "larger", evaluation: dict |
         baseline = {"mean": 100 * base.mean, "std": None if base.std is None else 100 * base.std,
                     "state": base.state, "folds_done": len(base.folds), "n_folds": base.n_folds}
     n = max((p["n_folds"] for p in points), default=0)
+    test = _test_marks(evaluation)
     return {
         "title": plot_title(status.config),
         "xlabel": "lambda (log scale, decreasing)",
-        "ylabel": "validation accuracy (%)",
+        "ylabel": "accuracy (%): validation (blue), test (green)" if test else "validation accuracy (%)",
         "bar_label": f"mean +- std over {n} folds (ddof=1)",
         "points": points,
         "tick_labels": [format_lambda(p["e_lambda"]) for p in points],
@@ -93,8 +94,7 @@ def figure4_data(status: StudyStatus, prefer: str = "larger", evaluation: dict |
         "best": sel["best"]["e_lambda"] if sel["best"] else None,
         "prefer": prefer,
         "verdict": verdict_short(sel["verdict"]),
-        "test": _test_marks(evaluation),
-        "ylabel_test": "accuracy (%): validation (blue), test (green)",
+        "test": test,
         "finished": all(p["state"] in ("complete", "diverged") for p in points),
     }
 
@@ -188,7 +188,7 @@ def _dress(ax, data: dict) -> None:
     title = data["title"] + ("" if data["finished"] else " (still running)")
     ax.set_title(title + (f"\n{data['verdict']}" if data["verdict"] else ""), fontsize=10)
     ax.set_xlabel(data["xlabel"])
-    ax.set_ylabel(data["ylabel_test"] if data["test"] else data["ylabel"])
+    ax.set_ylabel(data["ylabel"])
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # nothing finished yet: no legend
         ax.legend(fontsize=7, loc="best")
