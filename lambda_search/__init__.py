@@ -1,7 +1,8 @@
 """lambda_search: choose SimAM's lambda by cross-validation, and trust the answer.
 
 The public names, by what a user does with them (everything else stays importable from its
-module, e.g. ``lambda_search._objective.make_plan``, for tests and the curious):
+module, e.g. ``lambda_search.train.plan.make_plan``, for tests and the curious). Each is
+imported when first used: reading a study (status, select, tables, plots) never imports torch.
 
 Run a search
     load_config(path, overrides)       a study config (TOML), checked, defaults filled in
@@ -27,38 +28,41 @@ Read the answer
 
 Models and one training
     SimAM, simam, build_model, set_e_lambda, load_official_checkpoint, MODEL_NAMES
-    load_dataset, make_folds, TrainConfig, train_fold (several folds at once: _pack.train_pack)
+    load_dataset, make_folds, TrainConfig, train_fold (several folds at once: train.pack.train_pack)
 
 Errors
     ConfigError, StorageError, StudyError (bad input: the CLI's exit code 2);
     StorageFailure (a full disk, a lost database: exit code 1)
 
-``run_bench`` (and ``Bench``, ``format_bench``, ``paper_figure4_config``) measure speed;
-they are loaded when first asked for, so that no worker loads the reference pipeline.
+``run_bench`` (and ``Bench``, ``format_bench``, ``paper_figure4_config``) measure speed; no
+worker loads the reference pipeline they time.
+
+The code is layered, each subpackage importing only those before it: ``config`` and
+``points`` (no torch) -> ``data`` -> ``nn`` -> ``train`` -> ``store`` (no torch) -> ``bench``
+-> ``report`` (no torch) -> ``search`` -> ``cli``. Each subpackage's docstring says what it owns.
 """
 
-from ._checkpoint import load_official_checkpoint
-from ._config import ConfigError, load_config
-from ._data import load_dataset
-from ._engine import TrainConfig
-from ._evaluate import read_evaluation, run_evaluation
-from ._failures import StorageError, StorageFailure
-from ._folds import make_folds
-from ._models import MODEL_NAMES, build_model
-from ._objective import format_lambda
-from ._plot import draw_figure4, figure4_data, plot_figure4
-from ._report import cv_results, export_tables, folds_frame, results_frame, status_table
-from ._select import format_selection, select
-from ._simam import SimAM, set_e_lambda, simam
-from ._status import StudyError, StudyStatus, list_studies, study_status
-from ._storage import open_store
-from ._study import run_search
-from ._train import train_fold
-from ._worker import run_worker
+import importlib
 
 __version__ = "0.1.0"
 
-_BENCH = ("Bench", "format_bench", "paper_figure4_config", "run_bench")
+# public name -> the module that defines it (imported on first use)
+_WHERE = {
+    "load_config": "config", "ConfigError": "config", "format_lambda": "points",
+    "load_dataset": "data.datasets", "make_folds": "data.folds",
+    "SimAM": "nn.simam", "simam": "nn.simam", "set_e_lambda": "nn.simam", "build_model": "nn.resnet",
+    "MODEL_NAMES": "nn.registry", "load_official_checkpoint": "nn.official",
+    "TrainConfig": "train.engine", "train_fold": "train.single",
+    "open_store": "store.storage", "StorageError": "store.failures", "StorageFailure": "store.failures",
+    "study_status": "store.status", "StudyStatus": "store.status", "list_studies": "store.status",
+    "StudyError": "store.status",
+    "select": "report.select", "format_selection": "report.select", "status_table": "report.tables",
+    "cv_results": "report.tables", "results_frame": "report.tables", "folds_frame": "report.tables",
+    "export_tables": "report.tables", "figure4_data": "report.plot", "draw_figure4": "report.plot",
+    "plot_figure4": "report.plot", "read_evaluation": "report.evaluation",
+    "run_search": "search.study", "run_worker": "search.worker", "run_evaluation": "search.evaluate",
+    "run_bench": "bench.run", "Bench": "bench.run", "format_bench": "bench.run", "paper_figure4_config": "bench.run",
+}
 
 __all__ = [
     "load_config", "run_search", "run_worker", "run_evaluation", "read_evaluation", "open_store", "study_status",
@@ -73,10 +77,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """``bench``'s names, imported when first asked for: a worker never loads the reference
-    pipeline (PIL transforms, a DataLoader) that only ``bench`` times."""
-    if name in _BENCH:
-        from . import _bench
+    """A public name, imported from its module when first asked for (PEP 562): ``import
+    lambda_search`` loads neither torch nor Optuna, and a worker never loads ``bench``."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lambda_search' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
-        return getattr(_bench, name)
-    raise AttributeError(f"module 'lambda_search' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -28,9 +28,12 @@ from pathlib import Path
 import torch
 
 import lambda_search as ls
-from lambda_search import _bench, _measure, _objective, _simam
-from lambda_search._engine import on_device
-from lambda_search._pack import train_pack
+from lambda_search.bench import measure as _measure
+from lambda_search.bench import run as _bench
+from lambda_search.nn import simam as _simam
+from lambda_search.train import plan as _objective
+from lambda_search.train.engine import on_device
+from lambda_search.train.pack import train_pack
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE, SMOKE = "cuda", False

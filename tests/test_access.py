@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 import lambda_search as ls
-from lambda_search import _status
-from lambda_search._worker import _claim
 from lambda_search.cli import main
+from lambda_search.search.worker import _claim
+from lambda_search.store import status as _status
 
 from conftest import SCRIPT, poll, write_config
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import lambda_search as ls
-from lambda_search import _augment, _folds
+from lambda_search.data import augment as _augment
+from lambda_search.data import folds as _folds
 
 
 def images(n=64, c=3, size=8, seed=0):

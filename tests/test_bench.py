@@ -9,8 +9,12 @@ import pytest
 import torch
 
 import lambda_search as ls
-from lambda_search import _bench, _measure, _models, _objective, _projection
+from lambda_search.bench import measure as _measure
+from lambda_search.bench import projection as _projection
+from lambda_search.bench import run as _bench
 from lambda_search.cli import main
+from lambda_search.nn import resnet as _models
+from lambda_search.train import plan as _objective
 
 from conftest import SCRIPT
 
@@ -128,7 +132,7 @@ def test_reference_pipeline_runs_the_official_formula(tiny_config, monkeypatch):
     """The reference network runs SimAM's tensor formula in eager operations, not our kernel:
     every block's attention is the official formula with the study's lambda, lambda_search's
     SimAM (kernel or fused) never runs, and a step trains the network."""
-    from lambda_search import _simam
+    from lambda_search.nn import simam as _simam
 
     plan = _objective.make_plan(ls.load_config(tiny_config()))
     built, calls = [], []

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lambda_search import build_model, load_official_checkpoint
-from lambda_search._checkpoint import map_official_state_dict
+from lambda_search.nn.official import map_official_state_dict
 
 OFFICIAL = (
     Path(__file__).resolve().parents[1] / ".." / "shared" / "reference" / "official_simam_resnet20_cifar100.pth.tar"

@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 
 import lambda_search as ls
-from lambda_search import _select, _status, cli
+from lambda_search.cli import commands as cli
 from lambda_search.cli import main
+from lambda_search.report import select as _select
+from lambda_search.store import status as _status
 
 from conftest import write_config
 

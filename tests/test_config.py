@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import lambda_search as ls
-from lambda_search import _config
+from lambda_search import config as _config
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
@@ -126,7 +126,8 @@ def test_lambda_floor_is_the_smallest_normal_float32():
     import numpy as np
     import torch
 
-    from lambda_search import _config, _simam
+    from lambda_search import config as _config
+    from lambda_search.nn import simam as _simam
     assert _config.E_LAMBDA_MIN == float(np.finfo(np.float32).tiny) == float(torch.finfo(torch.float32).tiny)
     assert _simam.E_LAMBDA_MIN is _config.E_LAMBDA_MIN  # one number, defined once
     assert np.float32(_config.E_LAMBDA_MIN) * 4 > 0 and np.float32(_config.E_LAMBDA_MIN / 2) < _config.E_LAMBDA_MIN

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import lambda_search as ls
-from lambda_search import _data
+from lambda_search.data import augment as _augment
+from lambda_search.data import datasets as _data
 
 
 def write_cifar10(root, per_batch=6):
@@ -125,8 +126,8 @@ def test_imagefolder_decodes_once_into_a_memory_mapped_cache(tmp_path, monkeypat
     # eval: resize (done in the cache) then centre crop; train: random resized crops
     g = torch.Generator().manual_seed(0)
     idx = torch.arange(12)
-    assert ls._augment.eval_batch(data, idx, torch.device("cpu")).shape == (12, 3, 16, 16)
-    assert ls._augment.train_batch(data, idx, g, torch.device("cpu")).shape == (12, 3, 16, 16)
+    assert _augment.eval_batch(data, idx, torch.device("cpu")).shape == (12, 3, 16, 16)
+    assert _augment.train_batch(data, idx, g, torch.device("cpu")).shape == (12, 3, 16, 16)
 
 
 def test_imagefolder_resize_keeps_the_centre(tmp_path):

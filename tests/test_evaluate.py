@@ -15,9 +15,15 @@ import pytest
 import torch
 
 import lambda_search as ls
-from lambda_search import _config, _data, _evaluate, _folds, _objective, _select, _status
-from lambda_search._evaluate import final_config
+from lambda_search import config as _config
 from lambda_search.cli import main
+from lambda_search.data import datasets as _data
+from lambda_search.data import folds as _folds
+from lambda_search.report import select as _select
+from lambda_search.search import evaluate as _evaluate
+from lambda_search.search.evaluate import final_config
+from lambda_search.store import status as _status
+from lambda_search.train import plan as _objective
 
 from conftest import SCRIPT, poll, write_config
 from test_data import write_cifar10, write_tree

@@ -13,8 +13,10 @@ import sqlalchemy
 import torch
 
 import lambda_search as ls
-from lambda_search import _fold, _objective, _train
 from lambda_search.cli import main
+from lambda_search.train import foldrun as _fold
+from lambda_search.train import plan as _objective
+from lambda_search.train import single as _train
 
 from test_data import write_cifar10
 from test_search import assert_exactly_once
@@ -92,7 +94,7 @@ def test_the_data_folder_vanishing(tmp_path, capsys, monkeypatch):
         f'[search]\nlambdas = [1e-3, 1e-1]\nworkers = 1\n[data]\ndataset = "cifar10"\nroot = "{root}"\nfolds = 2\n'
         "[train]\nepochs = 1\nbatch_size = 8\n"
     )
-    from lambda_search import _runs
+    from lambda_search.train import groups as _runs
 
     real, folds = _runs.train_fold, []
 
@@ -140,6 +142,6 @@ def test_a_checkpoint_carrying_code_is_never_run(tmp_path, recwarn):
 
 
 def test_every_torch_load_is_weights_only():
-    sources = Path(ls.__file__).parent.glob("*.py")
+    sources = Path(ls.__file__).parent.rglob("*.py")
     calls = [line for p in sources for line in p.read_text().splitlines() if "torch.load(" in line]
     assert calls and all("weights_only=True" in line for line in calls), calls

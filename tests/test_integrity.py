@@ -9,6 +9,7 @@ import torch
 
 import lambda_search as ls
 from lambda_search.cli import main
+from lambda_search.config import storage_tag
 
 from conftest import SCRIPT
 
@@ -69,10 +70,10 @@ def test_two_storages_in_one_folder_keep_apart(tiny_config, tmp_path, capsys):
     assert main(["search", str(path), "--storage", other]) == 0
     out = capsys.readouterr().out
     tag = ls.load_config(path, [f"study.storage={other!r}"])["study"]["checkpoint_dir"].rsplit("-", 1)[1]
-    assert tag == f"{ls._config.storage_tag(other)}.ckpt"
+    assert tag == f"{storage_tag(other)}.ckpt"
     assert f"Figure 4: {tmp_path / 'tiny.png'}" in out and f"Figure 4: {tmp_path / f'tiny-{tag[:-5]}.png'}" in out
     # the same storage with a password gives the same folder: the password is not part of it
-    assert ls._config.storage_tag("postgresql://u:secret@h/db") == ls._config.storage_tag("postgresql://u:other@h/db")
+    assert storage_tag("postgresql://u:secret@h/db") == storage_tag("postgresql://u:other@h/db")
 
 
 @pytest.mark.slow

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import lambda_search as ls
-from lambda_search import _config, _objective
-from lambda_search._status import PointStatus
+from lambda_search import config as _config
+from lambda_search import points as _points
+from lambda_search.store.status import PointStatus
 
 CLOSE = [1e-3, 1.2e-3, 1.5e-3]
 
@@ -41,16 +42,16 @@ def _status(lambdas):
     for i, e_lambda in enumerate(lambdas):
         accs = [0.90 + 0.01 * i, 0.91 + 0.01 * i, 0.92 + 0.01 * i]
         folds = {n: {"status": "completed", "val_accuracy": a, "seconds": 1.0} for n, a in zip(names, accs)}
-        p = PointStatus(_objective.Point(e_lambda, 0), "complete", folds, names)
+        p = PointStatus(_points.Point(e_lambda, 0), "complete", folds, names)
         p.mean, p.std = sum(accs) / 3, 0.01
         points.append(p)
     return ls.StudyStatus("close", config, points, "sqlite:///close.db")
 
 
 def test_point_labels_are_distinct():
-    assert [_objective.Point(v).label() for v in CLOSE] == ["lambda=1e-03", "lambda=1.2e-03", "lambda=1.5e-03"]
-    assert _objective.Point(1.2e-3, 2).label() == "lambda=1.2e-03 repeat 2"
-    assert _objective.Point(None).label() == "baseline (no SimAM)"
+    assert [_points.Point(v).label() for v in CLOSE] == ["lambda=1e-03", "lambda=1.2e-03", "lambda=1.5e-03"]
+    assert _points.Point(1.2e-3, 2).label() == "lambda=1.2e-03 repeat 2"
+    assert _points.Point(None).label() == "baseline (no SimAM)"
 
 
 def test_status_table_shows_distinct_labels():

@@ -5,7 +5,9 @@ import torch
 import torchvision
 
 import lambda_search
-from lambda_search import MODEL_NAMES, SimAM, _models, _simam, build_model
+from lambda_search import MODEL_NAMES, SimAM, build_model
+from lambda_search.nn import resnet as _models
+from lambda_search.nn import simam as _simam
 
 
 def n_params(model):
@@ -129,7 +131,7 @@ def test_a_blocks_layers_and_state_dict_are_a_plain_blocks():
     assert model.state_dict().keys() == build_model("resnet20", 10, attention="none").state_dict().keys()
 
 
-@pytest.mark.skipif(lambda_search._kernels.cpu_kernel() is None, reason="no C compiler for the CPU kernel")
+@pytest.mark.skipif(lambda_search.nn.kernels.cpu_kernel() is None, reason="no C compiler for the CPU kernel")
 def test_a_block_fuses_simam_and_bn2_where_the_layer_says(monkeypatch):
     fused = []
     real = _simam._SimAMBatchNormFunction.apply

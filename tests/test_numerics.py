@@ -7,9 +7,11 @@ import pytest
 import torch
 
 import lambda_search as ls
-from lambda_search import _kernels, _study, _supervise
-from lambda_search._pack import train_pack
 from lambda_search.cli import main
+from lambda_search.nn import kernels as _kernels
+from lambda_search.search import study as _study
+from lambda_search.search import supervise as _supervise
+from lambda_search.train.pack import train_pack
 
 
 @pytest.mark.slow
@@ -73,7 +75,7 @@ def test_each_fold_records_its_numerics_and_the_study_its_pin(tiny_config, capsy
 
 @pytest.mark.slow
 def test_folds_trained_under_two_numerics_are_reported(tiny_config, capsys, monkeypatch):
-    from lambda_search import _objective
+    from lambda_search.train import plan as _objective
 
     real, calls = _objective.training_numerics, []
 

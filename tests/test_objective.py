@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from lambda_search import ConfigError, _config, _objective
-from lambda_search._models import MODEL_NAMES
-from lambda_search._objective import Point, check_device, fold_names, format_lambda, grid_points, make_plan, summarize
+from lambda_search import ConfigError
+from lambda_search import config as _config
+from lambda_search.nn.registry import MODEL_NAMES
+from lambda_search.points import Point, fold_names, format_lambda, grid_points, summarize
+from lambda_search.train import plan as _objective
+from lambda_search.train.plan import check_device, make_plan
 
 
 def config(search=None, data=None, model=None, train=None):

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import lambda_search as ls
-from lambda_search import _engine, _pack
-from lambda_search._pack import train_pack
+from lambda_search.train import engine as _engine
+from lambda_search.train import pack as _pack
+from lambda_search.train.pack import train_pack
 
 CFG = ls.TrainConfig(epochs=3, batch_size=17, lr=0.05, checkpoint_every_seconds=None)
 LAMBDAS = [1e-4, 1e-1, 3.0]

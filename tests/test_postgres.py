@@ -17,8 +17,8 @@ import optuna
 import pytest
 
 import lambda_search as ls
-from lambda_search import _objective
 from lambda_search.cli import main
+from lambda_search.train import plan as _objective
 
 from conftest import SCRIPT
 from test_search import assert_exactly_once, trials_of
@@ -151,7 +151,7 @@ def test_the_server_stopping_mid_search_and_coming_back(postgres, tiny_config, c
 def test_alive_reads_pg_locks_and_never_takes_a_lease(postgres, monkeypatch):
     """A lease held by one process is seen alive by another, and seeing it never takes the
     lock (which could make the holder's own lease() fail). Keys span the full 32-bit range."""
-    from lambda_search._locks import PgLocks
+    from lambda_search.store.locks import PgLocks
 
     sa_url = postgres.replace("postgresql://", "postgresql+psycopg://")
     holder, reader = PgLocks(sa_url), PgLocks(sa_url)

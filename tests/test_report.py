@@ -10,10 +10,12 @@ import pandas as pd
 import pytest
 
 import lambda_search as ls
-from lambda_search import ConfigError, StudyStatus, _config, _report
-from lambda_search._objective import Point
-from lambda_search._report import numerics_lines
-from lambda_search._status import PointStatus
+from lambda_search import ConfigError, StudyStatus
+from lambda_search import config as _config
+from lambda_search.points import Point
+from lambda_search.report import tables as _report
+from lambda_search.report.tables import numerics_lines
+from lambda_search.store.status import PointStatus
 
 NAMES = ["r0f0", "r0f1", "r0f2"]
 CPU = {"device": "cpu", "processor": "Test CPU", "isa": "avx2", "dtype": "float32", "autocast": None, "threads": 1,

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import lambda_search as ls
-from lambda_search import _objective, _status
-from lambda_search._pack import train_pack
+from lambda_search import points as _points
 from lambda_search.cli import main
+from lambda_search.store import status as _status
+from lambda_search.train import plan as _objective
+from lambda_search.train.pack import train_pack
 
 from conftest import SCRIPT, poll, write_config
 
@@ -41,7 +43,7 @@ def trials_of(url, name):
 
 def assert_exactly_once(url, name, config):
     by_point = trials_of(url, name)
-    keys = [p.key for p in _objective.grid_points(config)]
+    keys = [p.key for p in _points.grid_points(config)]
     assert sorted(k for k in by_point) == sorted(keys), by_point.keys()
     for key in keys:
         states = [t.state for t in by_point[key]]
@@ -306,7 +308,7 @@ def test_a_diverging_point_fails_once_and_the_rest_completes(tiny_config, capsys
     """lambda=0.1 trains at a learning rate of 1e6 (as if that lambda made training blow up):
     its point ends FAILED "diverged" after its first fold, is never retried, and status,
     select and the plot show it as diverged while the other points complete."""
-    from lambda_search import _runs
+    from lambda_search.train import groups as _runs
 
     real = _runs.train_fold
 

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 import lambda_search as ls
-from lambda_search import _config, _objective, _select
-from lambda_search._status import PointStatus
+from lambda_search import config as _config
+from lambda_search import points as _points
 from lambda_search.cli import main
+from lambda_search.report import select as _select
+from lambda_search.store.status import PointStatus
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "figure4.ipynb"
 
@@ -25,7 +27,7 @@ def _status(baseline=True):
 
     def point(e_lambda, state, accs, reason=None):
         folds = {n: {"status": "completed", "val_accuracy": a, "seconds": 1.0} for n, a in zip(names, accs)}
-        p = PointStatus(_objective.Point(e_lambda, 0), state, folds, names, reason=reason)
+        p = PointStatus(_points.Point(e_lambda, 0), state, folds, names, reason=reason)
         if state == "complete":
             p.mean = sum(accs) / len(accs)
         return p
@@ -98,7 +100,7 @@ def test_the_same_difference_through_float_rounding_is_still_undefined():
 def test_no_verdict_against_a_baseline_that_is_not_complete():
     status = _status()
     names = ["r0f0", "r0f1", "r0f2"]
-    status.points[-1] = PointStatus(_objective.Point(None, 0), "interrupted",
+    status.points[-1] = PointStatus(_points.Point(None, 0), "interrupted",
                                     {"r0f0": {"status": "completed", "val_accuracy": 0.5}}, names)
     v = ls.select(status)["verdict"]
     assert v["verdict"] is None and v["baseline_within_one_se"] is None
@@ -116,7 +118,7 @@ def _tied_status(prefer_sems=(0.004, 0.002)):
 
     def point(e_lambda, accs):
         folds = {n: {"status": "completed", "val_accuracy": a, "seconds": 1.0} for n, a in zip(names, accs)}
-        return PointStatus(_objective.Point(e_lambda, 0), "complete", folds, names)
+        return PointStatus(_points.Point(e_lambda, 0), "complete", folds, names)
 
     points = [point(1e-5, [0.97, 0.98, 0.99]), point(1e-3, [0.975, 0.98, 0.985]), point(1e-1, [0.974, 0.975, 0.976]),
               point(None, [0.965, 0.969, 0.973])]
@@ -163,7 +165,7 @@ def test_the_verdict_against_the_baseline():
     assert v["p"] == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9) and v["p"] < 0.05
     assert v["verdict"] == "helps" and v["baseline_within_one_se"] is False
     hurt = _tied_status()
-    hurt.points[-1] = PointStatus(_objective.Point(None, 0), "complete",
+    hurt.points[-1] = PointStatus(_points.Point(None, 0), "complete",
                                   {n: {"status": "completed", "val_accuracy": a} for n, a in
                                    zip(["r0f0", "r0f1", "r0f2"], [0.986, 0.992, 0.998])}, ["r0f0", "r0f1", "r0f2"])
     v = ls.select(hurt)["verdict"]

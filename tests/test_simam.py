@@ -9,9 +9,10 @@ from scipy.optimize import minimize
 
 import lambda_search
 import lambda_search as ls
-import lambda_search._kernels
-import lambda_search._simam
-from lambda_search import SimAM, _simam, build_model, set_e_lambda, simam
+import lambda_search.nn.kernels
+import lambda_search.nn.simam
+from lambda_search import SimAM, build_model, set_e_lambda, simam
+from lambda_search.nn import simam as _simam
 
 
 def energy(w, b, t, others, lam):
@@ -169,7 +170,7 @@ def test_functional_form_takes_one_lambda_per_sample():
 
 # ---------------------------------------------------------------- the CPU kernel
 
-kernel = pytest.mark.skipif(lambda_search._kernels.cpu_kernel() is None, reason="no C compiler for the CPU kernel")
+kernel = pytest.mark.skipif(lambda_search.nn.kernels.cpu_kernel() is None, reason="no C compiler for the CPU kernel")
 
 
 @kernel
@@ -218,7 +219,7 @@ def test_cpu_kernel_takes_a_lambda_per_channel_and_falls_back_elsewhere():
 
 
 def test_without_the_kernel_simam_is_the_reference(monkeypatch):
-    monkeypatch.setattr(lambda_search._simam, "cpu_kernel", lambda: None)
+    monkeypatch.setattr(lambda_search.nn.simam, "cpu_kernel", lambda: None)
     x = torch.randn(2, 3, 4, 4, requires_grad=True)
     out = simam(x, 1e-4)
     assert type(out.grad_fn).__name__ != "_SimAMFunctionBackward"
@@ -289,7 +290,7 @@ def test_simam_then_batch_norm_elsewhere_is_the_two_modules():
 
 def test_refuses_lambda_below_the_smallest_normal_float32():
     # issue 14: below it lambda is a subnormal or 0 in float32, and 4 * (v + lambda) loses it
-    floor = lambda_search._simam.E_LAMBDA_MIN
+    floor = lambda_search.nn.simam.E_LAMBDA_MIN
     assert floor == float(torch.finfo(torch.float32).tiny) == 1.1754943508222875e-38
     for bad in (1e-50, 1e-39, 5e-324, math.nextafter(floor, 0.0)):
         message = (f"e_lambda must be >= 1.1754943508222875e-38 (the smallest normal float32: SimAM computes "

@@ -6,12 +6,15 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 import lambda_search as ls
-from lambda_search import _objective, _status, _study
-from lambda_search._status import POINT_ATTR, REASON_ATTR, _point_status
-from lambda_search._worker import _claim, _fail
+from lambda_search import points as _points
+from lambda_search.search import study as _study
+from lambda_search.search.worker import _claim, _fail
+from lambda_search.store import status as _status
+from lambda_search.store.status import POINT_ATTR, REASON_ATTR, _point_status
+from lambda_search.train import plan as _objective
 
 NAMES = ["r0f0", "r0f1"]
-POINT = _objective.Point(1e-3)
+POINT = _points.Point(1e-3)
 
 
 def _record(acc, status="completed"):
@@ -70,15 +73,15 @@ def test_claims_hand_out_each_point_once_and_take_back_a_dead_workers(tiny_confi
     store, config = _store(tiny_config, tmp_path, lambdas="[1e-4, 1e-1]", baseline="true")
     first, second, third = (_claim(store, "tiny", config, "") for _ in range(3))
     assert [c.point for c in (first, second, third)] == [
-        _objective.Point(1e-4),
-        _objective.Point(1e-1),
-        _objective.Point(None),
+        _points.Point(1e-4),
+        _points.Point(1e-1),
+        _points.Point(None),
     ]
     assert _claim(store, "tiny", config, "") == "wait"  # all running, leases alive
     store.storage.set_trial_user_attr(second.trial_id, "fold_results", {"r0f0": _record(0.8)})
     second.lease.release()  # its worker dies
     again = _claim(store, "tiny", config, "")
-    assert again.point == _objective.Point(1e-1) and again.done == {"r0f0": _record(0.8)}  # finished folds kept
+    assert again.point == _points.Point(1e-1) and again.done == {"r0f0": _record(0.8)}  # finished folds kept
     lost = store.storage.get_trial(second.trial_id)
     assert lost.state == TrialState.FAIL and lost.system_attrs[REASON_ATTR].startswith("worker lost")
     for claim in (first, again, third):
@@ -125,7 +128,7 @@ def test_a_symlinked_database_shares_the_locks(tiny_config, tmp_path):
 
 
 def test_a_network_that_cannot_be_built_fails_its_trial_and_frees_its_lease(tiny_config, tmp_path, monkeypatch):
-    from lambda_search import _measure
+    from lambda_search.bench import measure as _measure
 
     store, config = _store(tiny_config, tmp_path, lambdas="[1e-4]")
 

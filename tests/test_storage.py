@@ -17,8 +17,8 @@ import optuna
 import pytest
 
 from lambda_search import StorageError, open_store
-from lambda_search._failures import redact
-from lambda_search._locks import FileLocks
+from lambda_search.store.failures import redact
+from lambda_search.store.locks import FileLocks
 
 NOBODY = 65534
 
@@ -364,7 +364,7 @@ def test_failures_name_what_happened():
     database made read-only are said as such, not as a lost database; a dropped connection is."""
     import sqlalchemy
 
-    from lambda_search._failures import DiskFull, StorageFailure, StorageLost, failures
+    from lambda_search.store.failures import DiskFull, StorageFailure, StorageLost, failures
 
     def raised(exc):
         with pytest.raises(StorageFailure) as info, failures():
@@ -387,8 +387,8 @@ def test_failures_name_what_happened():
 
 
 def test_a_checkpoint_write_torch_wraps_names_the_checkpoint(tmp_path, monkeypatch):
-    from lambda_search import _fold
-    from lambda_search._failures import DiskFull, failures
+    from lambda_search.store.failures import DiskFull, failures
+    from lambda_search.train import foldrun as _fold
 
     def save(obj, f, *args, **kwargs):
         try:

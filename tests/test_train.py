@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import lambda_search as ls
-from lambda_search import _augment, _engine, _train
+from lambda_search.data import augment as _augment
+from lambda_search.train import engine as _engine
+from lambda_search.train import single as _train
 
 
 @pytest.fixture(scope="module")

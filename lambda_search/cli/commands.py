@@ -1,0 +1,299 @@
+"""The ``lambda-search`` command: each command parses, calls the library, prints, and maps
+error types to exit codes (0 done, 1 no answer yet or interrupted, 2 bad input)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import warnings
+
+from .. import __version__
+from ..config import ConfigError, load_config
+from ..report.evaluation import format_evaluation, read_evaluation
+from ..report.plot import default_plot_path, plot_figure4
+from ..report.select import format_selection, nothing_selected, select
+from ..report.tables import export_tables, format_studies, status_table, table_text
+from ..store.failures import StorageError, StorageFailure
+from ..store.status import STORAGE_ENV, StudyError, list_studies, study_status
+from ..store.storage import open_store
+from . import parser as _parser
+
+# The commands that train import the training stack (torch) when they run: the reading
+# commands (status, studies, select, plot, export) work where torch is not installed.
+
+USER_ERRORS = (ConfigError, StorageError, StudyError)
+
+
+class _Stop:
+    """A flag set by SIGINT or SIGTERM; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Within the block, SIGINT and SIGTERM ask for a clean stop: the fold in flight saves
+    its checkpoint, the trial is marked interrupted and the process can exit."""
+    stop = _Stop()
+    previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _models(args: argparse.Namespace) -> int:
+    from ..nn.registry import MODEL_NAMES
+    from ..nn.resnet import build_model
+
+    print(f"{'name':<10} {'shortcut':>8} {'classes':>8} {'parameters':>12}")
+    for name in MODEL_NAMES:
+        shortcuts = ("B",) if name == "resnet18" else ("B", "A")
+        for shortcut in shortcuts:
+            model = build_model(name, args.num_classes, shortcut=shortcut)
+            count = sum(p.numel() for p in model.parameters())
+            print(f"{name:<10} {shortcut:>8} {args.num_classes:>8} {count:>12,}")
+    return 0
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _progress():
+    """Per-epoch progress, on a terminal only: one line, rewritten."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(text: str) -> None:
+        width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)  # never wraps, however narrow
+        sys.stderr.write("\r" + text[:width].ljust(width) + "\r")
+        sys.stderr.flush()
+    return show
+
+
+def _interrupted(stop) -> int:
+    print("interrupted: finished folds and checkpoints are kept; run the same command again to resume",
+          file=sys.stderr)
+    return 128 + int(stop.signal)
+
+
+def _write_plot(status, path, prefer="larger", make_folder=False, evaluation=None):
+    try:
+        return plot_figure4(status, path, prefer, make_folder, evaluation)
+    except OSError as exc:
+        raise StorageError(f"cannot write the plot {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def _finish(status, stop) -> int:
+    print(status_table(status))
+    if stop():
+        return _interrupted(stop)
+    if not status.finished:
+        print(f"{status.total - status.complete} points are not complete; resume with: lambda-search resume "
+              f"--storage {status.storage} --study {status.name}", file=sys.stderr)
+        return 1
+    print()
+    print(format_selection(select(status)))
+    print(f"\nFigure 4: {_write_plot(status, default_plot_path(status), make_folder=True)}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    overrides = list(args.set)
+    if args.storage is not None:
+        overrides.append(f"study.storage={json.dumps(args.storage)}")
+    if args.study is not None:
+        overrides.append(f"study.name={json.dumps(args.study)}")
+    config = load_config(args.config, overrides)
+    from ..search.study import run_search
+
+    with stop_on_signals() as stop:
+        _, status = run_search(config, workers=args.workers, log=_say, progress=_progress(), should_stop=stop)
+    return _finish(status, stop)
+
+
+def _url(args: argparse.Namespace) -> str:
+    url = args.storage or os.environ.get(STORAGE_ENV)
+    if not url:
+        raise StorageError(f"{args.command} needs --storage URL (or the {STORAGE_ENV} environment variable)")
+    return url
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from ..search.study import resume_config, run_search
+
+    config = resume_config(_url(args), args.study, args.set)
+    with stop_on_signals() as stop:
+        _, status = run_search(config, workers=args.workers, log=_say, progress=_progress(), should_stop=stop,
+                               resume_only=True)
+    return _finish(status, stop)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr(on: bool):
+    """With ``on``, what this process and the workers it starts write to standard output goes
+    to standard error, so that standard output holds the JSON alone."""
+    if not on:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ..search.evaluate import run_evaluation
+
+    log = _say if not args.json else _note  # with --json, stdout holds the JSON alone
+    with stop_on_signals() as stop, _stdout_to_stderr(args.json):
+        evaluation = run_evaluation(_url(args), args.study, seeds=args.seeds, e_lambda=args.e_lambda,
+                                    prefer=args.prefer, overrides=args.set, workers=args.workers, log=log,
+                                    progress=_progress(), should_stop=stop)
+    print(json.dumps(evaluation, indent=1) if args.json else "\n" + format_evaluation(evaluation))
+    if stop():
+        return _interrupted(stop)
+    return 0 if evaluation["finished"] else 1
+
+
+def _note(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from ..search.worker import run_worker
+
+    store = open_store(_url(args), write=True)
+    label = f"[{args.label}] " if args.label else ""
+    with stop_on_signals() as stop:
+        counts = run_worker(store, args.study, overrides=args.set, device=args.device, label=label,
+                            log=_say, progress=_progress(), should_stop=stop, n_workers=args.workers_total or 1)
+    if stop():
+        return _interrupted(stop)
+    status = study_status(store, args.study)
+    ran = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no point"
+    _say(f"{label}worker done: ran {ran}; study {args.study!r}: {status.complete} of {status.total} points complete"
+         + (", finished" if status.finished else ""))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    store = open_store(_url(args))
+    status, evaluation = study_status(store, args.study), read_evaluation(store, args.study)
+    if args.json:
+        print(json.dumps({**status.to_dict(), "evaluation": evaluation}, indent=1))
+    else:
+        print(f"study {status.name!r} in {status.storage}")
+        print(status_table(status))
+        if evaluation:
+            print("\n" + format_evaluation(evaluation))
+    return 0
+
+
+def _studies(args: argparse.Namespace) -> int:
+    store = open_store(_url(args))
+    studies = list_studies(store)
+    if args.json:
+        print(json.dumps(studies, indent=1))
+        return 0
+    print(format_studies(studies, store.shown))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    status = study_status(open_store(_url(args)), args.study)
+    if args.output == "-":
+        sys.stdout.write(table_text(status, folds=args.folds, fmt=args.format or "csv"))
+        return 0
+    try:
+        written = export_tables(status, args.output, folds_only=args.folds, fmt=args.format)
+    except OSError as exc:
+        raise StorageError(f"cannot write {args.output!r}: {exc.strerror}") from None
+    print("wrote " + " and ".join(str(p) for p in written) + f" ({len(status.points)} points)")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    store = open_store(_url(args))
+    status = study_status(store, args.study)
+    print(f"wrote {_write_plot(status, args.output, args.prefer, evaluation=read_evaluation(store, args.study))}")
+    return _answer(select(status, args.prefer))
+
+
+def _select(args: argparse.Namespace) -> int:
+    selection = select(study_status(open_store(_url(args)), args.study), args.prefer)
+    print(json.dumps(selection, indent=1) if args.json else format_selection(selection))
+    return _answer(selection)
+
+
+def _answer(selection: dict) -> int:
+    """0 where a lambda is chosen, 1 where nothing can be chosen yet (said on stderr)."""
+    if selection["one_se"] is not None:
+        return 0
+    print(f"lambda-search: {nothing_selected(selection)}", file=sys.stderr)
+    return 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ..bench.run import format_bench, paper_figure4_config, run_bench  # only here: workers never load it
+
+    if args.config is None:
+        config = paper_figure4_config(args.set)
+    else:
+        config = load_config(args.config, args.set)
+    bench = run_bench(config, rounds=args.rounds, workers=args.loader_workers,
+                      log=None if args.json else _say)
+    print(json.dumps(bench.to_json(), indent=1) if args.json else format_bench(bench))
+    return 0
+
+
+COMMANDS = {"search": _search, "resume": _resume, "evaluate": _evaluate, "worker": _worker, "bench": _bench,
+            "studies": _studies, "status": _status, "select": _select, "plot": _plot, "export": _export,
+            "models": _models}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return _parser.build_parser(__version__)
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    return f"lambda-search: warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line  # a warning is one line, as an error is
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # no command: the list of commands, and a usage error
+        parser.print_help()
+        sys.stderr.write("lambda-search: error: a command is required (listed above)\n")
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        sys.stderr.write(f"lambda-search {args.command}: error: {exc}\n")
+        return 2
+    except StorageFailure as exc:
+        sys.stderr.write(f"lambda-search {args.command}: error: {exc}\n")
+        return 1

@@ -1,0 +1,177 @@
+"""The paper's networks: CIFAR ResNet-20/32/44/56/110 and ImageNet ResNet-18.
+
+SimAM sits where the official code puts it: in every residual block, right after the
+second 3x3 convolution and before that convolution's BatchNorm:
+
+    conv1 -> bn1 -> relu -> conv2 -> SimAM -> bn2 -> (+ shortcut) -> relu
+
+Names follow torchvision (conv1, bn1, layer1..., downsample, fc), so an ImageNet
+ResNet-18 state dict from torchvision loads as it is; official SimAM checkpoints load
+through :func:`lambda_search.load_official_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .registry import MODEL_NAMES
+from .simam import SimAM, SimAMBatchNorm, check_e_lambda
+
+__all__ = ["BasicBlock", "ResNet", "build_model"]
+
+# CIFAR: blocks in each of the 3 stages; ImageNet: blocks per stage
+_CIFAR = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
+_IMAGENET = {"resnet18": (2, 2, 2, 2)}
+ATTENTIONS = ("simam", "none")
+SHORTCUTS = ("B", "A")
+
+LayerFactory = Callable[[], nn.Module]
+
+
+class PadShortcut(nn.Module):
+    """Type-A shortcut (He et al. 2016): subsample by the stride, zero-pad the channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        extra = out_channels - in_channels
+        self.pad = (0, 0, 0, 0, extra // 2, extra - extra // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x[:, :, :: self.stride, :: self.stride], self.pad)
+
+
+def _projection(in_channels: int, out_channels: int, stride: int) -> nn.Sequential:
+    """Type-B shortcut: 1x1 convolution with stride, then BatchNorm."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_channels),
+    )
+
+
+class BasicBlock(nn.Module):
+    """conv1 -> bn1 -> relu -> conv2 -> attention -> bn2 -> (+ shortcut) -> relu.
+
+    ``bn2`` is a :class:`~lambda_search.nn.simam.SimAMBatchNorm`, the BatchNorm that takes the
+    attention layer before it (``attn``: SimAM, or none): where they can, the two run as one
+    kernel (CPU training); layer names and state dict keys are a plain block's.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        attn_layer: LayerFactory | None = None,
+        downsample: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.attn = attn_layer() if attn_layer is not None else nn.Identity()
+        self.bn2 = SimAMBatchNorm(out_channels)
+        self.downsample = downsample if downsample is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out), self.attn)  # bn2(attn(.))
+        return self.relu(out + self.downsample(x))
+
+
+class ResNet(nn.Module):
+    """A ResNet of BasicBlocks with a CIFAR stem (3x3 conv) or an ImageNet stem (7x7/2 + max pool)."""
+
+    def __init__(
+        self,
+        blocks: tuple[int, ...],
+        widths: tuple[int, ...],
+        num_classes: int,
+        imagenet_stem: bool,
+        attn_layer: LayerFactory | None = None,
+        shortcut: str = "B",
+    ) -> None:
+        super().__init__()
+        channels = widths[0]
+        if imagenet_stem:
+            self.conv1 = nn.Conv2d(3, channels, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        else:
+            self.conv1 = nn.Conv2d(3, channels, 3, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        stages = []
+        for i, (count, width) in enumerate(zip(blocks, widths)):
+            stride = 1 if i == 0 else 2
+            layers = []
+            for j in range(count):
+                s = stride if j == 0 else 1
+                downsample = None
+                if s != 1 or channels != width:
+                    make = PadShortcut if shortcut == "A" else _projection
+                    downsample = make(channels, width, s)
+                layers.append(BasicBlock(channels, width, s, attn_layer, downsample))
+                channels = width
+            stages.append(nn.Sequential(*layers))
+        # layer1, layer2, ... as torchvision names them
+        self.stage_names = tuple(f"layer{i + 1}" for i in range(len(stages)))
+        for name, stage in zip(self.stage_names, stages):
+            self.add_module(name, stage)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+        if imagenet_stem:
+            # torchvision's (and the official ImageNet code's) initialisation; the
+            # official CIFAR code keeps PyTorch's default initialisation.
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                elif isinstance(m, nn.BatchNorm2d):
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    attention: str = "simam",
+    e_lambda: float = 1e-4,
+    shortcut: str = "B",
+) -> ResNet:
+    """Build one of the paper's networks, with SimAM (``attention="simam"``) or without.
+
+    ``name``: resnet20, resnet32, resnet44, resnet56, resnet110 (CIFAR, 32 px or smaller
+    inputs) or resnet18 (ImageNet; 224 px, or 112 px for the paper's half-resolution
+    search). ``shortcut``: "B" (1x1 conv + BN, the official SimAM code) or "A" (subsample
+    and zero-pad, He et al.), CIFAR networks only.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model name={name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got attention={attention!r}")
+    if shortcut not in SHORTCUTS:
+        raise ValueError(f"shortcut must be 'B' or 'A', got shortcut={shortcut!r}")
+    if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got num_classes={num_classes!r}")
+    attn_layer = None
+    if attention == "simam":
+        attn_layer = functools.partial(SimAM, check_e_lambda(e_lambda))
+    if name in _CIFAR:
+        n = _CIFAR[name]
+        return ResNet((n, n, n), (16, 32, 64), int(num_classes), False, attn_layer, shortcut)
+    if shortcut != "B":
+        raise ValueError(f"shortcut='A' is for the CIFAR networks only; {name} uses shortcut='B'")
+    return ResNet(_IMAGENET[name], (64, 128, 256, 512), int(num_classes), True, attn_layer, "B")

@@ -1,0 +1,199 @@
+"""The lambda search as an Optuna study: create (or resume) it with its config and data
+fingerprint, then run every grid point exactly once with one or more workers."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import torch
+
+from ..bench.measure import Engines, quick_projection
+from ..bench.projection import format_seconds
+from ..config import config_diff
+from ..nn.kernels import use_kernels
+from ..report.select import record_choice
+from ..store.failures import failures, redact
+from ..store.status import (
+    CONFIG_ATTR,
+    FINGERPRINT_ATTR,
+    RUN_ATTR,
+    VERSIONS_ATTR,
+    StudyError,
+    StudyStatus,
+    baseline_study_name,
+    completed_config,
+    name_metric,
+    quiet_optuna,
+    study_id,
+    study_pins,
+    study_status,
+)
+from ..store.storage import Store, open_store
+from ..train.numerics import device_kind, proposed_pin
+from ..train.plan import Plan, make_plan
+from .supervise import run_processes, worker_count
+from .worker import describe_pin, pin_numerics, run_worker, worker_config
+
+__all__ = ["create_or_resume", "run_search", "resume_config"]
+
+
+def _versions() -> dict:
+    return {
+        "lambda_search": importlib.metadata.version("lambda-search"),
+        "torch": torch.__version__,
+        "optuna": optuna.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+# ---------------------------------------------------------------- creating and resuming
+
+
+def _absolute(config: dict) -> dict:
+    """The config as stored: paths absolute (``resume`` works from any folder), the storage
+    URL without its password."""
+    config = json.loads(json.dumps(config))
+    config["study"]["storage"] = redact(config["study"]["storage"])  # never store a password
+    for section, key in (("data", "root"), ("study", "checkpoint_dir")):
+        if config[section][key] is not None:
+            config[section][key] = str(Path(config[section][key]).expanduser().resolve())
+    return config
+
+
+def create_or_resume(store: Store, config: dict, plan: Plan) -> str:
+    """Create study ``config.study.name`` with its config, fingerprint and versions, or check
+    that the stored study has the same config and data. Returns "created" or "resumed"."""
+    name = config["study"]["name"]
+    stored_config = _absolute(config)
+    with store.locks.exclusive():
+        sid = study_id(store, name)
+        if sid is None:
+            quiet_optuna()
+            sid = store.storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], name)
+            name_metric(store, name)
+            created = "created"
+        else:
+            created = "resumed"
+        attrs = store.storage.get_study_user_attrs(sid)
+        if CONFIG_ATTR not in attrs:
+            if store.storage.get_all_trials(sid, deepcopy=False):
+                raise StudyError(
+                    f"study {name!r} in {store.shown} was not made by lambda_search; choose another study.name"
+                )
+            _check_adoptable(store, name, sid)
+            store.storage.set_study_user_attr(sid, FINGERPRINT_ATTR, plan.fingerprint)
+            store.storage.set_study_user_attr(sid, VERSIONS_ATTR, _versions())
+            store.storage.set_study_user_attr(sid, RUN_ATTR, uuid.uuid4().hex)
+            store.storage.set_study_user_attr(sid, CONFIG_ATTR, stored_config)  # last: marks the study complete
+            return "created"
+        _check_same(name, attrs, stored_config, plan)
+        if "study:metric_names" not in store.storage.get_study_system_attrs(sid):  # made by an earlier version
+            name_metric(store, name)
+        return created
+
+
+def _check_adoptable(store: Store, name: str, sid: int) -> None:
+    """An empty study lambda_search did not make (or its baseline companion) is adopted only
+    where it maximizes one value, as lambda_search's accuracies need: else Optuna's
+    best_params would name the worst lambda."""
+    maximize = [optuna.study.StudyDirection.MAXIMIZE]
+    for study, this_id in ((name, sid), (baseline_study_name(name), study_id(store, baseline_study_name(name)))):
+        if this_id is None:
+            continue
+        directions = store.storage.get_study_directions(this_id)
+        if study != name and store.storage.get_all_trials(this_id, deepcopy=False):
+            raise StudyError(f"study {study!r} in {store.shown} was not made by lambda_search and has trials; "
+                             "choose another study.name")
+        if directions != maximize:
+            shown = ", ".join(d.name.lower() for d in directions)
+            raise StudyError(f"study {study!r} in {store.shown} was not made by lambda_search and its direction is "
+                             f"{shown}, not maximize (lambda_search maximizes accuracy); choose another study.name or "
+                             f"delete it: optuna delete-study --study-name {study!r} --storage URL")
+
+
+def _check_same(name: str, attrs: dict, config: dict, plan: Plan) -> None:
+    diff = config_diff(completed_config(attrs[CONFIG_ATTR]), config)
+    if diff:
+        parts = [f"{k} (stored {_show(a)}, given {_show(b)})" for k, a, b in diff[:4]]
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        hint = ""
+        if any(k == "data.test_fraction" for k, _, _ in diff):  # a study made before the key held nothing out
+            hint = " (a study made before data.test_fraction existed held no test images out)"
+        raise StudyError(f"config conflicts with study {name!r}: " + "; ".join(parts) + more
+                         + "; use another study.name, or resume with the stored config (lambda-search resume)" + hint)
+    if attrs.get(FINGERPRINT_ATTR) != plan.fingerprint:
+        raise StudyError(f"the data set or its folds differ from those study {name!r} was made with "
+                         f"(fingerprint {str(attrs.get(FINGERPRINT_ATTR))[:12]} stored, {plan.fingerprint[:12]} now)")
+
+
+def _show(v) -> str:
+    return json.dumps(v) if not isinstance(v, str) else repr(v)
+
+def resume_config(url: str, name: str, overrides=()) -> dict:
+    """The config stored in study ``name`` at ``url``, with execution ``overrides``."""
+    store = open_store(url)
+    config = worker_config(store, name, overrides)
+    config["study"]["storage"] = url
+    return config
+
+
+def run_search(config: dict, *, workers: int | str | None = None, log: Callable[[str], None] = print,
+               progress: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
+               resume_only: bool = False) -> tuple[str, StudyStatus]:
+    """Create (or resume) the study of ``config`` and run it to the end with ``workers``
+    processes (a number or "auto"; default ``search.workers``; see :func:`worker_count`).
+    Everything is checked before anything is stored. Returns ("created"|"resumed", final
+    status); a finished study trains nothing."""
+    with failures():
+        return _run_search(config, workers=workers, log=log, progress=progress, should_stop=should_stop,
+                           resume_only=resume_only)
+
+
+def _run_search(config: dict, *, workers: int | str | None = None, log: Callable[[str], None] = print,
+                progress: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
+                resume_only: bool = False) -> tuple[str, StudyStatus]:
+    should_stop = should_stop or (lambda: False)
+    plan = make_plan(config)  # data, folds and every value checked first
+    name = config["study"]["name"]
+    store = open_store(config["study"]["storage"], create=not resume_only, write=True)
+    how = create_or_resume(store, config, plan)
+    plan.config = _absolute(config)
+    status = _effective(study_status(store, name), plan.config)
+    log(f"study {name!r} {how} in {store.shown}: {status.complete} of {status.total} points complete")
+    if status.finished:
+        record_choice(store, status)  # (a study finished by an earlier version)
+        return how, status
+    kind = device_kind(plan.train.device)
+    pin = study_pins(store, name).get(kind)
+    engines = Engines(plan)
+    with use_kernels(pin["simam_kernel"] if pin else None):  # where none is pinned yet: as this machine has it
+        projection = quick_projection(plan, engines=engines, packs=pin["packs"] if pin else None)
+        pin = pin or pin_numerics(store, name, kind, proposed_pin(plan.train.device, projection.packs))
+    log(describe_pin(kind, pin, plan))
+    pending = sum(p.state not in ("complete", "diverged") for p in status.points)
+    workers, note = worker_count(plan.config, workers, pending)
+    if note:
+        log(note)
+    parallel = f"; about {format_seconds(projection.seconds / workers)} on {workers} workers" if workers > 1 else ""
+    log(f"projected on one {plan.train.device} worker: {projection.describe()}{parallel} (a quick measurement; "
+        "`lambda-search bench CONFIG` measures in full)")
+    if workers == 1:
+        run_worker(store, name, plan=plan, log=log, progress=progress, should_stop=should_stop, pin=pin,
+                   engines=engines)
+    else:
+        run_processes(store, name, plan.config, workers, log, should_stop)
+    return how, _effective(study_status(store, name), plan.config)
+
+
+def _effective(status: StudyStatus, config: dict) -> StudyStatus:
+    """``status`` with the config this search runs under: the stored one with the changes a
+    resume may make (where it runs: checkpoint_dir, data.root...), so outputs such as the
+    plot beside the checkpoints follow them."""
+    status.config = config
+    return status
