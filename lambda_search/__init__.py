@@ -48,11 +48,11 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it (imported on first use)
 _WHERE = {
-    "load_config": "config", "ConfigError": "config", "format_lambda": "points",
+    "load_config": "configfile", "ConfigError": "config", "format_lambda": "points",
     "load_dataset": "data.datasets", "make_folds": "data.folds",
-    "SimAM": "nn.simam", "simam": "nn.simam", "set_e_lambda": "nn.simam", "build_model": "nn.resnet",
+    "SimAM": "nn.simam", "simam": "nn.simam", "set_e_lambda": "nn.simam", "build_model": "nn.registry",
     "MODEL_NAMES": "nn.registry", "load_official_checkpoint": "nn.official",
-    "TrainConfig": "train.engine", "train_fold": "train.single",
+    "TrainConfig": "config", "train_fold": "train.single",
     "open_store": "store.storage", "StorageError": "store.failures", "StorageFailure": "store.failures",
     "study_status": "store.status", "StudyStatus": "store.status", "list_studies": "store.status",
     "StudyError": "store.status",

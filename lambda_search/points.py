@@ -12,6 +12,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from .config import Config
+
 __all__ = ["Point", "format_lambda", "grid_points", "fold_names", "summarize", "STD_DDOF", "numerics_label",
            "distinct_numerics", "mixed_folds"]
 
@@ -58,20 +60,20 @@ class Point:
         return what if self.repeat == 0 else f"{what} repeat {self.repeat}"
 
 
-def grid_points(config: dict) -> list[Point]:
+def grid_points(config: Config) -> list[Point]:
     """The grid of a resolved config: repeat by repeat, its lambdas in the config's order,
     then the baseline network when ``search.baseline`` is on."""
     points = []
-    for r in range(config["search"]["repeats"]):
-        points += [Point(v, r) for v in config["search"]["lambdas"]]
-        if config["search"]["baseline"]:
+    for r in range(config.search.repeats):
+        points += [Point(v, r) for v in config.search.lambdas]
+        if config.search.baseline:
             points.append(Point(None, r))
     return points
 
 
-def fold_names(config: dict, repeat: int = 0) -> list[str]:
+def fold_names(config: Config, repeat: int = 0) -> list[str]:
     """The names of one repeat's folds (as ``Fold.name``), from the config alone."""
-    n = 1 if config["data"]["holdout"] is not None or config["data"]["test"] else config["data"]["folds"]
+    n = 1 if config.data.holdout is not None or config.data.test else config.data.folds
     return [f"r{repeat}f{i}" for i in range(n)]
 
 

@@ -113,7 +113,7 @@ def test_select_and_plot_exit_1_when_nothing_can_be_chosen(tiny_config, tmp_path
     path = tiny_config(lambdas="[1e-3, 1e-1]", samples=36, epochs=1)
     config = ls.load_config(path)
     ls.run_search(config, log=lambda s: None, should_stop=lambda: True)  # stored, nothing trained
-    url = config["study"]["storage"]
+    url = config.study.storage
     capsys.readouterr()
     assert main(["select", "--storage", url, "--study", "tiny"]) == 1
     out, err = capsys.readouterr()

@@ -6,40 +6,42 @@ import pytest
 
 import lambda_search as ls
 from lambda_search import config as _config
+from lambda_search import configfile as _configfile
+from lambda_search.config import ModelSection
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
 def test_shipped_configs_load_with_the_papers_protocol():
     fig4 = ls.load_config(STUDIES / "figure4_cifar100_resnet20.toml")
-    assert fig4["study"]["name"] == "figure4_cifar100_resnet20"
-    assert fig4["search"]["lambdas"] == [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
-    assert fig4["data"]["dataset"] == "cifar100" and fig4["data"]["folds"] == 5
-    assert fig4["model"] == {"name": "resnet20", "shortcut": "B"}
-    train = fig4["train"]
-    assert (train["iterations"], train["batch_size"], train["lr"], train["momentum"], train["weight_decay"]) == (
+    assert fig4.study.name == "figure4_cifar100_resnet20"
+    assert fig4.search.lambdas == (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    assert fig4.data.dataset == "cifar100" and fig4.data.folds == 5
+    assert fig4.model == ModelSection(name="resnet20", shortcut="B")
+    train = fig4.train
+    assert (train.iterations, train.batch_size, train.lr, train.momentum, train.weight_decay) == (
         64000, 128, 0.1, 0.9, 5e-4)
-    assert train["milestones"] == [0.5, 0.75] and train["schedule"] == "step"
+    assert train.milestones == (0.5, 0.75) and train.schedule == "step"
 
     imagenet = ls.load_config(STUDIES / "imagenet_resnet18_half.toml")
-    t = imagenet["train"]
-    assert imagenet["model"]["name"] == "resnet18" and imagenet["search"]["repeats"] == 3
-    assert t["epochs"] == 50 and [round(m * 50) for m in t["milestones"]] == [15, 30, 45]
-    assert imagenet["data"]["options"]["resolution"] == 112
+    t = imagenet.train
+    assert imagenet.model.name == "resnet18" and imagenet.search.repeats == 3
+    assert t.epochs == 50 and [round(m * 50) for m in t.milestones] == [15, 30, 45]
+    assert imagenet.data.options["resolution"] == 112
 
     quick = ls.load_config(STUDIES / "quickstart.toml")
-    assert quick["data"]["dataset"] == "digits" and 4 <= len(quick["search"]["lambdas"]) <= 6
-    assert quick["study"]["storage"].endswith("studies/quickstart.db")
+    assert quick.data.dataset == "digits" and 4 <= len(quick.search.lambdas) <= 6
+    assert quick.study.storage.endswith("studies/quickstart.db")
 
 
 def test_defaults_name_storage_and_checkpoints_after_the_file(tiny_config, tmp_path):
     path = tiny_config(name="abc")
     path.write_text(path.read_text().replace('name = "abc"\n', "", 1))
     config = ls.load_config(path)
-    assert config["study"]["name"] == "abc"
-    assert config["study"]["storage"] == f"sqlite:///{tmp_path.as_posix()}/abc.db"
-    assert config["study"]["checkpoint_dir"] == f"{tmp_path.as_posix()}/abc.ckpt"
-    assert config["search"]["repeats"] == 1 and config["train"]["momentum"] == 0.9
+    assert config.study.name == "abc"
+    assert config.study.storage == f"sqlite:///{tmp_path.as_posix()}/abc.db"
+    assert config.study.checkpoint_dir == f"{tmp_path.as_posix()}/abc.ckpt"
+    assert config.search.repeats == 1 and config.train.momentum == 0.9
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -52,13 +54,13 @@ def test_defaults_name_storage_and_checkpoints_after_the_file(tiny_config, tmp_p
     ("data.options.resolution=96", ("data", "options", {"resolution": 96})),
 ])
 def test_set_reads_toml_values_or_plain_strings(text, expected):
-    assert _config.parse_override(text) == expected
+    assert _configfile.parse_override(text) == expected
 
 
 def test_overrides_are_validated_like_the_file(tiny_config):
     config = ls.load_config(tiny_config(), ["train.epochs=3", "search.lambdas=[1e-3]", "data.options.num_samples=30"])
-    assert config["train"]["epochs"] == 3 and config["search"]["lambdas"] == [1e-3]
-    assert config["data"]["options"] == {"num_samples": 30, "num_classes": 3, "image_size": 8, "noise": 60.0}
+    assert config.train.epochs == 3 and config.search.lambdas == (1e-3,)
+    assert config.data.options == {"num_samples": 30, "num_classes": 3, "image_size": 8, "noise": 60.0}
     with pytest.raises(ls.ConfigError, match=r"train.epochs must be an integer >= 1, got train.epochs=0"):
         ls.load_config(tiny_config(), ["train.epochs=0"])
 
@@ -111,12 +113,12 @@ def test_config_diff_ignores_where_and_how_fast(tiny_config):
     a = ls.load_config(tiny_config())
     b = ls.load_config(tiny_config(), ["train.device=cuda:1", "study.storage=sqlite:///x.db", "data.root=/x",
                                        "train.cuda_graphs=false", "search.workers=3"])
-    assert _config.config_diff(a, b) == []
+    assert _configfile.config_diff(a, b) == []
     c = ls.load_config(tiny_config(), ["train.epochs=5", "search.lambdas=[1e-4]"])
-    assert [k for k, _, _ in _config.config_diff(a, c)] == ["search.lambdas", "train.epochs"]
+    assert [k for k, _, _ in _configfile.config_diff(a, c)] == ["search.lambdas", "train.epochs"]
     # what changes the rounding of a training is part of what a study computes
     d = ls.load_config(tiny_config(), ["train.threads=2", "train.pack=2", "train.compile=false"])
-    assert [k for k, _, _ in _config.config_diff(a, d)] == ["train.compile", "train.pack", "train.threads"]
+    assert [k for k, _, _ in _configfile.config_diff(a, d)] == ["train.compile", "train.pack", "train.threads"]
 
 
 # ------------------------------------------------------------- issue 14: the lambda floor
@@ -126,7 +128,6 @@ def test_lambda_floor_is_the_smallest_normal_float32():
     import numpy as np
     import torch
 
-    from lambda_search import config as _config
     from lambda_search.nn import simam as _simam
     assert _config.E_LAMBDA_MIN == float(np.finfo(np.float32).tiny) == float(torch.finfo(torch.float32).tiny)
     assert _simam.E_LAMBDA_MIN is _config.E_LAMBDA_MIN  # one number, defined once
@@ -142,7 +143,7 @@ def test_lambdas_below_the_float32_floor_are_refused(tiny_config, lam, shown):
             f"float32), got search.lambdas entry {shown}") in str(info.value)
     assert "\n" not in str(info.value)
     config = ls.load_config(tiny_config(), ["search.lambdas=[1.1754943508222875e-38, 1e-4]"])
-    assert config["search"]["lambdas"] == [1.1754943508222875e-38, 1e-4]
+    assert config.search.lambdas == (1.1754943508222875e-38, 1e-4)
 
 
 # -------------------------------------------------- issue 14: data.folds or data.holdout
@@ -173,12 +174,12 @@ def test_folds_and_holdout_together_are_refused(tiny_config, edit, overrides, wh
 def test_holdout_alone_loads_and_a_stored_config_still_resolves(tiny_config):
     path = _without_folds(tiny_config())
     config = ls.load_config(path, ["data.holdout=0.25"])
-    assert config["data"]["holdout"] == 0.25 and config["data"]["folds"] == 5  # the default, filled in
-    assert _config.resolve_config(config) == config  # a stored config has both, and stays usable
-    assert ls.load_config(path)["data"]["holdout"] is None
+    assert config.data.holdout == 0.25 and config.data.folds == 5  # the default, filled in
+    assert _configfile.resolve_config(config) == config  # a stored config has both, and stays usable
+    assert ls.load_config(path).data.holdout is None
     # the paper's own splits, as figure4_cifar100_resnet20.toml's comment says
     fig4 = ls.load_config(STUDIES / "figure4_cifar100_resnet20.toml", ["data.holdout=0.1", "search.repeats=5"])
-    assert fig4["data"]["holdout"] == 0.1 and fig4["search"]["repeats"] == 5
+    assert fig4.data.holdout == 0.1 and fig4.search.repeats == 5
 
 
 # --------------------------------------- issue 14: relative paths, one rule for file and defaults
@@ -194,13 +195,13 @@ def test_relative_paths_in_the_file_are_beside_it_and_on_the_command_line_here(t
     monkeypatch.chdir(tmp_path)
     for given in (path, "sub/tiny.toml"):  # an absolute and a relative config path
         folder = Path(given).parent.as_posix()
-        study, data = (c := ls.load_config(given))["study"], c["data"]
-        assert study["storage"] == f"sqlite:///{folder}/x.db"
-        assert study["checkpoint_dir"] == f"{folder}/ck" and data["root"] == f"{folder}/d"
-        assert Path(study["checkpoint_dir"]).resolve() == sub / "ck"
+        study, data = (c := ls.load_config(given)).study, c.data
+        assert study.storage == f"sqlite:///{folder}/x.db"
+        assert study.checkpoint_dir == f"{folder}/ck" and data.root == f"{folder}/d"
+        assert Path(study.checkpoint_dir).resolve() == sub / "ck"
     here = ls.load_config(path, ["study.checkpoint_dir=ck2", "study.storage=sqlite:///y.db", "data.root=d2"])
-    assert here["study"]["checkpoint_dir"] == "ck2" and here["data"]["root"] == "d2"
-    assert here["study"]["storage"] == "sqlite:///y.db"
+    assert here.study.checkpoint_dir == "ck2" and here.data.root == "d2"
+    assert here.study.storage == "sqlite:///y.db"
 
 
 @pytest.mark.parametrize("storage, expected", [
@@ -216,13 +217,13 @@ def test_only_relative_file_paths_move(tiny_config, tmp_path, storage, expected)
                                              'checkpoint_dir = "~/ck"\n', 1)
                     .replace('dataset = "synthetic"\n', 'dataset = "synthetic"\nroot = "/abs/data"\n', 1))
     config = ls.load_config(path)
-    assert config["study"]["storage"] == expected.format(sub=tmp_path.as_posix())
-    assert config["study"]["checkpoint_dir"] == "~/ck" and config["data"]["root"] == "/abs/data"
+    assert config.study.storage == expected.format(sub=tmp_path.as_posix())
+    assert config.study.checkpoint_dir == "~/ck" and config.data.root == "/abs/data"
 
 
 def test_shipped_configs_name_the_data_folder_beside_studies():
     repo = STUDIES.parent
     fig4 = ls.load_config(STUDIES / "figure4_cifar100_resnet20.toml")
-    assert Path(fig4["data"]["root"]).resolve() == repo / "data"
+    assert Path(fig4.data.root).resolve() == repo / "data"
     imagenet = ls.load_config(STUDIES / "imagenet_resnet18_half.toml")
-    assert Path(imagenet["data"]["root"]).resolve() == repo / "data" / "imagenet" / "train"
+    assert Path(imagenet.data.root).resolve() == repo / "data" / "imagenet" / "train"

@@ -23,7 +23,7 @@ from test_search import assert_exactly_once
 
 
 def fold_accuracies(config):
-    trials = assert_exactly_once(config["study"]["storage"], config["study"]["name"], config)
+    trials = assert_exactly_once(config.study.storage, config.study.name, config)
     return {k: t.user_attrs["fold_accuracies"] for k, t in trials.items()}
 
 
@@ -51,7 +51,7 @@ def test_a_full_disk_while_a_checkpoint_is_written(tiny_config, capsys, monkeypa
     assert main(["search", str(path)]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "no space left on the device writing" in err[0] and ".pt" in err[0], err
-    folder = Path(config["study"]["checkpoint_dir"])
+    folder = Path(config.study.checkpoint_dir)
     files = sorted(p.name for p in folder.rglob("*") if p.is_file())
     assert files and all(n.endswith((".pt", ".pt.prev")) or n == "RUN" for n in files), files  # no partial file left
     for p in folder.rglob("*.pt*"):

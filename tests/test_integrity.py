@@ -9,7 +9,7 @@ import torch
 
 import lambda_search as ls
 from lambda_search.cli import main
-from lambda_search.config import storage_tag
+from lambda_search.configfile import storage_tag
 
 from conftest import SCRIPT
 
@@ -69,7 +69,7 @@ def test_two_storages_in_one_folder_keep_apart(tiny_config, tmp_path, capsys):
     assert main(["search", str(path)]) == 0
     assert main(["search", str(path), "--storage", other]) == 0
     out = capsys.readouterr().out
-    tag = ls.load_config(path, [f"study.storage={other!r}"])["study"]["checkpoint_dir"].rsplit("-", 1)[1]
+    tag = ls.load_config(path, [f"study.storage={other!r}"]).study.checkpoint_dir.rsplit("-", 1)[1]
     assert tag == f"{storage_tag(other)}.ckpt"
     assert f"Figure 4: {tmp_path / 'tiny.png'}" in out and f"Figure 4: {tmp_path / f'tiny-{tag[:-5]}.png'}" in out
     # the same storage with a password gives the same folder: the password is not part of it

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import lambda_search as ls
-from lambda_search import config as _config
+from lambda_search import configfile as _configfile
 from lambda_search import points as _points
 from lambda_search.store.status import PointStatus
 
@@ -34,7 +34,7 @@ def test_format_lambda_round_trips_and_is_shortest():
 
 def _status(lambdas):
     """A hand-made, finished study of ``lambdas``, 3 folds each, no training."""
-    config = _config.resolve_config({"search": {"lambdas": lambdas, "baseline": False},
+    config = _configfile.resolve_config({"search": {"lambdas": lambdas, "baseline": False},
                                 "data": {"dataset": "cifar100", "folds": 3}, "train": {"iterations": 10}},
                                name="close")
     names = ["r0f0", "r0f1", "r0f2"]

@@ -17,9 +17,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lambda_search"
 # -> training of one (lambda, fold), alone or packed, and a point's run -> storage and status -> timing -> the
 # answer -> workers and studies -> CLI
 LAYERS = {
-    "": ["config", "points"],
+    "": ["config", "configfile", "points"],
     "data": ["datasets", "augment", "folds"],
-    "nn": ["registry", "kernels", "simam", "resnet", "official"],
+    "nn": ["kernels", "simam", "registry", "resnet", "official"],
     "train": ["engine", "foldrun", "single", "packnet", "packstep", "pack", "numerics", "groups", "plan"],
     "store": ["failures", "locks", "storage", "status"],
     "bench": ["projection", "measure", "run"],
@@ -28,9 +28,11 @@ LAYERS = {
     "cli": ["parser", "commands"],
 }
 ORDER = [f"{pkg}.{m}" if pkg else m for pkg, modules in LAYERS.items() for m in modules]
-OPTUNA_FREE = {m for m in ORDER if m.split(".")[0] in ("config", "points", "data", "nn", "train", "bench")}
+OPTUNA_FREE = {m for m in ORDER if m.split(".")[0] in ("config", "configfile", "points", "data", "nn", "train",
+                                                        "bench")}
 # what reading a study imports: never torch (a finished study is read on a laptop without it)
-TORCH_FREE = {m for m in ORDER if m.split(".")[0] in ("config", "points", "store", "report")} | {"nn.registry"}
+TORCH_FREE = {m for m in ORDER if m.split(".")[0] in ("config", "configfile", "points", "store", "report")}
+TORCH_FREE |= {"nn.registry"}
 
 
 def module_path(dotted: str) -> Path:

@@ -99,13 +99,14 @@ def test_input_too_small_for_simam_is_refused():
 
 
 def test_bad_arguments_are_refused_with_the_rule_and_value():
-    with pytest.raises(ValueError, match="unknown model name='resnet19'; valid names: " + ", ".join(MODEL_NAMES)):
+    with pytest.raises(ValueError, match="unknown model name='resnet19'; valid names: " + ", ".join(MODEL_NAMES)
+                       + ", or a network of your own as 'module:function'"):
         build_model("resnet19", 10)
     with pytest.raises(ValueError, match="attention must be one of simam, none, got attention='se'"):
         build_model("resnet20", 10, attention="se")
     with pytest.raises(ValueError, match="shortcut must be 'B' or 'A', got shortcut='C'"):
         build_model("resnet20", 10, shortcut="C")
-    with pytest.raises(ValueError, match="CIFAR networks only"):
+    with pytest.raises(ValueError, match="shortcut must be 'B', got shortcut='A' \\(resnet18\\)"):
         build_model("resnet18", 10, shortcut="A")
     for bad in (0, -3, 2.5, "10", True):
         with pytest.raises(ValueError, match="num_classes must be an integer >= 1"):

@@ -25,7 +25,8 @@ def test_a_training_runs_on_train_threads_and_gives_the_threads_back():
         ls.train_fold(data, fold, 1e-4, cfg, callback=lambda m: seen.append(torch.get_num_threads()))
         train_pack(data, [fold], [1e-4], cfg, seeds=[0], callback=lambda i, m: seen.append(torch.get_num_threads()))
     assert seen == [1, 1, 2, 2] and torch.get_num_threads() == before
-    with pytest.raises(ValueError, match="threads must be an integer > 0, got threads=0"):
+    with pytest.raises(ValueError, match=r"threads must be an integer >= 1 \(CPU threads per training\), got "
+                                         "threads=0"):
         ls.TrainConfig(iterations=2, threads=0)
 
 
@@ -54,7 +55,7 @@ def test_use_kernels_switches_the_kernel_within_a_block(monkeypatch):
 def test_each_fold_records_its_numerics_and_the_study_its_pin(tiny_config, capsys):
     config = ls.load_config(tiny_config(baseline="true"))
     ls.run_search(config, log=lambda s: None)
-    status = ls.study_status(ls.open_store(config["study"]["storage"]), "tiny")
+    status = ls.study_status(ls.open_store(config.study.storage), "tiny")
     kernel = _kernels.cpu_kernel() is not None
     assert status.pinned == {"cpu": {"simam_kernel": kernel, "packs": {"simam": 1, "none": 1}}}
     [only] = status.numerics
@@ -86,7 +87,7 @@ def test_folds_trained_under_two_numerics_are_reported(tiny_config, capsys, monk
 
     monkeypatch.setattr(_objective, "training_numerics", elsewhere)
     path = tiny_config(baseline="true")
-    url = ls.load_config(path)["study"]["storage"]
+    url = ls.load_config(path).study.storage
     assert main(["search", str(path)]) == 0
     out = capsys.readouterr().out
     assert "WARNING: on 1 fold (r0f1) the points were trained under more than one numerics, so lambdas are not" in out
@@ -156,7 +157,7 @@ def test_a_study_keeps_the_kernel_it_was_created_with(tiny_config, monkeypatch):
 def test_what_changes_rounding_cannot_change_on_resume(tiny_config):
     config = ls.load_config(tiny_config(lambdas="[1e-3]"))
     ls.run_search(config, log=lambda s: None)
-    url = config["study"]["storage"]
+    url = config.study.storage
     for key in ("train.threads=2", "train.pack=2", "train.compile=true"):
         with pytest.raises(ls.ConfigError, match=f"--set {key.split('=')[0]}: a stored study's config can only change"):
             _study.resume_config(url, "tiny", [key])
@@ -176,9 +177,9 @@ def test_workers_on_the_cpu_are_capped_at_cores_over_threads(monkeypatch, tiny_c
     n, note = _supervise.worker_count(config, 6, pending=10)
     assert n == 4 and note == ("6 workers asked for, 4 started: each training uses train.threads = 1 (the "
                                "study's), and this machine has 4 cores")
-    config["train"]["threads"] = 3
+    config = config.replace("train", threads=3)
     assert _supervise.worker_count(config, "auto", pending=10) == (1, None)
-    config["train"]["threads"] = 8
+    config = config.replace("train", threads=8)
     assert _supervise.worker_count(config, None, pending=10)[0] == 1  # tiny.toml: search.workers = 1
-    config["train"]["threads"], config["search"]["workers"] = 2, "auto"
+    config = config.replace("train", threads=2).replace("search", workers="auto")
     assert _supervise.worker_count(config, None, pending=10) == (2, None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lambda_search import ConfigError
-from lambda_search import config as _config
+from lambda_search import configfile as _configfile
 from lambda_search.nn.registry import MODEL_NAMES
 from lambda_search.points import Point, fold_names, format_lambda, grid_points, summarize
 from lambda_search.train import plan as _objective
@@ -26,7 +26,7 @@ def config(search=None, data=None, model=None, train=None):
            "model": model or {}, "train": {"epochs": 1, "batch_size": 8, **(train or {})}}
     if "holdout" in (data or {}):
         del raw["data"]["folds"]
-    return _config.resolve_config(raw, name="objective")
+    return _configfile.resolve_config(raw, name="objective")
 
 
 # ---------------------------------------------------------------- the grid
@@ -163,8 +163,9 @@ def _refused(c, device=None) -> str:
 
 def test_make_plan_refuses_an_unknown_model():
     c = config()
-    c["model"]["name"] = "vgg16"  # the config layer checks only that it is a string
-    assert _refused(c) == f"model.name must be one of {', '.join(MODEL_NAMES)}, got model.name='vgg16'"
+    c = c.replace("model", name="vgg16")  # the config layer checks only that it is a string
+    assert _refused(c) == (f"model.name must be one of {', '.join(MODEL_NAMES)}, or a network of your own as "
+                           "'module:function', got model.name='vgg16'")
     assert "resnet20" in MODEL_NAMES
 
 

@@ -43,7 +43,7 @@ print("FOUND " + json.dumps(found, default=str))
 def test_reading_a_study_imports_no_torch(tiny_config, tmp_path, capsys):
     config = ls.load_config(tiny_config(baseline="true"))
     ls.run_search(config, log=lambda s: None)
-    url, name = config["study"]["storage"], config["study"]["name"]
+    url, name = config.study.storage, config.study.name
     run = subprocess.run([sys.executable, "-c", NO_TORCH, url, name, str(tmp_path)], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

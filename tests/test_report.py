@@ -11,7 +11,7 @@ import pytest
 
 import lambda_search as ls
 from lambda_search import ConfigError, StudyStatus
-from lambda_search import config as _config
+from lambda_search import configfile as _configfile
 from lambda_search.points import Point
 from lambda_search.report import tables as _report
 from lambda_search.report.tables import numerics_lines
@@ -35,7 +35,7 @@ def done(accs, secs, numerics=CPU):
 
 def make_status(repeats=1):
     """Five points of every state: two complete, one running, one diverged, the baseline pending."""
-    config = _config.resolve_config(
+    config = _configfile.resolve_config(
         {
             "search": {"lambdas": [1e-3, 1e-2, 1e-1, 1.0], "baseline": True, "repeats": repeats},
             "data": {"dataset": "synthetic", "folds": 3},

@@ -56,7 +56,7 @@ def test_search_stores_one_trial_per_point_with_the_fold_results(tiny_config):
     config = ls.load_config(tiny_config(baseline="true"))
     how, status = ls.run_search(config, log=lambda s: None)
     assert how == "created" and status.finished and status.complete == 3
-    url, name = config["study"]["storage"], config["study"]["name"]
+    url, name = config.study.storage, config.study.name
     done = assert_exactly_once(url, name, config)
 
     study = optuna.load_study(study_name=name, storage=url)
@@ -84,7 +84,7 @@ def test_search_stores_one_trial_per_point_with_the_fold_results(tiny_config):
 def test_a_trials_accuracies_are_train_folds_own(tiny_config):
     config = ls.load_config(tiny_config(lambdas="[1e-3]"))
     ls.run_search(config, log=lambda s: None)
-    trial = assert_exactly_once(config["study"]["storage"], "tiny", config)["e_lambda=0.001/repeat=0"]
+    trial = assert_exactly_once(config.study.storage, "tiny", config)["e_lambda=0.001/repeat=0"]
     plan = _objective.make_plan(config)
     for fold, accuracy in zip(plan.folds, trial.user_attrs["fold_accuracies"]):
         result = ls.train_fold(plan.data, fold, 1e-3, plan.train, seed=plan.train_seed(fold))
@@ -97,7 +97,7 @@ def test_a_packed_search_interrupted_and_resumed(tiny_config, capsys):
     fold's checkpoint, and the resumed study equals an uninterrupted pack's results, bit for
     bit (a pack against one fold at a time sums in another order: test_pack.py)."""
     config = ls.load_config(tiny_config(lambdas="[1e-3, 1e-1]", baseline="true"), ["train.pack=2"])
-    url, name = config["study"]["storage"], config["study"]["name"]
+    url, name = config.study.storage, config.study.name
     calls = []
     how, status = ls.run_search(config, log=print, should_stop=lambda: calls.append(1) or len(calls) > 14)
     assert status.complete < 3
@@ -235,7 +235,7 @@ def uninterrupted(tmp_path_factory):
     result = _run(["search", str(path)], env)
     assert result.returncode == 0, result.stderr
     config = ls.load_config(path)
-    return config, _accuracies(config["study"]["storage"], "slow", config)
+    return config, _accuracies(config.study.storage, "slow", config)
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
@@ -287,7 +287,7 @@ def test_concurrent_searches_and_workers_run_each_point_once(tiny_config, tmp_pa
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     config = ls.load_config(path)
-    url = config["study"]["storage"]
+    url = config.study.storage
     assert_exactly_once(url, "tiny", config)
     assert sum(len(v) for v in trials_of(url, "tiny").values()) == 8  # no failed attempts either
     workers = {t.system_attrs["lambda_search:worker"] for v in trials_of(url, "tiny").values() for t in v}
@@ -326,7 +326,7 @@ def test_a_diverging_point_fails_once_and_the_rest_completes(tiny_config, capsys
     out = capsys.readouterr().out
     assert "3 of 3 points complete" not in out and "trial" not in out.replace("trials", "")
     config = ls.load_config(path)
-    url = config["study"]["storage"]
+    url = config.study.storage
     by_point = trials_of(url, "tiny")
     (failed,) = by_point["e_lambda=0.1/repeat=0"]
     assert failed.state == optuna.trial.TrialState.FAIL

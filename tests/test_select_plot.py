@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import lambda_search as ls
-from lambda_search import config as _config
+from lambda_search import configfile as _configfile
 from lambda_search import points as _points
 from lambda_search.cli import main
 from lambda_search.report import select as _select
@@ -20,7 +20,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "figure4.ipynb"
 
 def _status(baseline=True):
     """A hand-made study: 3 folds; 1e-6 diverged, 1e-4 interrupted after one fold."""
-    config = _config.resolve_config({"search": {"lambdas": [1e-6, 1e-4, 1e-3, 1e-2, 1e-1], "baseline": baseline},
+    config = _configfile.resolve_config({"search": {"lambdas": [1e-6, 1e-4, 1e-3, 1e-2, 1e-1], "baseline": baseline},
                                 "data": {"dataset": "cifar100", "folds": 3}, "train": {"iterations": 10}},
                                name="hand")
     names = ["r0f0", "r0f1", "r0f2"]
@@ -111,7 +111,7 @@ def test_no_verdict_against_a_baseline_that_is_not_complete():
 
 def _tied_status(prefer_sems=(0.004, 0.002)):
     """1e-5 and 1e-3 tie at the best mean, with different spreads; 1e-1 a little below."""
-    config = _config.resolve_config({"search": {"lambdas": [1e-5, 1e-3, 1e-1], "baseline": True},
+    config = _configfile.resolve_config({"search": {"lambdas": [1e-5, 1e-3, 1e-1], "baseline": True},
                                      "data": {"dataset": "digits", "folds": 3}, "train": {"iterations": 10}},
                                     name="tied")
     names = ["r0f0", "r0f1", "r0f2"]

@@ -64,7 +64,7 @@ def test_a_running_trial_is_running_only_while_its_lease_lives():
 def _store(tiny_config, tmp_path, **kw):
     config = ls.load_config(tiny_config(**kw))
     plan = _objective.make_plan(config)
-    store = ls.open_store(config["study"]["storage"], create=True)
+    store = ls.open_store(config.study.storage, create=True)
     assert _study.create_or_resume(store, config, plan) == "created"
     return store, _status.load_study_config(store, "tiny")
 

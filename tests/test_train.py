@@ -211,13 +211,13 @@ def test_the_papers_schedule():
     [
         (dict(), "give exactly one budget"),
         (dict(epochs=2, iterations=5), "give exactly one budget"),
-        (dict(epochs=0), "epochs must be an integer > 0, got epochs=0"),
-        (dict(epochs=2, batch_size=0), "batch_size must be an integer > 0, got batch_size=0"),
+        (dict(epochs=0), "epochs must be an integer >= 1, got epochs=0"),
+        (dict(epochs=2, batch_size=0), "batch_size must be an integer >= 1, got batch_size=0"),
         (dict(epochs=2, lr=float("nan")), "lr must be a finite number > 0, got lr=nan"),
         (dict(epochs=2, lr=-0.1), "lr must be a finite number > 0, got lr=-0.1"),
-        (dict(epochs=2, schedule="linear"), "schedule must be one of step, cosine, got schedule='linear'"),
+        (dict(epochs=2, schedule="linear"), "schedule must be 'step' or 'cosine', got schedule='linear'"),
         (dict(epochs=2, milestones=(0.75, 0.5)), "milestones must be increasing fractions"),
-        (dict(epochs=2, device="gpu"), "device must be a torch device"),
+        (dict(epochs=2, device="gpu"), "device must be 'cpu', 'cuda' or 'cuda:N', got device='gpu'"),
     ],
 )
 def test_config_errors_name_the_value(kwargs, message):

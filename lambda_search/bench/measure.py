@@ -57,8 +57,8 @@ class Engines:
 
 def plan_engine(plan: Plan, attention: str) -> Engine:
     """The engine of ``plan``'s network (``attention``: "simam" or "none") as its [train] asks."""
-    cfg = plan.config["model"]
-    return build_engine(plan.train, cfg["name"], plan.data.num_classes, attention, cfg["shortcut"])
+    model = plan.config.model
+    return build_engine(plan.train, model.name, plan.data.num_classes, attention, model.shortcut)
 
 
 def _engine_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None) -> Callable[[], None]:
@@ -103,7 +103,7 @@ def _pack_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | No
 def search_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None) -> Callable[[], None]:
     """One network's training step as the search runs it (``trains_alone``): the engine's
     step on the CPU, a pack of one (a CUDA graph where they are on) on GPUs."""
-    if trains_alone(1, engine.device):
+    if trains_alone(1, engine.device, engine.network.packs):
         return _engine_step(plan, engine, data, e_lambda)
     return _pack_step(plan, engine, data, e_lambda, 1)
 
@@ -264,7 +264,7 @@ def _eval_images_per_s(engine: Engine, data: ImageData, plan: Plan, size: int = 
 
 
 def lambda_of(plan: Plan) -> float:
-    lambdas = plan.config["search"]["lambdas"]
+    lambdas = plan.config.search.lambdas
     return 1e-4 if 1e-4 in lambdas else lambdas[len(lambdas) // 2]
 
 

@@ -18,11 +18,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..config import resolve_config
+from ..config import Config
+from ..configfile import resolve_config
 from ..data.datasets import ImageData
 from ..nn.kernels import cpu_kernel
-from ..nn.resnet import BasicBlock, build_model
-from ..nn.simam import SimAM, simam_reference
+from ..nn.registry import network_spec
+from ..nn.simam import simam_reference
 from ..train.engine import cpu_threads, make_optimizer, on_device
 from ..train.plan import Plan, make_plan
 from .measure import (
@@ -57,7 +58,7 @@ PAPER_FIGURE4 = {
 EVALUATION_SEEDS = 3  # `lambda-search evaluate`'s default
 
 
-def paper_figure4_config(overrides=()) -> dict:
+def paper_figure4_config(overrides=()) -> Config:
     """PAPER_FIGURE4, resolved, on the GPU where there is one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return resolve_config(PAPER_FIGURE4, [f"train.device={device!r}", *overrides], origin="bench")
@@ -152,11 +153,10 @@ def _reference_transform(data: ImageData):
 def _reference_step(plan: Plan, e_lambda: float, device: torch.device, workers: int) -> Callable[[], None]:
     """The official code's training step: DataLoader of PIL transforms, eager float32 network
     with the tensor-formula SimAM, a loss.item() every step."""
-    cfg, train = plan.config["model"], plan.train
-    model = build_model(cfg["name"], plan.data.num_classes, "simam", e_lambda, cfg["shortcut"])
-    for block in model.modules():
-        if isinstance(block, BasicBlock) and isinstance(block.attn, SimAM):
-            block.attn = _OfficialSimAM(e_lambda)
+    cfg, train = plan.config.model, plan.train
+    spec = network_spec(cfg.name)  # SimAM as the official code computes it, where the network puts SimAM
+    model = spec.build(plan.data.num_classes, lambda: _OfficialSimAM(e_lambda), **spec.checked_options(
+        shortcut=cfg.shortcut))
     model = model.to(device).train()
     optimizer = make_optimizer(model, train)
     dataset = _PilImages(plan.data, plan.folds[0].train, _reference_transform(plan.data))
@@ -179,7 +179,7 @@ def _reference_step(plan: Plan, e_lambda: float, device: torch.device, workers: 
     return step
 
 
-def run_bench(config: dict | None = None, *, rounds: int = 7, block_seconds: float = 1.0,
+def run_bench(config: Config | None = None, *, rounds: int = 7, block_seconds: float = 1.0,
               workers: int | None = None, log: Callable[[str], None] | None = None) -> Bench:
     """Measure the three pipelines on ``config``'s data, network, batch size and device (the
     paper's Figure 4 search on CIFAR-100-shaped synthetic data when None), and project the
@@ -199,7 +199,7 @@ def _run_bench(plan: Plan, rounds: int, block_seconds: float, workers: int | Non
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     data = on_device(plan.data, plan.train, device)
     e_lambda = lambda_of(plan)
-    say(f"bench: {config['model']['name']} at {data.input_size} px, batch {plan.train.batch_size}, on {device} "
+    say(f"bench: {config.model.name} at {data.input_size} px, batch {plan.train.batch_size}, on {device} "
         f"({torch.get_num_threads()} threads); {rounds} rounds")
     simam_engine = plan_engine(plan, "simam")
     baseline_engine = plan_engine(plan, "none")
@@ -228,7 +228,7 @@ def _run_bench(plan: Plan, rounds: int, block_seconds: float, workers: int | Non
     alone = {"simam": timed.seconds["engine"], "none": timed.seconds["baseline"]}  # one training per point: no pack
     evaluation = project_rounds(plan, alone, rates, {"simam": 1, "none": 1}, k, least_share(shares),
                                 evaluation_trainings(plan, EVALUATION_SEEDS))
-    return Bench(str(device), config["model"]["name"], data.input_size, batch, torch.get_num_threads(), workers,
+    return Bench(str(device), config.model.name, data.input_size, batch, torch.get_num_threads(), workers,
                  rounds, k, batch / seconds["reference"], batch / seconds["engine"], batch / seconds["baseline"],
                  statistics.median(rates), projection, evaluation,
                  {s: s * batch / t for s, t in sorted(medians(packed.seconds).items())}, size)

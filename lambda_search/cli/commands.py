@@ -13,7 +13,8 @@ import sys
 import warnings
 
 from .. import __version__
-from ..config import ConfigError, load_config
+from ..config import ConfigError
+from ..configfile import load_config
 from ..report.evaluation import format_evaluation, read_evaluation
 from ..report.plot import default_plot_path, plot_figure4
 from ..report.select import format_selection, nothing_selected, select
@@ -58,13 +59,11 @@ def stop_on_signals():
 
 
 def _models(args: argparse.Namespace) -> int:
-    from ..nn.registry import MODEL_NAMES
-    from ..nn.resnet import build_model
+    from ..nn.registry import NETWORKS, build_model
 
     print(f"{'name':<10} {'shortcut':>8} {'classes':>8} {'parameters':>12}")
-    for name in MODEL_NAMES:
-        shortcuts = ("B",) if name == "resnet18" else ("B", "A")
-        for shortcut in shortcuts:
+    for name, spec in NETWORKS.items():
+        for shortcut in spec.options.get("shortcut", (None,)):
             model = build_model(name, args.num_classes, shortcut=shortcut)
             count = sum(p.numel() for p in model.parameters())
             print(f"{name:<10} {shortcut:>8} {args.num_classes:>8} {count:>12,}")

@@ -12,24 +12,16 @@ through :func:`lambda_search.load_official_checkpoint`.
 
 from __future__ import annotations
 
-import functools
-import numbers
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .registry import MODEL_NAMES
-from .simam import SimAM, SimAMBatchNorm, check_e_lambda
+from .simam import SimAMBatchNorm
 
-__all__ = ["BasicBlock", "ResNet", "build_model"]
+__all__ = ["BasicBlock", "ResNet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18"]
 
-# CIFAR: blocks in each of the 3 stages; ImageNet: blocks per stage
-_CIFAR = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9, "resnet110": 18}
-_IMAGENET = {"resnet18": (2, 2, 2, 2)}
-ATTENTIONS = ("simam", "none")
-SHORTCUTS = ("B", "A")
 
 LayerFactory = Callable[[], nn.Module]
 
@@ -144,34 +136,30 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def build_model(
-    name: str,
-    num_classes: int,
-    attention: str = "simam",
-    e_lambda: float = 1e-4,
-    shortcut: str = "B",
-) -> ResNet:
-    """Build one of the paper's networks, with SimAM (``attention="simam"``) or without.
+def _cifar(n: int, num_classes: int, attn_layer: LayerFactory | None, shortcut: str) -> ResNet:
+    return ResNet((n, n, n), (16, 32, 64), num_classes, False, attn_layer, shortcut)
 
-    ``name``: resnet20, resnet32, resnet44, resnet56, resnet110 (CIFAR, 32 px or smaller
-    inputs) or resnet18 (ImageNet; 224 px, or 112 px for the paper's half-resolution
-    search). ``shortcut``: "B" (1x1 conv + BN, the official SimAM code) or "A" (subsample
-    and zero-pad, He et al.), CIFAR networks only.
-    """
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown model name={name!r}; valid names: {', '.join(MODEL_NAMES)}")
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got attention={attention!r}")
-    if shortcut not in SHORTCUTS:
-        raise ValueError(f"shortcut must be 'B' or 'A', got shortcut={shortcut!r}")
-    if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1, got num_classes={num_classes!r}")
-    attn_layer = None
-    if attention == "simam":
-        attn_layer = functools.partial(SimAM, check_e_lambda(e_lambda))
-    if name in _CIFAR:
-        n = _CIFAR[name]
-        return ResNet((n, n, n), (16, 32, 64), int(num_classes), False, attn_layer, shortcut)
-    if shortcut != "B":
-        raise ValueError(f"shortcut='A' is for the CIFAR networks only; {name} uses shortcut='B'")
-    return ResNet(_IMAGENET[name], (64, 128, 256, 512), int(num_classes), True, attn_layer, "B")
+
+# Each network: a two-line factory, registered in lambda_search.nn.registry
+def resnet20(num_classes: int, attn_layer: LayerFactory | None = None, shortcut: str = "B") -> ResNet:
+    return _cifar(3, num_classes, attn_layer, shortcut)
+
+
+def resnet32(num_classes: int, attn_layer: LayerFactory | None = None, shortcut: str = "B") -> ResNet:
+    return _cifar(5, num_classes, attn_layer, shortcut)
+
+
+def resnet44(num_classes: int, attn_layer: LayerFactory | None = None, shortcut: str = "B") -> ResNet:
+    return _cifar(7, num_classes, attn_layer, shortcut)
+
+
+def resnet56(num_classes: int, attn_layer: LayerFactory | None = None, shortcut: str = "B") -> ResNet:
+    return _cifar(9, num_classes, attn_layer, shortcut)
+
+
+def resnet110(num_classes: int, attn_layer: LayerFactory | None = None, shortcut: str = "B") -> ResNet:
+    return _cifar(18, num_classes, attn_layer, shortcut)
+
+
+def resnet18(num_classes: int, attn_layer: LayerFactory | None = None, shortcut: str = "B") -> ResNet:
+    return ResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, True, attn_layer, shortcut)

@@ -18,13 +18,10 @@ itself as one kernel of the same file.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 from torch import Tensor, nn
 
-from ..config import E_LAMBDA_MIN  # the smallest normal float32: a smaller lambda is lost in float32
+from ..config import E_LAMBDA_MIN, check_lambda  # noqa: F401  (E_LAMBDA_MIN: the smallest normal float32)
 from .kernels import cpu_kernel
 
 __all__ = ["SimAM", "SimAMBatchNorm", "simam", "simam_reference", "set_e_lambda", "check_e_lambda"]
@@ -36,15 +33,7 @@ def check_e_lambda(e_lambda: object) -> float:
     """Return ``e_lambda`` as a float, or raise ValueError unless it is a finite number
     >= ``E_LAMBDA_MIN`` (the smallest normal float32: SimAM computes in float32, where a
     smaller lambda is a subnormal or 0 and 4 * (v + lambda) loses it)."""
-    ok = isinstance(e_lambda, numbers.Real) and not isinstance(e_lambda, bool)
-    if ok:
-        value = float(e_lambda)
-        if math.isfinite(value) and value > 0:
-            if value < E_LAMBDA_MIN:
-                raise ValueError(f"e_lambda must be >= {E_LAMBDA_MIN!r} (the smallest normal float32: SimAM "
-                                 f"computes in float32), got e_lambda={e_lambda!r}")
-            return value
-    raise ValueError(f"e_lambda must be a finite number > 0, got e_lambda={e_lambda!r}")
+    return check_lambda(e_lambda, "e_lambda", f"e_lambda={e_lambda!r}")
 
 
 def _check_shape(x: Tensor) -> None:

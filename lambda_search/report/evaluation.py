@@ -5,7 +5,7 @@ that ``lambda_search.search.evaluate`` runs), as the paper's Table 2 shows it. N
 
 from __future__ import annotations
 
-from ..config import HELD_OUT_TEST, TEST_SPLITS
+from ..config import HELD_OUT_TEST, TEST_SPLITS, DataSection
 from ..nn.registry import MODEL_LABELS
 from ..points import format_lambda, summarize
 from ..store.status import CONFIG_ATTR, EVALUATE_ATTR, StudyStatus, final_study_name, study_id, study_status
@@ -41,7 +41,7 @@ def read_evaluation(store: Store, name: str) -> dict | None:
         return None
     final, search = study_status(store, fname), study_status(store, name)
     attrs = attrs.get(EVALUATE_ATTR, {})
-    seeds = final.config["search"]["repeats"]
+    seeds = final.config.search.repeats
     cv = {s.e_lambda: s for s in lambda_stats(search)}
     networks = []
     for attention in ("simam", "none"):
@@ -55,19 +55,19 @@ def read_evaluation(store: Store, name: str) -> dict | None:
         a, b = ({f"s{i}": x for i, x in enumerate(n["seeds"]) if x is not None} for n in networks)
         pair = corrected_t_test(a, b, 0.0)  # n_test/n_train = 0: the plain paired t-test over seeds
         pair["reason"] = pair["reason"] and pair["reason"].replace("fold", "seed")
-    data = final.config["data"]
-    return {"study": name, "final_study": fname, "e_lambda": final.config["search"]["lambdas"][0],
-            "chosen_by": attrs.get("chosen_by"), "seeds": seeds, "model": final.config["model"]["name"],
-            "dataset": data["dataset"], "test_split": _test_split(data), "networks": networks,
+    data = final.config.data
+    return {"study": name, "final_study": fname, "e_lambda": final.config.search.lambdas[0],
+            "chosen_by": attrs.get("chosen_by"), "seeds": seeds, "model": final.config.model.name,
+            "dataset": data.dataset, "test_split": _test_split(data), "networks": networks,
             "difference": {"diff": pair.get("diff"), "t": pair.get("t"), "p": pair.get("p"),
                            "seeds": pair.get("folds", 0), "reason": pair.get("reason")} if pair else None,
             "complete": final.complete, "total": final.total, "finished": final.finished}
 
 
-def _test_split(data: dict) -> str:
-    if data["dataset"] in HELD_OUT_TEST:
-        return f"held out before the folds: {data['test_fraction']:g} of the data set, by class; data.test_fraction"
-    return TEST_SPLITS.get(data["dataset"]) or "the data set's test split"
+def _test_split(data: DataSection) -> str:
+    if data.dataset in HELD_OUT_TEST:
+        return f"held out before the folds: {data.test_fraction:g} of the data set, by class; data.test_fraction"
+    return TEST_SPLITS.get(data.dataset) or "the data set's test split"
 
 
 def _pct(v) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import Config, ConfigError
 from ..nn.registry import MODEL_LABELS
 from ..points import format_lambda
 from ..store.status import StudyStatus
@@ -22,17 +22,17 @@ CROWDED_RATIO = 3.0  # neighbouring lambdas closer than this factor on the log a
 CROWDED_TICKS = 8  # more ticks than this: slanted tick labels
 
 
-def plot_title(config: dict) -> str:
+def plot_title(config: Config) -> str:
     """In the paper's style: "Cross-validation accuracy on CIFAR-100, ResNet-20"."""
-    data = config["data"]
-    if data["dataset"] == "imagefolder":
-        res = data["options"].get("resolution", 112)
-        root = Path(data["root"] or "images")
+    data = config.data
+    if data.dataset == "imagefolder":
+        res = data.options.get("resolution", 112)
+        root = Path(data.root or "images")
         name = root.parent.name if root.name in ("train", "val") else root.name
         dataset = f"{name or 'image folder'} at {res} px"
     else:
-        dataset = _DATASETS.get(data["dataset"], data["dataset"])
-    model = MODEL_LABELS.get(config["model"]["name"], config["model"]["name"])
+        dataset = _DATASETS.get(data.dataset, data.dataset)
+    model = MODEL_LABELS.get(config.model.name, config.model.name)
     return f"Cross-validation accuracy on {dataset}, {model}"
 
 
@@ -196,7 +196,7 @@ def _dress(ax, data: dict) -> None:
 
 def default_plot_path(status: StudyStatus) -> Path:
     """Where a search leaves its plot: beside its checkpoints, ``<study>.png``."""
-    return Path(status.config["study"]["checkpoint_dir"]).with_suffix(".png")
+    return Path(status.config.study.checkpoint_dir).with_suffix(".png")
 
 
 def plot_figure4(status: StudyStatus, path, prefer: str = "larger", make_folder: bool = False,

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from scipy import stats as _stats
 
-from ..config import ConfigError
+from ..config import Config, ConfigError
 from ..points import format_lambda, summarize
 from ..store.status import CHOSEN_ATTR, StudyStatus, study_id
 from ..store.storage import Store
@@ -76,16 +76,16 @@ def lambda_stats(status: StudyStatus) -> list[LambdaStats]:
     return out
 
 
-def test_train_ratio(config: dict) -> float:
+def test_train_ratio(config: Config) -> float:
     """n_test / n_train of one split, the correction of Nadeau and Bengio; 0 for a final
     evaluation (data.test: every seed trains on the same images, tests on the same split, so
     the plain paired t-test over seeds)."""
-    if config["data"].get("test"):
+    if config.data.test:
         return 0.0
-    holdout = config["data"]["holdout"]
+    holdout = config.data.holdout
     if holdout is not None:
         return holdout / (1 - holdout)
-    return 1 / (config["data"]["folds"] - 1)
+    return 1 / (config.data.folds - 1)
 
 
 # accuracies (fractions) closer than this are equal: counts divided by image counts, subtracted
@@ -234,7 +234,7 @@ def record_choice(store: Store, status: StudyStatus) -> dict | None:
     """Once ``status``'s study is finished, store its choice (one-SE rule, the larger end, as
     ``select`` by default) and verdict as the study's user attribute CHOSEN_ATTR, for Optuna's
     own tools and the dashboard. Returns it (None while the study is not finished)."""
-    if not status.finished or status.config["data"].get("test"):  # (a final evaluation reports itself)
+    if not status.finished or status.config.data.test:  # (a final evaluation reports itself)
         return None
     sel = select(status)
     if sel["one_se"] is None:

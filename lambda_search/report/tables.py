@@ -24,7 +24,7 @@ def _lam(point) -> str:
 
 def status_table(status: StudyStatus) -> str:
     """A plain-text table of the points: lambda, repeat, state, folds done, mean +- std (%)."""
-    repeats = status.config["search"]["repeats"] > 1
+    repeats = status.config.search.repeats > 1
     head = ["lambda"] + (["repeat"] if repeats else []) + ["state", "folds", "val acc % (mean +- std)"]
     rows = []
     for p in status.points:

@@ -12,12 +12,10 @@ numerics, as a search's point does; a second ``evaluate`` trains nothing.
 
 from __future__ import annotations
 
-import copy
-import math
 from pathlib import Path
 from typing import Callable
 
-from ..config import E_LAMBDA_MIN, FINAL_SUFFIX, HELD_OUT_TEST, ConfigError, resolve_config
+from ..config import FINAL_SUFFIX, HELD_OUT_TEST, Config, ConfigError, check_lambda
 from ..points import format_lambda
 from ..report.evaluation import plural, read_evaluation
 from ..report.select import PREFER, select
@@ -27,6 +25,7 @@ from ..store.status import (
     FINGERPRINT_ATTR,
     StudyError,
     StudyStatus,
+    completed_config,
     final_study_name,
     study_id,
     study_status,
@@ -40,45 +39,41 @@ __all__ = ["run_evaluation", "final_config", "FINAL_EVAL_EVERY"]
 FINAL_EVAL_EVERY = 2**31 - 1  # train.eval_every of a final training: past any budget, so only its end is tested
 
 
-def final_config(config: dict, e_lambda: float, seeds: int) -> dict:
+def final_config(config: Config, e_lambda: float, seeds: int) -> Config:
     """The config of study ``config``'s final evaluation: the same model, data, budget,
     schedule and optimiser; ``e_lambda`` alone (and the baseline where the search had one);
     ``seeds`` seeds; every training image against the test split; checkpoints beside the
     search's (``<checkpoint_dir>-final``)."""
-    final = copy.deepcopy(config)
-    final["study"]["name"] = final_study_name(config["study"]["name"])
-    if final["study"]["checkpoint_dir"] is not None:
-        ckpt = Path(final["study"]["checkpoint_dir"])
-        final["study"]["checkpoint_dir"] = str(ckpt.with_name(ckpt.stem + "-final" + ckpt.suffix))
-    final["search"].update(lambdas=[float(e_lambda)], repeats=seeds)
-    final["data"]["test"] = True
-    final["train"]["eval_every"] = FINAL_EVAL_EVERY
-    return resolve_config(final, origin=f"the final evaluation of study {config['study']['name']!r}")
+    ckpt = config.study.checkpoint_dir
+    if ckpt is not None:
+        ckpt = str(Path(ckpt).with_name(Path(ckpt).stem + "-final" + Path(ckpt).suffix))
+    return (config.replace("study", name=final_study_name(config.study.name), checkpoint_dir=ckpt)
+            .replace("search", lambdas=(float(e_lambda),), repeats=seeds)
+            .replace("data", test=True).replace("train", eval_every=FINAL_EVAL_EVERY))
 
 
 def _check(seeds: int, e_lambda: float | None, prefer: str) -> None:
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise ConfigError(f"--seeds must be an integer >= 1, got {seeds!r}")
-    if e_lambda is not None and not (isinstance(e_lambda, (int, float)) and math.isfinite(e_lambda)
-                                     and e_lambda >= E_LAMBDA_MIN):
-        raise ConfigError(f"--lambda must be a finite number >= {E_LAMBDA_MIN!r} (lambda > 0), got {e_lambda!r}")
+    if e_lambda is not None:
+        check_lambda(e_lambda, "--lambda", repr(e_lambda))
     if prefer not in PREFER:
         raise ConfigError(f"prefer must be 'larger' or 'smaller', got prefer={prefer!r}")
 
 
-def _evaluable(status: StudyStatus, config: dict) -> None:
+def _evaluable(status: StudyStatus, config: Config) -> None:
     """Refuse a study that is not finished, or whose folds covered every image."""
     if not status.finished:
         raise StudyError(f"study {status.name!r} is not finished ({status.complete} of {status.total} points "
                          f"complete): finish it first (lambda-search resume --storage URL --study {status.name})")
-    data = config["data"]
-    if data["dataset"] in HELD_OUT_TEST and not data["test_fraction"]:
-        raise StudyError(f"study {status.name!r} cross-validated on every image of {data['dataset']!r} "
+    data = config.data
+    if data.dataset in HELD_OUT_TEST and not data.test_fraction:
+        raise StudyError(f"study {status.name!r} cross-validated on every image of {data.dataset!r} "
                          "(data.test_fraction = 0, or a study made before it existed): no image is left to test "
                          "on; run a new search with data.test_fraction > 0")
 
 
-def _same_data(store: Store, name: str, config: dict) -> None:
+def _same_data(store: Store, name: str, config: Config) -> None:
     """The training set the search cross-validated, whatever ``--set data.root`` says: the
     folds' fingerprint of ``config`` must be the stored one."""
     if make_plan(config).fingerprint != store.storage.get_study_user_attrs(study_id(store, name)).get(FINGERPRINT_ATTR):
@@ -104,13 +99,16 @@ def _check_final(store: Store, name: str, e_lambda: float, seeds: int) -> None:
     sid = study_id(store, final)
     if sid is None:
         return
-    held = store.storage.get_study_user_attrs(sid).get(CONFIG_ATTR, {}).get("search", {})
-    if held.get("lambdas") and held["lambdas"] != [e_lambda]:
-        raise StudyError(f"study {final!r} evaluates lambda = {format_lambda(held['lambdas'][0])}, not "
-                         f"{format_lambda(e_lambda)}: run evaluate --lambda {held['lambdas'][0]!r} to see it")
-    if held.get("repeats") not in (None, seeds):
-        raise StudyError(f"study {final!r} trains {plural(held['repeats'], 'seed')} per network, not {seeds}: "
-                         f"run evaluate --seeds {held['repeats']} to see it")
+    attrs = store.storage.get_study_user_attrs(sid)
+    if CONFIG_ATTR not in attrs:  # killed as it was made
+        return
+    held = completed_config(attrs[CONFIG_ATTR]).search
+    if held.lambdas != (e_lambda,):
+        raise StudyError(f"study {final!r} evaluates lambda = {format_lambda(held.lambdas[0])}, not "
+                         f"{format_lambda(e_lambda)}: run evaluate --lambda {held.lambdas[0]!r} to see it")
+    if held.repeats != seeds:
+        raise StudyError(f"study {final!r} trains {plural(held.repeats, 'seed')} per network, not {seeds}: "
+                         f"run evaluate --seeds {held.repeats} to see it")
 
 
 def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | None = None, prefer: str = "larger",
@@ -134,10 +132,10 @@ def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | Non
     _check_final(store, name, lam, seeds)
     final = final_config(config, lam, seeds)
     log(f"final evaluation of study {name!r}: lambda = {format_lambda(lam)}, {how}, and "
-        f"{'the baseline' if config['search']['baseline'] else 'no baseline (search.baseline = false)'}, "
-        f"{seeds} seed{'s' if seeds > 1 else ''} each (seed N is repeat N), as study {final['study']['name']!r}")
+        f"{'the baseline' if config.search.baseline else 'no baseline (search.baseline = false)'}, "
+        f"{seeds} seed{'s' if seeds > 1 else ''} each (seed N is repeat N), as study {final.study.name!r}")
     run_search(final, workers=workers, log=log, progress=progress, should_stop=should_stop)
-    sid = study_id(store, final["study"]["name"])
+    sid = study_id(store, final.study.name)
     if EVALUATE_ATTR not in store.storage.get_study_user_attrs(sid):  # how the lambda was chosen: the first run's
         store.storage.set_study_user_attr(sid, EVALUATE_ATTR, {"e_lambda": lam, "chosen_by": how, "seeds": seeds})
     return read_evaluation(store, name)

@@ -15,7 +15,8 @@ import torch
 
 from ..bench.measure import Engines, quick_projection
 from ..bench.projection import format_seconds
-from ..config import config_diff
+from ..config import Config
+from ..configfile import config_diff
 from ..nn.kernels import use_kernels
 from ..report.select import record_choice
 from ..store.failures import failures, redact
@@ -55,21 +56,21 @@ def _versions() -> dict:
 # ---------------------------------------------------------------- creating and resuming
 
 
-def _absolute(config: dict) -> dict:
+def _absolute(config: Config) -> Config:
     """The config as stored: paths absolute (``resume`` works from any folder), the storage
     URL without its password."""
-    config = json.loads(json.dumps(config))
-    config["study"]["storage"] = redact(config["study"]["storage"])  # never store a password
-    for section, key in (("data", "root"), ("study", "checkpoint_dir")):
-        if config[section][key] is not None:
-            config[section][key] = str(Path(config[section][key]).expanduser().resolve())
-    return config
+    def absolute(path):
+        return None if path is None else str(Path(path).expanduser().resolve())
+
+    return (config.replace("study", storage=redact(config.study.storage),  # never store a password
+                           checkpoint_dir=absolute(config.study.checkpoint_dir))
+            .replace("data", root=absolute(config.data.root)))
 
 
-def create_or_resume(store: Store, config: dict, plan: Plan) -> str:
+def create_or_resume(store: Store, config: Config, plan: Plan) -> str:
     """Create study ``config.study.name`` with its config, fingerprint and versions, or check
     that the stored study has the same config and data. Returns "created" or "resumed"."""
-    name = config["study"]["name"]
+    name = config.study.name
     stored_config = _absolute(config)
     with store.locks.exclusive():
         sid = study_id(store, name)
@@ -90,7 +91,8 @@ def create_or_resume(store: Store, config: dict, plan: Plan) -> str:
             store.storage.set_study_user_attr(sid, FINGERPRINT_ATTR, plan.fingerprint)
             store.storage.set_study_user_attr(sid, VERSIONS_ATTR, _versions())
             store.storage.set_study_user_attr(sid, RUN_ATTR, uuid.uuid4().hex)
-            store.storage.set_study_user_attr(sid, CONFIG_ATTR, stored_config)  # last: marks the study complete
+            # last: marks the study complete
+            store.storage.set_study_user_attr(sid, CONFIG_ATTR, stored_config.to_dict())
             return "created"
         _check_same(name, attrs, stored_config, plan)
         if "study:metric_names" not in store.storage.get_study_system_attrs(sid):  # made by an earlier version
@@ -117,7 +119,7 @@ def _check_adoptable(store: Store, name: str, sid: int) -> None:
                              f"delete it: optuna delete-study --study-name {study!r} --storage URL")
 
 
-def _check_same(name: str, attrs: dict, config: dict, plan: Plan) -> None:
+def _check_same(name: str, attrs: dict, config: Config, plan: Plan) -> None:
     diff = config_diff(completed_config(attrs[CONFIG_ATTR]), config)
     if diff:
         parts = [f"{k} (stored {_show(a)}, given {_show(b)})" for k, a, b in diff[:4]]
@@ -135,15 +137,13 @@ def _check_same(name: str, attrs: dict, config: dict, plan: Plan) -> None:
 def _show(v) -> str:
     return json.dumps(v) if not isinstance(v, str) else repr(v)
 
-def resume_config(url: str, name: str, overrides=()) -> dict:
+def resume_config(url: str, name: str, overrides=()) -> Config:
     """The config stored in study ``name`` at ``url``, with execution ``overrides``."""
     store = open_store(url)
-    config = worker_config(store, name, overrides)
-    config["study"]["storage"] = url
-    return config
+    return worker_config(store, name, overrides).replace("study", storage=url)
 
 
-def run_search(config: dict, *, workers: int | str | None = None, log: Callable[[str], None] = print,
+def run_search(config: Config, *, workers: int | str | None = None, log: Callable[[str], None] = print,
                progress: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
                resume_only: bool = False) -> tuple[str, StudyStatus]:
     """Create (or resume) the study of ``config`` and run it to the end with ``workers``
@@ -155,13 +155,13 @@ def run_search(config: dict, *, workers: int | str | None = None, log: Callable[
                            resume_only=resume_only)
 
 
-def _run_search(config: dict, *, workers: int | str | None = None, log: Callable[[str], None] = print,
+def _run_search(config: Config, *, workers: int | str | None = None, log: Callable[[str], None] = print,
                 progress: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
                 resume_only: bool = False) -> tuple[str, StudyStatus]:
     should_stop = should_stop or (lambda: False)
     plan = make_plan(config)  # data, folds and every value checked first
-    name = config["study"]["name"]
-    store = open_store(config["study"]["storage"], create=not resume_only, write=True)
+    name = config.study.name
+    store = open_store(config.study.storage, create=not resume_only, write=True)
     how = create_or_resume(store, config, plan)
     plan.config = _absolute(config)
     status = _effective(study_status(store, name), plan.config)
@@ -191,7 +191,7 @@ def _run_search(config: dict, *, workers: int | str | None = None, log: Callable
     return how, _effective(study_status(store, name), plan.config)
 
 
-def _effective(status: StudyStatus, config: dict) -> StudyStatus:
+def _effective(status: StudyStatus, config: Config) -> StudyStatus:
     """``status`` with the config this search runs under: the stored one with the changes a
     resume may make (where it runs: checkpoint_dir, data.root...), so outputs such as the
     plot beside the checkpoints follow them."""

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from ..config import Config
 from ..store.status import STORAGE_ENV, study_status
 from ..store.storage import Store
 from ..train.numerics import device_kind
@@ -42,39 +43,40 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def worker_count(config: dict, requested: int | str | None, pending: int) -> tuple[int, str | None]:
+def worker_count(config: Config, requested: int | str | None, pending: int) -> tuple[int, str | None]:
     """How many worker processes a search starts, and a note where that is not what was
     asked. ``requested``: a number, "auto" or None (search.workers). On the CPU every
     training uses train.threads threads, whatever the worker count, so workers are capped at
     cores // threads (more would only share the cores; fewer leave cores idle, and the note
     says so); "auto" is that many, on GPUs one per GPU; never more than the ``pending`` points."""
-    requested = config["search"]["workers"] if requested is None else requested
-    train = config["train"]
-    if device_kind(train["device"]) == "cpu":
-        cap = max(1, _cores() // train["threads"])
+    requested = config.search.workers if requested is None else requested
+    train = config.train
+    if device_kind(train.device) == "cpu":
+        cap = max(1, _cores() // train.threads)
         if requested == "auto":
             return max(1, min(cap, pending)), None
         if requested > cap:
             return cap, (f"{requested} workers asked for, {cap} started: each training uses train.threads = "
-                         f"{train['threads']} (the study's), and this machine has {_cores()} cores")
+                         f"{train.threads} (the study's), and this machine has {_cores()} cores")
         if requested < min(cap, pending):
-            return requested, (f"{requested} worker{'s' if requested > 1 else ''} of {train['threads']} thread"
-                               f"{'s' if train['threads'] > 1 else ''} on {_cores()} cores: --workers auto would "
+            return requested, (f"{requested} worker{'s' if requested > 1 else ''} of {train.threads} thread"
+                               f"{'s' if train.threads > 1 else ''} on {_cores()} cores: --workers auto would "
                                f"use {min(cap, pending)}")
         return requested, None
     if requested == "auto":
-        gpus = torch.cuda.device_count() if train["device"] == "cuda" else 1
+        gpus = torch.cuda.device_count() if train.device == "cuda" else 1
         return max(1, min(gpus, pending)), None
     return requested, None
 
 
-def run_processes(store: Store, name: str, config: dict, workers: int, log, should_stop) -> None:
-    overrides = [f"{k}={json.dumps(config[k.split('.')[0]][k.split('.')[1]])}"
-                 for k in ("data.root", "study.checkpoint_dir") if config[k.split('.')[0]][k.split('.')[1]] is not None]
-    devices = _devices(config["train"]["device"], workers)
+def run_processes(store: Store, name: str, config: Config, workers: int, log, should_stop) -> None:
+    overrides = [f"{k}={json.dumps(v)}" for k, v in (("data.root", config.data.root),
+                                                      ("study.checkpoint_dir", config.study.checkpoint_dir))
+                 if v is not None]
+    devices = _devices(config.train.device, workers)
     procs = {i: _spawn(name, store.url, f"w{i}", devices[i], workers, overrides) for i in range(workers)}
     respawns = 3 * workers
-    threads = config["train"]["threads"]
+    threads = config.train.threads
     each = f" ({threads} thread{'s' if threads > 1 else ''} each)" if device_kind(devices[0]) == "cpu" else ""
     log(f"started {workers} worker processes{each}")
     stopping = False

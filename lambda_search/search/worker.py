@@ -23,7 +23,8 @@ from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from ..bench.measure import Engines, worker_pack
-from ..config import IDENTITY_EXEMPT, ConfigError, resolve_config
+from ..config import Config, ConfigError
+from ..configfile import IDENTITY_EXEMPT, resolve_config
 from ..nn.kernels import cpu_kernel, use_kernels
 from ..points import Point, fold_names
 from ..report.select import record_choice
@@ -112,7 +113,7 @@ def _fail(store: Store, trial_id: int, reason: str) -> None:
         pass  # finished meanwhile
 
 
-def _claim(store: Store, name: str, config: dict, label: str) -> Claim | str:
+def _claim(store: Store, name: str, config: Config, label: str) -> Claim | str:
     """Under the claim lock: fail the trials of dead workers, then take the first point that
     is neither done nor running. Returns a Claim, "wait" (the rest is running elsewhere) or
     "done"."""
@@ -137,14 +138,14 @@ def _claim(store: Store, name: str, config: dict, label: str) -> Claim | str:
             sid = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], study)
             storage.set_study_user_attr(sid, "lambda_search:baseline_of", name)
             name_metric(store, study)
-        lambdas = config["search"]["lambdas"]
+        lambdas = config.search.lambdas
         params, dists = {}, {}
         if not point.baseline:
             params["e_lambda"] = point.e_lambda
             dists["e_lambda"] = FloatDistribution(min(lambdas), max(lambdas), log=True)
-        if config["search"]["repeats"] > 1:
+        if config.search.repeats > 1:
             params["repeat"] = point.repeat
-            dists["repeat"] = IntDistribution(0, config["search"]["repeats"] - 1)
+            dists["repeat"] = IntDistribution(0, config.search.repeats - 1)
         template = create_trial(
             state=TrialState.RUNNING, params=params, distributions=dists,
             system_attrs={POINT_ATTR: point.key, "lambda_search:worker": f"{socket.gethostname()}:{os.getpid()}"},
@@ -208,7 +209,7 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engines: Engines, *, chec
         stats["folds"] += 1
         stats["seconds"] += record["seconds"]
         total_folds = len(plan.points) * len(names)
-        done_folds = sum(s.folds_done for s in point_statuses(store, plan.config["study"]["name"], plan.config))
+        done_folds = sum(s.folds_done for s in point_statuses(store, plan.config.study.name, plan.config))
         eta = (total_folds - done_folds) * stats["seconds"] / stats["folds"] / max(1, n_workers)
         acc = record["val_accuracy"]
         shown = f"val acc {acc:.4f}" if acc is not None else record["status"]
@@ -233,7 +234,7 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engines: Engines, *, chec
     )
     try:
         engine, pack_cache = engines(point.attention), engines.packs(point.attention)  # built once, may fail
-        note = own_checkpoints(checkpoint_dir, point, _run_id(store, plan.config["study"]["name"]))
+        note = own_checkpoints(checkpoint_dir, point, _run_id(store, plan.config.study.name))
         if note:
             log(f"{label}warning: {note}")
         outcome = run_point(plan, point, claim.done, engine=engine, checkpoint_dir=checkpoint_dir,
@@ -251,7 +252,7 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engines: Engines, *, chec
         claim.lease.release()
 
 
-def worker_config(store: Store, name: str, overrides=()) -> dict:
+def worker_config(store: Store, name: str, overrides=()) -> Config:
     config = load_study_config(store, name)
     if overrides:
         keys = [o.split("=", 1)[0].strip() for o in overrides]
@@ -324,7 +325,7 @@ def _run_worker(store: Store, name: str, *, overrides=(), device: str | None = N
 def _work(store: Store, name: str, plan: Plan, packs: dict[str, int], engines: Engines, *, label, log,
           progress, should_stop, poll_seconds, n_workers) -> dict:
     config = plan.config
-    checkpoint_dir = config["study"]["checkpoint_dir"]
+    checkpoint_dir = config.study.checkpoint_dir
     counts = {"completed": 0, "diverged": 0, "interrupted": 0, "lost": 0}
     stats = {"folds": 0, "seconds": 0.0}
     while not should_stop():

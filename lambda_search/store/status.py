@@ -20,7 +20,8 @@ from typing import Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ..config import FINAL_SUFFIX, HELD_OUT_TEST, resolve_config
+from ..config import FINAL_SUFFIX, HELD_OUT_TEST, Config
+from ..configfile import resolve_config
 from ..points import Point, distinct_numerics, fold_names, grid_points, mixed_folds
 from .failures import failures
 from .storage import Store
@@ -72,7 +73,7 @@ def quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def load_study_config(store: Store, name: str) -> dict:
+def load_study_config(store: Store, name: str) -> Config:
     """The resolved config stored in study ``name``."""
     sid = study_id(store, name)
     if sid is None:
@@ -85,7 +86,7 @@ def load_study_config(store: Store, name: str) -> dict:
     return completed_config(attrs[CONFIG_ATTR])
 
 
-def completed_config(stored: dict) -> dict:
+def completed_config(stored: dict) -> Config:
     """A stored config with the defaults of keys added since it was stored (train.threads);
     a study stored before data.test_fraction existed held nothing out (0): its folds stay."""
     data = stored.get("data", {})
@@ -135,7 +136,7 @@ class PointStatus:
 @dataclass
 class StudyStatus:
     name: str
-    config: dict
+    config: Config
     points: list[PointStatus]
     storage: str  # redacted URL
     pinned: dict = field(default_factory=dict)  # device kind -> pinned numerics (SimAM kernel, packs)
@@ -240,7 +241,7 @@ def live_trials(store: Store, name: str):
     return (all_trials(store, name) if candidates else first), live
 
 
-def point_statuses(store: Store, name: str, config: dict, trials=None, live=None) -> list[PointStatus]:
+def point_statuses(store: Store, name: str, config: Config, trials=None, live=None) -> list[PointStatus]:
     if trials is None:
         trials, live = live_trials(store, name)
     by_key: dict[str, list[FrozenTrial]] = {}

@@ -8,105 +8,19 @@ reports (:class:`EpochMetrics`, :class:`FoldResult`), the network built once per
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ..config import TrainConfig
 from ..data.augment import eval_batch
 from ..data.datasets import ImageData
-from ..nn.resnet import build_model
+from ..nn.registry import build_model, network_spec
 from ..nn.simam import check_e_lambda, set_e_lambda
 
-__all__ = ["TrainConfig", "EpochMetrics", "FoldResult", "Engine", "build_engine", "engine_for", "make_optimizer",
+__all__ = ["EpochMetrics", "FoldResult", "Engine", "build_engine", "engine_for", "make_optimizer",
            "cpu_threads", "on_device", "checked_lambda"]
-
-SCHEDULES = ("step", "cosine")
-
-
-def _positive(name, value, kind=numbers.Real, allow_zero=False):
-    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        rule = ">= 0" if allow_zero else "> 0"
-        what = "an integer" if kind is numbers.Integral else "a finite number"
-        raise ValueError(f"{name} must be {what} {rule}, got {name}={value!r}")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The optimisation protocol. Defaults are the paper's CIFAR protocol: SGD, momentum
-    0.9, weight decay 5e-4, lr 0.1, batch 128, lr divided by 10 at 50 % and 75 % of the
-    budget (32k and 48k of 64k iterations). Give the budget as ``iterations`` or ``epochs``."""
-
-    iterations: int | None = None
-    epochs: int | None = None
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    schedule: str = "step"
-    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the budget (step schedule)
-    gamma: float = 0.1
-    device: str = "cpu"
-    amp: bool | None = None  # bfloat16 autocast; None: on for CUDA
-    channels_last: bool | None = None  # None: on
-    compile: bool | None = None  # torch.compile; None: on for CUDA
-    cuda_graphs: bool | None = None  # a packed step replayed as one CUDA graph; None: on for CUDA
-    eval_every: int = 1  # epochs between validation passes; the final model is always evaluated
-    eval_batch_size: int = 1024
-    checkpoint_every_epochs: int = 1
-    checkpoint_every_seconds: float | None = 600.0
-    max_device_bytes: int = 8 << 30  # larger data sets stay on the host, batches are copied
-    pack: int | str = "auto"  # folds of a point trained at once (lambda_search.train_pack); "auto": measured
-    threads: int = 1  # CPU threads of a training on the CPU: PyTorch's kernels round differently with each count
-
-    def __post_init__(self) -> None:
-        if (self.iterations is None) == (self.epochs is None):
-            raise ValueError(
-                f"give exactly one budget, iterations or epochs; got iterations={self.iterations!r}, "
-                f"epochs={self.epochs!r}"
-            )
-        if self.iterations is not None:
-            _positive("iterations", self.iterations, numbers.Integral)
-        if self.epochs is not None:
-            _positive("epochs", self.epochs, numbers.Integral)
-        for name in ("batch_size", "eval_every", "eval_batch_size", "checkpoint_every_epochs", "max_device_bytes",
-                     "threads"):
-            _positive(name, getattr(self, name), numbers.Integral)
-        _positive("lr", self.lr)
-        _positive("momentum", self.momentum, allow_zero=True)
-        _positive("weight_decay", self.weight_decay, allow_zero=True)
-        _positive("gamma", self.gamma)
-        if self.checkpoint_every_seconds is not None:
-            _positive("checkpoint_every_seconds", self.checkpoint_every_seconds, allow_zero=True)
-        if self.pack != "auto":
-            _positive("pack", self.pack, numbers.Integral)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got schedule={self.schedule!r}")
-        m = tuple(self.milestones)
-        if any(not isinstance(x, numbers.Real) or not 0 < x < 1 for x in m) or list(m) != sorted(set(m)):
-            raise ValueError(
-                f"milestones must be increasing fractions of the budget in (0, 1), got milestones={self.milestones!r}"
-            )
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ValueError(
-                f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got device={self.device!r}"
-            ) from None
-
-    def total_iterations(self, n_train: int) -> int:
-        return self.iterations if self.iterations is not None else self.epochs * (n_train // self.batch_size)
-
-    def lr_at(self, iteration: int, total: int) -> float:
-        if self.schedule == "cosine":
-            return self.lr * 0.5 * (1 + math.cos(math.pi * iteration / total))
-        drops = sum(iteration >= round(m * total) for m in self.milestones)
-        return self.lr * self.gamma**drops
-
 
 @dataclass(frozen=True)
 class EpochMetrics:
@@ -166,6 +80,7 @@ class Engine:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r} asked for, but no CUDA device is available")
         self.spec = dict(model_name=model_name, num_classes=num_classes, attention=attention, shortcut=shortcut)
+        self.network = network_spec(model_name)  # what it is: its label, whether it packs...
         cuda = self.device.type == "cuda"
         self.amp = cuda if amp is None else bool(amp)
         # a step replayed as one CUDA graph: no launch gaps (packs do, lambda_search.train.pack)

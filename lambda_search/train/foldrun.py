@@ -19,9 +19,10 @@ from typing import Callable
 
 import torch
 
+from ..config import TrainConfig
 from ..data.datasets import ImageData
 from ..data.folds import Fold, derive_seed
-from .engine import Engine, EpochMetrics, FoldResult, TrainConfig
+from .engine import Engine, EpochMetrics, FoldResult
 
 __all__ = ["CHECKPOINT_VERSION", "FoldRun", "checkpoint_key", "load_checkpoint", "save_checkpoint", "set_aside",
            "track", "trackers"]

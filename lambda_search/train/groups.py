@@ -15,9 +15,10 @@ from typing import Callable
 
 import torch
 
+from ..config import TrainConfig
 from ..data.datasets import ImageData
 from ..data.folds import Fold
-from .engine import Engine, EpochMetrics, FoldResult, TrainConfig
+from .engine import Engine, EpochMetrics, FoldResult
 from .pack import Packs, train_pack
 from .single import train_fold
 
@@ -45,11 +46,11 @@ def static_pack(train: TrainConfig, folds: int, device) -> int | None:
     return 1 if folds == 1 or not auto_packs(device) else None
 
 
-def trains_alone(size: int, device) -> bool:
+def trains_alone(size: int, device, packs: bool = True) -> bool:
     """Whether a group of ``size`` folds trains as plain networks (``train_fold``) rather than
     packed: a group of one on the CPU; on a GPU a group of one is a pack of one, its whole step
-    one CUDA graph."""
-    return size == 1 and torch.device(device).type == "cpu"
+    one CUDA graph; always for a network that does not pack (``packs``, its NetworkSpec's)."""
+    return not packs or (size == 1 and torch.device(device).type == "cpu")
 
 
 def train_group(data: ImageData, group: list[Fold], e_lambda: float | None, config: TrainConfig, *,
@@ -61,7 +62,7 @@ def train_group(data: ImageData, group: list[Fold], e_lambda: float | None, conf
     alone or packed, as :func:`trains_alone` says; one result per fold. ``packs``: the
     engine's packs, reused from point to point (built for this call where not given)."""
     common = dict(model=model, attention=attention, shortcut=shortcut, engine=engine, should_stop=should_stop)
-    if trains_alone(len(group), engine.device):
+    if trains_alone(len(group), engine.device, engine.network.packs):
         fold = group[0]
         callback = (lambda m: on_epoch(fold, m)) if on_epoch is not None else None
         return [train_fold(data, fold, e_lambda, config, seed=seeds[0], callback=callback, checkpoint=checkpoints[0],

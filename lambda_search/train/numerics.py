@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from ..config import TrainConfig
 from ..nn.kernels import cpu_kernel, cpu_model, kernel_build, kernel_isa
-from .engine import Engine, TrainConfig
+from .engine import Engine
 
 __all__ = ["training_numerics", "proposed_pin", "device_kind"]
 

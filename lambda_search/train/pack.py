@@ -24,21 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import TrainConfig
 from ..data.augment import train_batch
 from ..data.datasets import ImageData, dataset_fingerprint
 from ..data.folds import Fold
+from ..nn.registry import DEFAULT_NETWORK
 from ..nn.simam import set_e_lambda
-from .engine import (
-    Engine,
-    EpochMetrics,
-    FoldResult,
-    TrainConfig,
-    _evaluate,
-    checked_lambda,
-    cpu_threads,
-    engine_for,
-    on_device,
-)
+from .engine import Engine, EpochMetrics, FoldResult, _evaluate, checked_lambda, cpu_threads, engine_for, on_device
 from .foldrun import FoldRun, checkpoint_key, track, trackers
 from .packnet import PackedNet, packed_evaluate
 from .packstep import GraphedStep, PackedSGD
@@ -136,7 +128,7 @@ def train_pack(
     config: TrainConfig,
     *,
     seeds: list[int],
-    model: str = "resnet20",
+    model: str = DEFAULT_NETWORK,
     attention: str = "simam",
     shortcut: str = "B",
     engine: Engine | None = None,

@@ -13,7 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .engine import TrainConfig, make_optimizer
+from ..config import TrainConfig
+from .engine import make_optimizer
 from .packnet import PackedNet
 
 __all__ = ["GraphedStep", "PackedSGD"]

@@ -8,6 +8,7 @@ is stored. No Optuna here: the store and search layers keep what this layer comp
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -16,35 +17,23 @@ from typing import Callable
 
 import torch
 
-from ..config import TEST_SPLITS, ConfigError
+from ..config import TEST_SPLITS, Config, ConfigError, DataSection, ModelSection, TrainConfig
 from ..data.datasets import CACHE_DIR, ImageData, dataset_fingerprint, join, load_dataset, subset
 from ..data.folds import Fold, derive_seed, final_folds, folds_fingerprint, make_folds, test_split
-from ..nn.registry import MODEL_NAMES
+from ..nn.registry import MODEL_NAMES, NetworkSpec, network_spec
 from ..points import Point, grid_points, summarize
-from .engine import Engine, EpochMetrics, FoldResult, TrainConfig, engine_for
+from .engine import Engine, EpochMetrics, FoldResult, engine_for
 from .foldrun import set_aside
 from .groups import chunk_sizes, train_group
 from .numerics import training_numerics
 from .pack import Packs
 
-__all__ = ["Plan", "PointOutcome", "make_plan", "run_point", "train_config", "own_checkpoints", "check_device"]
-
-
-def train_config(train: dict, device: str | None = None) -> TrainConfig:
-    """The [train] section as a TrainConfig; ``device`` overrides train.device."""
-    kwargs = dict(train)
-    kwargs["milestones"] = tuple(kwargs["milestones"])
-    if device is not None:
-        kwargs["device"] = device
-    try:
-        return TrainConfig(**kwargs)
-    except ValueError as exc:
-        raise ConfigError(f"train: {exc}") from None
+__all__ = ["Plan", "PointOutcome", "make_plan", "run_point", "own_checkpoints", "check_device"]
 
 
 @dataclass
 class Plan:
-    config: dict
+    config: Config
     data: ImageData
     folds: list[Fold]
     train: TrainConfig
@@ -58,7 +47,7 @@ class Plan:
     def train_seed(self, fold: Fold) -> int:
         """The seed of the initial weights, batch order and augmentation of ``fold``: the
         same for every lambda (and the baseline), so points compare fold by fold."""
-        return derive_seed(self.config["data"]["seed"], 17, fold.repeat, fold.index)
+        return derive_seed(self.config.data.seed, 17, fold.repeat, fold.index)
 
 
 
@@ -82,76 +71,92 @@ def check_device(device: str) -> None:
                               f"cuda:0 to cuda:{count - 1}")
 
 
-def _load(data_cfg: dict, split: str) -> ImageData:
-    root = data_cfg["root"]
+def _load(data_cfg: DataSection, split: str) -> ImageData:
+    root = data_cfg.root
     try:
-        return load_dataset(data_cfg["dataset"], root=root, split=split, download=data_cfg["download"],
-                            **data_cfg["options"])
+        return load_dataset(data_cfg.dataset, root=root, split=split, download=data_cfg.download,
+                            **data_cfg.options)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"data: {exc}") from None
     except OSError as exc:
         what = "data set" if split == "train" else "the test split of"
-        raise ConfigError(f"data: cannot read {what} {data_cfg['dataset']!r} from root={root!r} ({exc})") from None
+        raise ConfigError(f"data: cannot read {what} {data_cfg.dataset!r} from root={root!r} ({exc})") from None
 
 
-def _hold_out(data: ImageData, data_cfg: dict) -> tuple[ImageData, ImageData | None]:
+def _hold_out(data: ImageData, data_cfg: DataSection) -> tuple[ImageData, ImageData | None]:
     """(the images the folds are made from, the held-out test images or None): a data set
     without a test split of its own holds out data.test_fraction of it before any fold."""
-    fraction = data_cfg["test_fraction"]
+    fraction = data_cfg.test_fraction
     if not fraction:
         return data, None
     try:
-        keep, test = test_split(data.labels.numpy(), fraction, data_cfg["seed"])
+        keep, test = test_split(data.labels.numpy(), fraction, data_cfg.seed)
     except ValueError as exc:
         raise ConfigError(f"data: {str(exc).replace('test_fraction', 'data.test_fraction')}") from None
     return subset(data, keep), subset(data, test)
 
 
-def _folds(data: ImageData, test: ImageData | None, config: dict) -> tuple[ImageData, list[Fold]]:
+def _folds(data: ImageData, test: ImageData | None, config: Config) -> tuple[ImageData, list[Fold]]:
     """The data a plan trains on and its folds: cross-validation folds, or with data.test
     (a final evaluation) every training image against the test split, once per seed."""
-    data_cfg, repeats = config["data"], config["search"]["repeats"]
-    if data_cfg["test"]:
-        if test is None and TEST_SPLITS.get(data_cfg["dataset"]) is None:
-            raise ConfigError(f"data: {data_cfg['dataset']!r} has no test split of its own and data.test_fraction is "
+    data_cfg, repeats = config.data, config.search.repeats
+    if data_cfg.test:
+        if test is None and TEST_SPLITS.get(data_cfg.dataset) is None:
+            raise ConfigError(f"data: {data_cfg.dataset!r} has no test split of its own and data.test_fraction is "
                               "0: the folds covered every image, none is left to test on")
         test = _load(data_cfg, "test") if test is None else test
         try:
-            cache = Path(data_cfg["root"]).expanduser() / CACHE_DIR if data_cfg["dataset"] == "imagefolder" else None
+            cache = Path(data_cfg.root).expanduser() / CACHE_DIR if data_cfg.dataset == "imagefolder" else None
             joined = join(data, test, cache)
         except ValueError as exc:
             raise ConfigError(f"data: the test split does not match the training set: {exc}") from None
-        return joined, final_folds(len(data), len(test), data_cfg["seed"], repeats)
+        return joined, final_folds(len(data), len(test), data_cfg.seed, repeats)
     try:
-        return data, make_folds(data.labels.numpy(), n_splits=data_cfg["folds"], seed=data_cfg["seed"],
-                                repeats=repeats, holdout=data_cfg["holdout"])
+        return data, make_folds(data.labels.numpy(), n_splits=data_cfg.folds, seed=data_cfg.seed,
+                                repeats=repeats, holdout=data_cfg.holdout)
     except ValueError as exc:
-        if data_cfg["holdout"] is None:
+        if data_cfg.holdout is None:
             raise ConfigError(f"data: {str(exc).replace('n_splits', 'data.folds')}") from None
         raise ConfigError(f"data: {exc} (data.holdout)") from None
 
 
-def make_plan(config: dict, device: str | None = None) -> Plan:
+def checked_network(model: ModelSection) -> NetworkSpec:
+    """The network ``model`` names, its options checked (a ConfigError naming the key)."""
+    if ":" not in model.name and model.name not in MODEL_NAMES:
+        raise ConfigError(f"model.name must be one of {', '.join(MODEL_NAMES)}, or a network of your own as "
+                          f"'module:function', got model.name={model.name!r}")
+    try:
+        network = network_spec(model.name)
+        network.checked_options(shortcut=model.shortcut)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    return network
+
+
+def make_plan(config: Config, device: str | None = None) -> Plan:
     """Load the data, hold out its test split where it has none of its own, make the folds
     (or with data.test the final evaluation's trainings) and check every value of a
     resolved config."""
-    data_cfg, model_cfg = config["data"], config["model"]
-    if model_cfg["name"] not in MODEL_NAMES:
-        raise ConfigError(f"model.name must be one of {', '.join(MODEL_NAMES)}, got model.name={model_cfg['name']!r}")
-    check_device(device or config["train"]["device"])
-    train = train_config(config["train"], device)
+    data_cfg, model_cfg = config.data, config.model
+    network = checked_network(model_cfg)
+    check_device(device or config.train.device)
+    train = config.train if device is None else dataclasses.replace(config.train, device=device)
+    if not network.packs:
+        if train.pack not in ("auto", 1):
+            raise ConfigError(f"model.name={network.name!r} does not pack (its NetworkSpec says so): train.pack must "
+                              f"be 'auto' or 1, got train.pack={train.pack!r}")
+        train = dataclasses.replace(train, pack=1)
     data, held_out = _hold_out(_load(data_cfg, "train"), data_cfg)
     data, folds = _folds(data, held_out, config)
     smallest = min(len(f.train) for f in folds)
     if train.batch_size > smallest:
         raise ConfigError(f"train.batch_size must be <= the smallest fold's {smallest} training images, "
                           f"got train.batch_size={train.batch_size}")
-    if model_cfg["name"] == "resnet18" and data.input_size < 32:
-        raise ConfigError(
-            f"model.name='resnet18' needs images of at least 32 px, the data set has {data.input_size} px"
-        )
+    if data.input_size < network.min_input:
+        raise ConfigError(f"model.name={network.name!r} needs images of at least {network.min_input} px, the data "
+                          f"set has {data.input_size} px")
     fingerprint = folds_fingerprint(folds, dataset_fingerprint(data))
-    test_images = len(folds[0].val) if data_cfg["test"] else (None if held_out is None else len(held_out))
+    test_images = len(folds[0].val) if data_cfg.test else (None if held_out is None else len(held_out))
     return Plan(config, data, folds, train, fingerprint, grid_points(config), test_images)
 
 
@@ -232,8 +237,8 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
     for name, record in records.items():
         if record["status"] == "diverged":
             return PointOutcome("diverged", records, reason=_diverged(name, record))
-    model = plan.config["model"]
-    engine = engine_for(engine, plan.data, plan.train, model["name"], point.attention, model["shortcut"])
+    model = plan.config.model
+    engine = engine_for(engine, plan.data, plan.train, model.name, point.attention, model.shortcut)
     folder = checkpoint_folder(checkpoint_dir, point)
     folds, start = plan.folds_of(point.repeat), 0
     for size in chunk_sizes(len(folds), max(1, pack)):
@@ -243,7 +248,7 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
             continue
         paths = [folder / f"{f.name}.pt" if folder is not None else None for f in group]
         results = train_group(plan.data, group, point.e_lambda, plan.train, seeds=[plan.train_seed(f) for f in group],
-                              model=model["name"], attention=point.attention, shortcut=model["shortcut"],
+                              model=model.name, attention=point.attention, shortcut=model.shortcut,
                               engine=engine, checkpoints=paths, on_epoch=on_epoch, should_stop=should_stop,
                               packs=packs)
         numerics = training_numerics(engine, plan.train, len(group))

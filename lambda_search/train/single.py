@@ -15,16 +15,16 @@ from typing import Callable
 
 import torch  # noqa: F401  (the checkpoints' torch.save, as tests reach it: _train.torch.save)
 
+# the engine's and the fold's names are imported from here too (train_fold's module, as before)
+from ..config import TrainConfig
 from ..data.augment import train_batch
 from ..data.datasets import ImageData, dataset_fingerprint
 from ..data.folds import Fold
-
-# the engine's and the fold's names are imported from here too (train_fold's module, as before)
+from ..nn.registry import DEFAULT_NETWORK
 from .engine import (
     Engine,
     EpochMetrics,
     FoldResult,
-    TrainConfig,
     _evaluate,
     build_engine,
     checked_lambda,
@@ -50,7 +50,7 @@ def train_fold(
     e_lambda: float | None,
     config: TrainConfig,
     *,
-    model: str = "resnet20",
+    model: str = DEFAULT_NETWORK,
     attention: str = "simam",
     shortcut: str = "B",
     seed: int = 0,
@@ -79,7 +79,7 @@ def train_fold(
         data = ls.load_dataset("digits")
         fold = ls.make_folds(data.labels, n_splits=3, seed=0)[0]
         cfg = ls.TrainConfig(epochs=15, batch_size=64, lr=0.05)
-        print(ls.train_fold(data, fold, 1e-4, cfg, model="resnet20").val_accuracy)  # about 0.97
+        print(ls.train_fold(data, fold, 1e-4, cfg).val_accuracy)  # ResNet-20: about 0.97
     """
     with cpu_threads(config):
         return _train_fold(data, fold, e_lambda, config, model, attention, shortcut, seed, engine, callback,
