@@ -152,6 +152,9 @@ class SearchSection(_Section):
     baseline: bool = key(False, _bool, _BOOL)
     workers: int | str = key("auto", lambda v: v == "auto" or _positive_int(v),
                              "'auto' (CPU cores / train.threads, or one per GPU) or an integer >= 1")
+    # what the study trains (lambda_search.strategy): the paper's grid, or one of your own
+    strategy: str = key("grid", lambda v: v == "grid" or (isinstance(v, str) and v.count(":") == 1 and all(
+        v.split(":"))), "'grid' or a strategy of your own as 'module:attribute'")
 
     def _rules(self) -> None:
         if self.lambdas is not None and len(set(self.lambdas)) != len(self.lambdas):

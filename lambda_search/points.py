@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .config import Config
 
-__all__ = ["Point", "format_lambda", "grid_points", "fold_names", "summarize", "STD_DDOF", "numerics_label",
-           "distinct_numerics", "mixed_folds"]
+__all__ = ["Point", "PointStatus", "format_lambda", "grid_points", "fold_names", "fold_accuracies", "summarize",
+           "STD_DDOF", "numerics_label", "distinct_numerics", "mixed_folds"]
 
 STD_DDOF = 1  # the standard deviation over folds is the sample one (n - 1)
 
@@ -75,6 +75,45 @@ def fold_names(config: Config, repeat: int = 0) -> list[str]:
     """The names of one repeat's folds (as ``Fold.name``), from the config alone."""
     n = 1 if config.data.holdout is not None or config.data.test else config.data.folds
     return [f"r{repeat}f{i}" for i in range(n)]
+
+
+@dataclass
+class PointStatus:
+    """``state``: "complete", "running", "diverged", "interrupted" (tried, to be resumed:
+    ``folds`` holds what it finished) or "pending" (never tried)."""
+
+    point: Point
+    state: str
+    folds: dict = field(default_factory=dict)  # fold name -> fold record (finished folds)
+    fold_names: list = field(default_factory=list)
+    mean: float | None = None
+    std: float | None = None
+    sem: float | None = None
+    trial_number: int | None = None
+    attempts: int = 0
+    reason: str | None = None
+
+    @property
+    def fold_accuracies(self) -> list[float | None]:
+        """Accuracy per fold of the plan, None where the fold is not finished."""
+        return fold_accuracies(self.folds, self.fold_names)
+
+    @property
+    def folds_done(self) -> int:
+        return sum(1 for r in self.folds.values() if r.get("status") == "completed")
+
+    def to_dict(self) -> dict:
+        return {"e_lambda": self.point.e_lambda, "repeat": self.point.repeat, "baseline": self.point.baseline,
+                "state": self.state, "folds_done": self.folds_done, "folds": len(self.fold_names),
+                "mean": self.mean, "std": self.std, "sem": self.sem,
+                "fold_accuracies": self.fold_accuracies,
+                "fold_seconds": [self.folds.get(n, {}).get("seconds") for n in self.fold_names],
+                "fold_numerics": [self.folds.get(n, {}).get("numerics") for n in self.fold_names],
+                "trial": self.trial_number, "attempts": self.attempts, "reason": self.reason}
+
+
+def fold_accuracies(records: dict, names: list[str]) -> list[float | None]:
+    return [records.get(n, {}).get("val_accuracy") for n in names]
 
 
 def summarize(accuracies: list[float]) -> dict:

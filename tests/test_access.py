@@ -14,8 +14,8 @@ import pytest
 
 import lambda_search as ls
 from lambda_search.cli import main
-from lambda_search.search.worker import _claim
 from lambda_search.store import status as _status
+from lambda_search.store.claims import claim_next
 
 from conftest import SCRIPT, poll, write_config
 
@@ -177,7 +177,7 @@ def test_a_lease_needs_no_lock_file_and_survives_a_clean_up(tiny_config, tmp_pat
                      if t.state.name == "RUNNING")
         assert store.locks.alive(trial._trial_id)
         # another worker looking for work waits for the live trial: never declared lost while its worker lives
-        assert _claim(store, "tiny", _status.load_study_config(store, "tiny"), "") == "wait"
+        assert claim_next(store, "tiny", _status.load_study_config(store, "tiny")) == "wait"
         assert store.storage.get_trial(trial._trial_id).state.name == "RUNNING"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

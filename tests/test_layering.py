@@ -17,22 +17,21 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lambda_search"
 # -> training of one (lambda, fold), alone or packed, and a point's run -> storage and status -> timing -> the
 # answer -> workers and studies -> CLI
 LAYERS = {
-    "": ["config", "configfile", "points"],
+    "": ["config", "configfile", "points", "strategy"],
     "data": ["datasets", "augment", "folds"],
     "nn": ["kernels", "simam", "registry", "resnet", "official"],
     "train": ["engine", "foldrun", "single", "packnet", "packstep", "pack", "numerics", "groups", "plan"],
-    "store": ["failures", "locks", "storage", "status"],
+    "store": ["failures", "locks", "storage", "status", "claims"],
     "bench": ["projection", "measure", "run"],
     "report": ["select", "tables", "plot", "evaluation"],
     "search": ["worker", "supervise", "study", "evaluate"],
     "cli": ["parser", "commands"],
 }
 ORDER = [f"{pkg}.{m}" if pkg else m for pkg, modules in LAYERS.items() for m in modules]
-OPTUNA_FREE = {m for m in ORDER if m.split(".")[0] in ("config", "configfile", "points", "data", "nn", "train",
-                                                        "bench")}
+GROUND = ("config", "configfile", "points", "strategy")
+OPTUNA_FREE = {m for m in ORDER if m.split(".")[0] in (*GROUND, "data", "nn", "train", "bench")}
 # what reading a study imports: never torch (a finished study is read on a laptop without it)
-TORCH_FREE = {m for m in ORDER if m.split(".")[0] in ("config", "configfile", "points", "store", "report")}
-TORCH_FREE |= {"nn.registry"}
+TORCH_FREE = {m for m in ORDER if m.split(".")[0] in (*GROUND, "store", "report")} | {"nn.registry"}
 
 
 def module_path(dotted: str) -> Path:
@@ -87,6 +86,17 @@ def test_imports_go_one_way():
                 assert imported != "optuna", f"{name} must not import optuna"
             if name in TORCH_FREE:
                 assert imported not in ("torch", "torchvision"), f"{name} must not import torch"
+
+
+def test_only_the_store_adapter_calls_optunas_storage():
+    """Studies and trials are read and written through ``Store``'s methods: no module but
+    ``store.storage`` calls a method of Optuna's storage."""
+    import re
+
+    for name in ORDER:
+        if name != "store.storage":
+            calls = re.findall(r"\.storage\.\w+\(", module_path(name).read_text())
+            assert not calls, f"{name} calls Optuna's storage directly: {calls}"
 
 
 def test_subpackages_import_nothing_when_imported():

@@ -14,6 +14,7 @@ from lambda_search import configfile as _configfile
 from lambda_search.nn.registry import MODEL_NAMES
 from lambda_search.points import Point, fold_names, format_lambda, grid_points, summarize
 from lambda_search.train import plan as _objective
+from lambda_search.train.engine import FoldResult
 from lambda_search.train.plan import check_device, make_plan
 
 
@@ -62,11 +63,23 @@ def test_a_holdout_has_one_fold_per_repeat():
     assert [len(f.val) for f in plan.folds] == [12, 12]
 
 
-def test_a_folds_training_seed_is_the_same_for_every_point():
+def test_a_folds_training_seed_is_the_same_for_every_point(monkeypatch):
+    """The seeds the trainings of two lambdas and the baseline get: the same on each fold (so
+    points compare fold by fold), one per fold, other ones in another repeat."""
     plan = make_plan(config(search={"repeats": 2}))
-    seeds = [plan.train_seed(f) for f in plan.folds]
-    assert len(set(seeds)) == len(seeds)  # one per fold
-    assert seeds == [plan.train_seed(f) for f in plan.folds]  # and it depends on nothing else
+    seen = {}
+
+    def train_group(data, group, e_lambda, cfg, *, seeds, **kw):
+        seen.setdefault(kw["attention"] + repr(e_lambda) + str(group[0].repeat), []).extend(
+            (f.name, s) for f, s in zip(group, seeds))
+        return [FoldResult("completed", 0.5, 1.0, 0.1, 1, seed=s) for s in seeds]
+
+    monkeypatch.setattr(_objective, "train_group", train_group)
+    for point in (Point(1e-1, 1), Point(1e-3, 1), Point(None, 1), Point(1e-1, 0)):
+        assert _objective.run_point(plan, point).status == "completed"
+    assert seen["simam0.11"] == seen["simam0.0011"] == seen["noneNone1"]  # every point, fold by fold
+    assert [n for n, _ in seen["simam0.11"]] == ["r1f0", "r1f1"] and len({s for _, s in seen["simam0.11"]}) == 2
+    assert not {s for _, s in seen["simam0.10"]} & {s for _, s in seen["simam0.11"]}  # another repeat, other seeds
 
 
 # ---------------------------------------------------------------- the summary over folds

@@ -8,8 +8,8 @@ from optuna.trial import TrialState, create_trial
 import lambda_search as ls
 from lambda_search import points as _points
 from lambda_search.search import study as _study
-from lambda_search.search.worker import _claim, _fail
 from lambda_search.store import status as _status
+from lambda_search.store.claims import claim_next
 from lambda_search.store.status import POINT_ATTR, REASON_ATTR, _point_status
 from lambda_search.train import plan as _objective
 
@@ -71,39 +71,39 @@ def _store(tiny_config, tmp_path, **kw):
 
 def test_claims_hand_out_each_point_once_and_take_back_a_dead_workers(tiny_config, tmp_path):
     store, config = _store(tiny_config, tmp_path, lambdas="[1e-4, 1e-1]", baseline="true")
-    first, second, third = (_claim(store, "tiny", config, "") for _ in range(3))
+    first, second, third = (claim_next(store, "tiny", config) for _ in range(3))
     assert [c.point for c in (first, second, third)] == [
         _points.Point(1e-4),
         _points.Point(1e-1),
         _points.Point(None),
     ]
-    assert _claim(store, "tiny", config, "") == "wait"  # all running, leases alive
+    assert claim_next(store, "tiny", config) == "wait"  # all running, leases alive
     store.storage.set_trial_user_attr(second.trial_id, "fold_results", {"r0f0": _record(0.8)})
     second.lease.release()  # its worker dies
-    again = _claim(store, "tiny", config, "")
+    again = claim_next(store, "tiny", config)
     assert again.point == _points.Point(1e-1) and again.done == {"r0f0": _record(0.8)}  # finished folds kept
     lost = store.storage.get_trial(second.trial_id)
     assert lost.state == TrialState.FAIL and lost.system_attrs[REASON_ATTR].startswith("worker lost")
     for claim in (first, again, third):
         store.storage.set_trial_state_values(claim.trial_id, TrialState.COMPLETE, [0.5])
         claim.lease.release()
-    assert _claim(store, "tiny", config, "") == "done"
+    assert claim_next(store, "tiny", config) == "done"
     status = ls.study_status(store, "tiny")
     assert [p.state for p in status.points] == ["complete"] * 3 and status.finished
 
 
 def test_a_diverged_point_is_not_claimed_again(tiny_config, tmp_path):
     store, config = _store(tiny_config, tmp_path, lambdas="[1e-4]")
-    claim = _claim(store, "tiny", config, "")
-    _fail(store, claim.trial_id, "diverged: loss nan at step 1 of fold r0f0")
+    claim = claim_next(store, "tiny", config)
+    store.fail_trial(claim.trial_id, "diverged: loss nan at step 1 of fold r0f0")
     claim.lease.release()
-    assert _claim(store, "tiny", config, "") == "done"
+    assert claim_next(store, "tiny", config) == "done"
     assert ls.study_status(store, "tiny").points[0].state == "diverged"
 
 
 def test_the_baseline_lives_in_its_companion_study(tiny_config, tmp_path):
     store, config = _store(tiny_config, tmp_path, lambdas="[1e-4]", baseline="true")
-    claims = [_claim(store, "tiny", config, "") for _ in range(2)]
+    claims = [claim_next(store, "tiny", config) for _ in range(2)]
     assert store.study_names() == ["tiny", "tiny:baseline"]
     baseline = store.storage.get_all_trials(store.storage.get_study_id_from_name("tiny:baseline"))
     assert [t.params for t in baseline] == [{}]  # no lambda: best_params of "tiny" is always a lambda
@@ -119,8 +119,8 @@ def test_a_symlinked_database_shares_the_locks(tiny_config, tmp_path):
     elsewhere.mkdir()
     (elsewhere / "tiny.db").symlink_to(tmp_path / "tiny.db")
     other = ls.open_store(f"sqlite:///{elsewhere / 'tiny.db'}")
-    first = _claim(store, "tiny", config, "")
-    second = _claim(other, "tiny", config, "")
+    first = claim_next(store, "tiny", config)
+    second = claim_next(other, "tiny", config)
     assert first.point != second.point and other.locks.alive(first.trial_id)
     assert store.storage.get_trial(first.trial_id).state == TrialState.RUNNING
     for c in (first, second):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..config import HELD_OUT_TEST, TEST_SPLITS, DataSection
 from ..nn.registry import MODEL_LABELS
 from ..points import format_lambda, summarize
-from ..store.status import CONFIG_ATTR, EVALUATE_ATTR, StudyStatus, final_study_name, study_id, study_status
+from ..store.status import CONFIG_ATTR, EVALUATE_ATTR, StudyStatus, final_study_name, study_status
 from ..store.storage import Store
 from .select import corrected_t_test, lambda_stats
 
@@ -35,8 +35,7 @@ def read_evaluation(store: Store, name: str) -> dict | None:
     its test accuracy on each seed, mean and std (ddof=1); the paired t-test over seeds of
     SimAM minus baseline; the cross-validated accuracy of the same networks beside them."""
     fname = final_study_name(name)
-    sid = study_id(store, fname)
-    attrs = {} if sid is None else store.storage.get_study_user_attrs(sid)
+    attrs = store.study_attrs(fname)
     if CONFIG_ATTR not in attrs:  # none, or killed as it was made
         return None
     final, search = study_status(store, fname), study_status(store, name)

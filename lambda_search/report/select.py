@@ -15,7 +15,7 @@ from scipy import stats as _stats
 
 from ..config import Config, ConfigError
 from ..points import format_lambda, summarize
-from ..store.status import CHOSEN_ATTR, StudyStatus, study_id
+from ..store.status import CHOSEN_ATTR, StudyStatus
 from ..store.storage import Store
 
 __all__ = ["LambdaStats", "lambda_stats", "corrected_t_test", "select", "format_selection", "nothing_selected",
@@ -243,9 +243,8 @@ def record_choice(store: Store, status: StudyStatus) -> dict | None:
     chosen = {"e_lambda": sel["one_se"]["e_lambda"], "mean": sel["one_se"]["mean"], "rule": "one-SE",
               "prefer": sel["prefer"], "best_e_lambda": sel["best"]["e_lambda"], "best_mean": sel["best"]["mean"],
               "verdict": v["verdict"], "diff_vs_baseline": v["diff"], "p_vs_baseline": v["p"], "folds": v["folds"]}
-    sid = study_id(store, status.name)
-    if store.storage.get_study_user_attrs(sid).get(CHOSEN_ATTR) != chosen:
-        store.storage.set_study_user_attr(sid, CHOSEN_ATTR, chosen)
+    if store.study_attrs(status.name).get(CHOSEN_ATTR) != chosen:
+        store.set_study_attr(status.name, CHOSEN_ATTR, chosen)
     return chosen
 
 

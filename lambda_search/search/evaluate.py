@@ -27,7 +27,6 @@ from ..store.status import (
     StudyStatus,
     completed_config,
     final_study_name,
-    study_id,
     study_status,
 )
 from ..store.storage import Store, open_store
@@ -76,7 +75,7 @@ def _evaluable(status: StudyStatus, config: Config) -> None:
 def _same_data(store: Store, name: str, config: Config) -> None:
     """The training set the search cross-validated, whatever ``--set data.root`` says: the
     folds' fingerprint of ``config`` must be the stored one."""
-    if make_plan(config).fingerprint != store.storage.get_study_user_attrs(study_id(store, name)).get(FINGERPRINT_ATTR):
+    if make_plan(config).fingerprint != store.study_attrs(name).get(FINGERPRINT_ATTR):
         raise StudyError(f"the data set or its folds differ from those study {name!r} was made with; check data.root "
                          "(--set data.root=...): the final evaluation trains on the images the search saw")
 
@@ -96,11 +95,8 @@ def _check_final(store: Store, name: str, e_lambda: float, seeds: int) -> None:
     """A final study, once made, evaluates one lambda with its seeds: asking for another is
     refused, saying how to see it (nothing is trained or changed)."""
     final = final_study_name(name)
-    sid = study_id(store, final)
-    if sid is None:
-        return
-    attrs = store.storage.get_study_user_attrs(sid)
-    if CONFIG_ATTR not in attrs:  # killed as it was made
+    attrs = store.study_attrs(final)
+    if CONFIG_ATTR not in attrs:  # none, or killed as it was made
         return
     held = completed_config(attrs[CONFIG_ATTR]).search
     if held.lambdas != (e_lambda,):
@@ -135,7 +131,6 @@ def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | Non
         f"{'the baseline' if config.search.baseline else 'no baseline (search.baseline = false)'}, "
         f"{seeds} seed{'s' if seeds > 1 else ''} each (seed N is repeat N), as study {final.study.name!r}")
     run_search(final, workers=workers, log=log, progress=progress, should_stop=should_stop)
-    sid = study_id(store, final.study.name)
-    if EVALUATE_ATTR not in store.storage.get_study_user_attrs(sid):  # how the lambda was chosen: the first run's
-        store.storage.set_study_user_attr(sid, EVALUATE_ATTR, {"e_lambda": lam, "chosen_by": how, "seeds": seeds})
+    if EVALUATE_ATTR not in store.study_attrs(final.study.name):  # how the lambda was chosen: the first run's
+        store.set_study_attr(final.study.name, EVALUATE_ATTR, {"e_lambda": lam, "chosen_by": how, "seeds": seeds})
     return read_evaluation(store, name)

@@ -29,9 +29,6 @@ from ..store.status import (
     StudyStatus,
     baseline_study_name,
     completed_config,
-    name_metric,
-    quiet_optuna,
-    study_id,
     study_pins,
     study_status,
 )
@@ -73,47 +70,41 @@ def create_or_resume(store: Store, config: Config, plan: Plan) -> str:
     name = config.study.name
     stored_config = _absolute(config)
     with store.locks.exclusive():
-        sid = study_id(store, name)
-        if sid is None:
-            quiet_optuna()
-            sid = store.storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], name)
-            name_metric(store, name)
+        if store.study_id(name) is None:
+            store.create_study(name)
             created = "created"
         else:
             created = "resumed"
-        attrs = store.storage.get_study_user_attrs(sid)
+        attrs = store.study_attrs(name)
         if CONFIG_ATTR not in attrs:
-            if store.storage.get_all_trials(sid, deepcopy=False):
+            if store.trials(name):
                 raise StudyError(
                     f"study {name!r} in {store.shown} was not made by lambda_search; choose another study.name"
                 )
-            _check_adoptable(store, name, sid)
-            store.storage.set_study_user_attr(sid, FINGERPRINT_ATTR, plan.fingerprint)
-            store.storage.set_study_user_attr(sid, VERSIONS_ATTR, _versions())
-            store.storage.set_study_user_attr(sid, RUN_ATTR, uuid.uuid4().hex)
-            # last: marks the study complete
-            store.storage.set_study_user_attr(sid, CONFIG_ATTR, stored_config.to_dict())
+            _check_adoptable(store, name)
+            store.set_study_attr(name, FINGERPRINT_ATTR, plan.fingerprint)
+            store.set_study_attr(name, VERSIONS_ATTR, _versions())
+            store.set_study_attr(name, RUN_ATTR, uuid.uuid4().hex)
+            store.set_study_attr(name, CONFIG_ATTR, stored_config.to_dict())  # last: marks the study complete
             return "created"
         _check_same(name, attrs, stored_config, plan)
-        if "study:metric_names" not in store.storage.get_study_system_attrs(sid):  # made by an earlier version
-            name_metric(store, name)
+        if not store.metric_named(name):  # made by an earlier version
+            store.name_metric(name)
         return created
 
 
-def _check_adoptable(store: Store, name: str, sid: int) -> None:
+def _check_adoptable(store: Store, name: str) -> None:
     """An empty study lambda_search did not make (or its baseline companion) is adopted only
     where it maximizes one value, as lambda_search's accuracies need: else Optuna's
     best_params would name the worst lambda."""
-    maximize = [optuna.study.StudyDirection.MAXIMIZE]
-    for study, this_id in ((name, sid), (baseline_study_name(name), study_id(store, baseline_study_name(name)))):
-        if this_id is None:
+    for study in (name, baseline_study_name(name)):
+        if store.study_id(study) is None:
             continue
-        directions = store.storage.get_study_directions(this_id)
-        if study != name and store.storage.get_all_trials(this_id, deepcopy=False):
+        if study != name and store.trials(study):
             raise StudyError(f"study {study!r} in {store.shown} was not made by lambda_search and has trials; "
                              "choose another study.name")
-        if directions != maximize:
-            shown = ", ".join(d.name.lower() for d in directions)
+        if not store.maximizes(study):
+            shown = ", ".join(store.directions(study))
             raise StudyError(f"study {study!r} in {store.shown} was not made by lambda_search and its direction is "
                              f"{shown}, not maximize (lambda_search maximizes accuracy); choose another study.name or "
                              f"delete it: optuna delete-study --study-name {study!r} --storage URL")

@@ -1,50 +1,37 @@
-"""A worker: claim a grid point, train its folds, store what it finished, until the study is done.
+"""A worker: the one loop every search runs, whatever its strategy: ask (the study's
+strategy, through the points' status), claim a point (``store.claims``: under the claim lock,
+with a lease), run its folds, tell (record the outcome), until the study is done.
 
-A worker claims a point under the storage's claim lock and holds a lease on its trial while
-it runs (see ``_storage``): no two workers take the same point, and a dead worker's trial is
-known dead at once and run again, keeping its finished folds and resuming the fold in
-flight from its checkpoint. Every training runs under the numerics the study pins for the
-worker's kind of device (see ``_numerics``).
+A dead worker's trial is known dead at once and its point run again, keeping its finished
+folds and resuming the fold in flight from its checkpoint. Every training runs under the
+numerics the study pins for the worker's kind of device (see ``train.numerics``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import socket
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Callable
 
 import optuna
-from optuna.distributions import FloatDistribution, IntDistribution
-from optuna.trial import TrialState, create_trial
 
 from ..bench.measure import Engines, worker_pack
 from ..config import Config, ConfigError
 from ..configfile import IDENTITY_EXEMPT, resolve_config
 from ..nn.kernels import cpu_kernel, use_kernels
-from ..points import Point, fold_names
+from ..points import fold_accuracies, fold_names
 from ..report.select import record_choice
+from ..store.claims import Claim, claim_next, record_outcome
 from ..store.failures import failures
 from ..store.status import (
     FINGERPRINT_ATTR,
     NUMERICS_ATTR,
-    POINT_ATTR,
-    REASON_ATTR,
     RUN_ATTR,
     StudyError,
-    all_trials,
-    baseline_study_name,
-    fold_accuracies,
-    live_trials,
     load_study_config,
-    name_metric,
     point_statuses,
-    quiet_optuna,
-    study_id,
     study_pins,
     study_status,
 )
@@ -60,14 +47,13 @@ __all__ = ["run_worker"]
 
 def _run_id(store: Store, name: str) -> str:
     """Study ``name``'s run id (given to a study made before run ids were, on first use)."""
-    sid = study_id(store, name)
-    run = store.storage.get_study_user_attrs(sid).get(RUN_ATTR)
+    run = store.study_attrs(name).get(RUN_ATTR)
     if run is None:
         with store.locks.exclusive():
-            run = store.storage.get_study_user_attrs(sid).get(RUN_ATTR)
+            run = store.study_attrs(name).get(RUN_ATTR)
             if run is None:
                 run = uuid.uuid4().hex
-                store.storage.set_study_user_attr(sid, RUN_ATTR, run)
+                store.set_study_attr(name, RUN_ATTR, run)
     return run
 
 
@@ -78,7 +64,7 @@ def pin_numerics(store: Store, name: str, kind: str, proposal: dict) -> dict:
         pins = study_pins(store, name)
         if kind not in pins:
             pins[kind] = proposal
-            store.storage.set_study_user_attr(study_id(store, name), NUMERICS_ATTR, pins)
+            store.set_study_attr(name, NUMERICS_ATTR, pins)
         return pins[kind]
 
 
@@ -92,76 +78,6 @@ def describe_pin(kind: str, pin: dict, plan: Plan) -> str:
     return f"numerics pinned for {kind} workers: " + ", ".join(packs)
 
 
-# ---------------------------------------------------------------- claiming a point
-
-
-@dataclass
-class Claim:
-    trial_id: int
-    number: int
-    point: Point
-    done: dict  # fold name -> record, finished by earlier attempts
-    lease: object
-
-
-def _fail(store: Store, trial_id: int, reason: str) -> None:
-    storage = store.storage
-    try:
-        storage.set_trial_system_attr(trial_id, REASON_ATTR, reason[:500])
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
-    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-        pass  # finished meanwhile
-
-
-def _claim(store: Store, name: str, config: Config, label: str) -> Claim | str:
-    """Under the claim lock: fail the trials of dead workers, then take the first point that
-    is neither done nor running. Returns a Claim, "wait" (the rest is running elsewhere) or
-    "done"."""
-    storage = store.storage
-    with store.locks.exclusive():  # no lease is taken while we hold it: leases only go away
-        trials, live = live_trials(store, name)
-        dead = [t._trial_id for _, t in trials if t.state == TrialState.RUNNING and t._trial_id not in live]
-        for trial_id in dead:
-            _fail(store, trial_id, "worker lost: its process ended before the trial finished")
-        if dead:
-            trials = all_trials(store, name)
-        statuses = point_statuses(store, name, config, trials, live)
-        free = [s for s in statuses if s.state in ("pending", "interrupted")]
-        if not free:
-            return "wait" if any(s.state == "running" for s in statuses) else "done"
-        s = free[0]
-        point = s.point
-        study = baseline_study_name(name) if point.baseline else name
-        sid = study_id(store, study)
-        if sid is None:
-            quiet_optuna()
-            sid = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], study)
-            storage.set_study_user_attr(sid, "lambda_search:baseline_of", name)
-            name_metric(store, study)
-        lambdas = config.search.lambdas
-        params, dists = {}, {}
-        if not point.baseline:
-            params["e_lambda"] = point.e_lambda
-            dists["e_lambda"] = FloatDistribution(min(lambdas), max(lambdas), log=True)
-        if config.search.repeats > 1:
-            params["repeat"] = point.repeat
-            dists["repeat"] = IntDistribution(0, config.search.repeats - 1)
-        template = create_trial(
-            state=TrialState.RUNNING, params=params, distributions=dists,
-            system_attrs={POINT_ATTR: point.key, "lambda_search:worker": f"{socket.gethostname()}:{os.getpid()}"},
-            user_attrs={"e_lambda": point.e_lambda, "repeat": point.repeat, "attention": point.attention,
-                        "fold_names": s.fold_names, "fold_results": s.folds,
-                        "fold_accuracies": s.fold_accuracies})
-        trial_id = storage.create_new_trial(sid, template)
-        lease = store.locks.lease(trial_id)
-        try:
-            number = storage.get_trial(trial_id).number
-        except BaseException:
-            lease.release()  # never a lease left held by a trial nobody runs
-            raise
-        return Claim(trial_id, number, point, dict(s.folds), lease)
-
-
 # ---------------------------------------------------------------- workers
 
 
@@ -172,40 +88,32 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def _record(store: Store, claim: Claim, outcome, names: list[str], checkpoint_dir, log) -> None:
-    """Store a point's outcome on its trial: COMPLETE with its summary, FAILED as diverged (a
-    result: never retried), or FAILED as interrupted (its finished folds kept for the re-run)."""
-    tid, point = claim.trial_id, claim.point
+def _tell(store: Store, claim: Claim, outcome, names: list[str], checkpoint_dir, log) -> None:
+    """Record how the point ended, then drop its checkpoints where it is done (complete, or
+    diverged: a result, never retried)."""
+    record_outcome(store, claim, outcome, names)
+    point, number = claim.point, claim.number
     if outcome.status == "completed":
+        remove_checkpoints(checkpoint_dir, point)
         summary = outcome.summary
-        for key, value in (("mean", summary["mean"]), ("std", summary["std"]), ("std_ddof", summary["std_ddof"]),
-                           ("sem", summary["sem"]),
-                           ("fold_seconds", [outcome.folds[n]["seconds"] for n in names]),
-                           ("seeds", [outcome.folds[n]["seed"] for n in names])):
-            store.storage.set_trial_user_attr(tid, key, value)
-        store.storage.set_trial_state_values(tid, TrialState.COMPLETE, [summary["mean"]])
-        remove_checkpoints(checkpoint_dir, point)
         std = f" +- {summary['std']:.4f}" if summary["std"] is not None else ""
-        log(f"trial {claim.number} complete: {point.label()} mean val acc {summary['mean']:.4f}{std}")
+        log(f"trial {number} complete: {point.label()} mean val acc {summary['mean']:.4f}{std}")
     elif outcome.status == "diverged":
-        store.storage.set_trial_user_attr(tid, "failure", outcome.reason)
-        _fail(store, tid, outcome.reason)
         remove_checkpoints(checkpoint_dir, point)
-        log(f"trial {claim.number} FAILED: {point.label()} {outcome.reason}")
+        log(f"trial {number} FAILED: {point.label()} {outcome.reason}")
     else:
-        _fail(store, tid, "interrupted")
-        log(f"trial {claim.number} interrupted: {point.label()}; finished folds and checkpoint kept")
+        log(f"trial {number} interrupted: {point.label()}; finished folds and checkpoint kept")
 
 
 def _run_claim(store: Store, plan: Plan, claim: Claim, engines: Engines, *, checkpoint_dir, log, progress,
                should_stop, stats: dict, label: str, n_workers: int, pack: int = 1) -> str:
-    storage, tid, point = store.storage, claim.trial_id, claim.point
+    tid, point = claim.trial_id, claim.point
     names = fold_names(plan.config, point.repeat)
     epochs = None
 
     def on_fold(fold, record, records):
-        storage.set_trial_user_attr(tid, "fold_results", records)
-        storage.set_trial_user_attr(tid, "fold_accuracies", fold_accuracies(records, names))
+        store.set_trial_attr(tid, "fold_results", records)
+        store.set_trial_attr(tid, "fold_accuracies", fold_accuracies(records, names))
         stats["folds"] += 1
         stats["seconds"] += record["seconds"]
         total_folds = len(plan.points) * len(names)
@@ -239,14 +147,14 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engines: Engines, *, chec
             log(f"{label}warning: {note}")
         outcome = run_point(plan, point, claim.done, engine=engine, checkpoint_dir=checkpoint_dir,
                             on_fold=on_fold, on_epoch=on_epoch, should_stop=should_stop, pack=pack, packs=pack_cache)
-        _record(store, claim, outcome, names, checkpoint_dir, lambda text: log(label + text))
+        _tell(store, claim, outcome, names, checkpoint_dir, lambda text: log(label + text))
         return outcome.status
     except optuna.exceptions.UpdateFinishedTrialError:
         log(f"{label}trial {claim.number} was declared lost by another worker; its folds are kept for the re-run")
         return "lost"
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            _fail(store, tid, f"error: {type(exc).__name__}: {exc}")
+            store.fail_trial(tid, f"error: {type(exc).__name__}: {exc}")
         raise
     finally:
         claim.lease.release()
@@ -305,8 +213,7 @@ def _run_worker(store: Store, name: str, *, overrides=(), device: str | None = N
     if plan is None:
         config = worker_config(store, name, overrides)
         plan = make_plan(config, device)
-        stored = store.storage.get_study_user_attrs(store.storage.get_study_id_from_name(name))
-        if stored.get(FINGERPRINT_ATTR) != plan.fingerprint:
+        if store.study_attrs(name).get(FINGERPRINT_ATTR) != plan.fingerprint:
             raise StudyError(f"the data set or its folds differ from those study {name!r} was made with; "
                              "check data.root (--set data.root=...)")
     engines = Engines(plan) if engines is None else engines
@@ -329,7 +236,7 @@ def _work(store: Store, name: str, plan: Plan, packs: dict[str, int], engines: E
     counts = {"completed": 0, "diverged": 0, "interrupted": 0, "lost": 0}
     stats = {"folds": 0, "seconds": 0.0}
     while not should_stop():
-        claim = _claim(store, name, config, label)
+        claim = claim_next(store, name, config)
         if claim == "done":
             break
         if claim == "wait":

@@ -13,18 +13,17 @@ its finished folds are kept.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
-import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import FINAL_SUFFIX, HELD_OUT_TEST, Config
 from ..configfile import resolve_config
-from ..points import Point, distinct_numerics, fold_names, grid_points, mixed_folds
+from ..points import Point, PointStatus, distinct_numerics, fold_names, mixed_folds
+from ..strategy import strategy_for
 from .failures import failures
-from .storage import Store
+from .storage import REASON_ATTR, Store
 
 __all__ = ["StudyError", "PointStatus", "StudyStatus", "baseline_study_name", "final_study_name", "load_study_config",
            "study_status", "list_studies", "STORAGE_ENV"]
@@ -33,12 +32,10 @@ CONFIG_ATTR = "lambda_search:config"
 FINGERPRINT_ATTR = "lambda_search:fingerprint"
 VERSIONS_ATTR = "lambda_search:versions"
 POINT_ATTR = "lambda_search:point"
-REASON_ATTR = "lambda_search:fail_reason"
 RUN_ATTR = "lambda_search:run"  # a study's own id: its checkpoint folders carry it (never another's adopted)
 NUMERICS_ATTR = "lambda_search:numerics"  # device kind -> the pin its workers use (see _numerics)
 EVALUATE_ATTR = "lambda_search:evaluate"  # on NAME:final: its lambda and how it was chosen
 CHOSEN_ATTR = "lambda_search:chosen"  # a finished search's choice (one-SE rule, larger end) and its verdict
-METRIC_NAME = "val_accuracy"  # what a trial's value is, named for Optuna's tools (the dashboard, trials_dataframe)
 STORAGE_ENV = "LAMBDA_SEARCH_STORAGE"  # how a parent hands a storage URL to its workers (never argv)
 
 
@@ -55,32 +52,13 @@ def final_study_name(name: str) -> str:
     return name + FINAL_SUFFIX
 
 
-def study_id(store: Store, name: str) -> int | None:
-    try:
-        return store.storage.get_study_id_from_name(name)
-    except KeyError:
-        return None
-
-
-def name_metric(store: Store, name: str) -> None:
-    """Name study ``name``'s objective METRIC_NAME, as Optuna's ``set_metric_names`` does."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.load_study(study_name=name, storage=store.storage).set_metric_names([METRIC_NAME])
-
-
-def quiet_optuna() -> None:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
 def load_study_config(store: Store, name: str) -> Config:
     """The resolved config stored in study ``name``."""
-    sid = study_id(store, name)
-    if sid is None:
+    if store.study_id(name) is None:
         names = [n for n in store.study_names() if not n.endswith((":baseline", ":final"))]
         there = ", ".join(repr(n) for n in names) if names else "none"
         raise StudyError(f"no study named {name!r} in {store.shown}; studies there: {there}")
-    attrs = store.storage.get_study_user_attrs(sid)
+    attrs = store.study_attrs(name)
     if CONFIG_ATTR not in attrs:
         raise StudyError(f"study {name!r} in {store.shown} was not made by lambda_search (it has no stored config)")
     return completed_config(attrs[CONFIG_ATTR])
@@ -96,41 +74,6 @@ def completed_config(stored: dict) -> Config:
 
 
 # ---------------------------------------------------------------- the state of every point
-
-
-@dataclass
-class PointStatus:
-    """``state``: "complete", "running", "diverged", "interrupted" (tried, to be resumed:
-    ``folds`` holds what it finished) or "pending" (never tried)."""
-
-    point: Point
-    state: str
-    folds: dict = field(default_factory=dict)  # fold name -> fold record (finished folds)
-    fold_names: list = field(default_factory=list)
-    mean: float | None = None
-    std: float | None = None
-    sem: float | None = None
-    trial_number: int | None = None
-    attempts: int = 0
-    reason: str | None = None
-
-    @property
-    def fold_accuracies(self) -> list[float | None]:
-        """Accuracy per fold of the plan, None where the fold is not finished."""
-        return fold_accuracies(self.folds, self.fold_names)
-
-    @property
-    def folds_done(self) -> int:
-        return sum(1 for r in self.folds.values() if r.get("status") == "completed")
-
-    def to_dict(self) -> dict:
-        return {"e_lambda": self.point.e_lambda, "repeat": self.point.repeat, "baseline": self.point.baseline,
-                "state": self.state, "folds_done": self.folds_done, "folds": len(self.fold_names),
-                "mean": self.mean, "std": self.std, "sem": self.sem,
-                "fold_accuracies": self.fold_accuracies,
-                "fold_seconds": [self.folds.get(n, {}).get("seconds") for n in self.fold_names],
-                "fold_numerics": [self.folds.get(n, {}).get("numerics") for n in self.fold_names],
-                "trial": self.trial_number, "attempts": self.attempts, "reason": self.reason}
 
 
 @dataclass
@@ -182,17 +125,8 @@ class StudyStatus:
                 "points": [p.to_dict() for p in self.points]}
 
 
-def fold_accuracies(records: dict, names: list[str]) -> list[float | None]:
-    return [records.get(n, {}).get("val_accuracy") for n in names]
-
-
 def all_trials(store: Store, name: str) -> list[tuple[str, FrozenTrial]]:
-    out = []
-    for study in (name, baseline_study_name(name)):
-        sid = study_id(store, study)
-        if sid is not None:
-            out += [(study, t) for t in store.storage.get_all_trials(sid, deepcopy=False)]
-    return out
+    return [(study, t) for study in (name, baseline_study_name(name)) for t in store.trials(study)]
 
 
 def _point_status(
@@ -242,15 +176,26 @@ def live_trials(store: Store, name: str):
 
 
 def point_statuses(store: Store, name: str, config: Config, trials=None, live=None) -> list[PointStatus]:
+    """Every point of study ``name``: those its strategy asks for (``search.strategy``), in its
+    order, then any other point that has trials. The strategy is told what the study holds:
+    the status of each point tried, in the order they were first tried."""
     if trials is None:
         trials, live = live_trials(store, name)
     by_key: dict[str, list[FrozenTrial]] = {}
-    for _, t in trials:
+    points: dict[str, Point] = {}
+    for _, t in sorted(trials, key=lambda st: st[1]._trial_id):  # in the order they were made
         key = t.system_attrs.get(POINT_ATTR)
         if key is not None:
             by_key.setdefault(key, []).append(t)
-    return [_point_status(p, fold_names(config, p.repeat), by_key.get(p.key, []), live.__contains__)
-            for p in grid_points(config)]
+            points.setdefault(key, Point(t.user_attrs.get("e_lambda"), t.user_attrs.get("repeat", 0)))
+
+    def status(p: Point) -> PointStatus:
+        return _point_status(p, fold_names(config, p.repeat), by_key.get(p.key, []), live.__contains__)
+
+    tried = [status(p) for p in points.values()]
+    asked = strategy_for(config.search.strategy).ask(config, tried)
+    keys = {p.key for p in asked}
+    return [status(p) for p in asked] + [s for s in tried if s.point.key not in keys]
 
 
 def study_status(store: Store, name: str) -> StudyStatus:
@@ -280,16 +225,14 @@ def _list_studies(store: Store) -> list[dict]:
             continue  # a companion (NAME:baseline, NAME:final and its NAME:final:baseline), listed under its study
         entry = {"study": name, "lambda_search": False, "trials": None, "complete": None, "total": None,
                  "finished": None, "companions": [n for n in names if n.startswith(name + ":")]}
-        sid = store.storage.get_study_id_from_name(name)
-        if CONFIG_ATTR in store.storage.get_study_user_attrs(sid):
+        if CONFIG_ATTR in store.study_attrs(name):
             status = study_status(store, name)
             entry.update(lambda_search=True, complete=status.complete, total=status.total, finished=status.finished)
         else:
-            entry["trials"] = len(store.storage.get_all_trials(sid, deepcopy=False))
+            entry["trials"] = len(store.trials(name))
         out.append(entry)
     return out
 
 
 def study_pins(store: Store, name: str) -> dict:
-    sid = study_id(store, name)
-    return dict(store.storage.get_study_user_attrs(sid).get(NUMERICS_ATTR, {})) if sid is not None else {}
+    return dict(store.study_attrs(name).get(NUMERICS_ATTR, {}))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from .failures import StorageError, redact, scrub
 from .locks import FileLocks, PgLocks
@@ -20,6 +21,8 @@ from .locks import FileLocks, PgLocks
 __all__ = ["Store", "open_store"]
 
 SQLITE_TIMEOUT_S = 600  # SQLite's own lock timeout: generous, writers queue instead of failing
+METRIC_NAME = "val_accuracy"  # what a trial's value is, named for Optuna's tools (the dashboard, trials_dataframe)
+REASON_ATTR = "lambda_search:fail_reason"  # a FAILED trial's reason (a system attribute)
 
 
 @dataclass
@@ -34,8 +37,73 @@ class Store:
     def shown(self) -> str:
         return redact(self.url)
 
+    # ------------------------------------------------------------ studies and trials: the one way in
+    # (no other module calls Optuna's storage: what lambda_search reads and writes is here)
+
     def study_names(self) -> list[str]:
         return sorted(s.study_name for s in self.storage.get_all_studies())
+
+    def study_id(self, name: str) -> int | None:
+        try:
+            return self.storage.get_study_id_from_name(name)
+        except KeyError:
+            return None
+
+    def study_attrs(self, name: str) -> dict:
+        """Study ``name``'s attributes ({} where there is no such study)."""
+        sid = self.study_id(name)
+        return {} if sid is None else self.storage.get_study_user_attrs(sid)
+
+    def set_study_attr(self, name: str, key: str, value) -> None:
+        self.storage.set_study_user_attr(self.storage.get_study_id_from_name(name), key, value)
+
+    def create_study(self, name: str) -> None:
+        """A new study that maximizes one value, named METRIC_NAME for Optuna's tools."""
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], name)
+        self.name_metric(name)
+
+    def name_metric(self, name: str) -> None:
+        """Name study ``name``'s objective METRIC_NAME, as Optuna's ``set_metric_names`` does."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.load_study(study_name=name, storage=self.storage).set_metric_names([METRIC_NAME])
+
+    def metric_named(self, name: str) -> bool:
+        return "study:metric_names" in self.storage.get_study_system_attrs(self.storage.get_study_id_from_name(name))
+
+    def maximizes(self, name: str) -> bool:
+        """Whether study ``name`` maximizes one value (as lambda_search's accuracies need)."""
+        directions = self.storage.get_study_directions(self.storage.get_study_id_from_name(name))
+        return directions == [optuna.study.StudyDirection.MAXIMIZE]
+
+    def directions(self, name: str) -> list[str]:
+        return [d.name.lower() for d in self.storage.get_study_directions(self.storage.get_study_id_from_name(name))]
+
+    def trials(self, name: str) -> list[FrozenTrial]:
+        """Study ``name``'s trials ([] where there is no such study)."""
+        sid = self.study_id(name)
+        return [] if sid is None else self.storage.get_all_trials(sid, deepcopy=False)
+
+    def add_trial(self, name: str, template: FrozenTrial) -> int:
+        return self.storage.create_new_trial(self.storage.get_study_id_from_name(name), template)
+
+    def trial(self, trial_id: int) -> FrozenTrial:
+        return self.storage.get_trial(trial_id)
+
+    def set_trial_attr(self, trial_id: int, key: str, value) -> None:
+        self.storage.set_trial_user_attr(trial_id, key, value)
+
+    def complete_trial(self, trial_id: int, value: float) -> None:
+        self.storage.set_trial_state_values(trial_id, TrialState.COMPLETE, [value])
+
+    def fail_trial(self, trial_id: int, reason: str) -> None:
+        """FAILED, with ``reason`` (at most 500 characters); a trial finished meanwhile is left as it is."""
+        try:
+            self.storage.set_trial_system_attr(trial_id, REASON_ATTR, reason[:500])
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            pass
 
 
 _SQLITE_HEADER = b"SQLite format 3\x00"

@@ -21,7 +21,8 @@ from ..config import TEST_SPLITS, Config, ConfigError, DataSection, ModelSection
 from ..data.datasets import CACHE_DIR, ImageData, dataset_fingerprint, join, load_dataset, subset
 from ..data.folds import Fold, derive_seed, final_folds, folds_fingerprint, make_folds, test_split
 from ..nn.registry import MODEL_NAMES, NetworkSpec, network_spec
-from ..points import Point, grid_points, summarize
+from ..points import Point, summarize
+from ..strategy import strategy_for
 from .engine import Engine, EpochMetrics, FoldResult, engine_for
 from .foldrun import set_aside
 from .groups import chunk_sizes, train_group
@@ -157,7 +158,8 @@ def make_plan(config: Config, device: str | None = None) -> Plan:
                           f"set has {data.input_size} px")
     fingerprint = folds_fingerprint(folds, dataset_fingerprint(data))
     test_images = len(folds[0].val) if data_cfg.test else (None if held_out is None else len(held_out))
-    return Plan(config, data, folds, train, fingerprint, grid_points(config), test_images)
+    points = strategy_for(config.search.strategy).ask(config, [])  # what the study trains first
+    return Plan(config, data, folds, train, fingerprint, points, test_images)
 
 
 def fold_record(result: FoldResult, numerics: dict | None = None, val_images: int | None = None) -> dict:
