@@ -160,7 +160,7 @@ def variants(start: float, budget: float) -> dict:
         t = time.monotonic()
         try:
             p = replace(plan, train=train)
-            engine = _measure.plan_engine(p, attention)
+            engine = _measure.Engines(p)(attention)
             lam = 1e-4 if attention == "simam" else None
             seconds = _measure.measure_packs(p, engine, data, lam, [size], rounds=3, block_seconds=1.0)[size]
             res[name] = round(size * plan.train.batch_size / seconds)
@@ -201,7 +201,7 @@ def packs(start: float, budget: float) -> dict:
                 continue
             train = replace(plan.train, compile=compile_, cuda_graphs=graphs)
             p = replace(plan, train=train)
-            engine = _measure.plan_engine(p, "simam")
+            engine = _measure.Engines(p)("simam")
             for size in ((1, 5, 10, 30) if not compile_ else (5, 30)) if not SMOKE else (1, 2):
                 if time.monotonic() - start > budget - 20:
                     res[f"c{int(compile_)}g{int(graphs)}p{size}"] = "skipped"

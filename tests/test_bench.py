@@ -15,6 +15,7 @@ from lambda_search.bench import run as _bench
 from lambda_search.cli import main
 from lambda_search.nn import resnet as _models
 from lambda_search.train import plan as _objective
+from lambda_search.train.groups import pack_size
 
 from conftest import SCRIPT
 
@@ -103,9 +104,10 @@ def test_range_is_written_in_the_unit_of_its_high_end():
 def test_pack_pick_is_the_faster_point_on_gpus_and_one_at_a_time_on_the_cpu(tiny_config):
     plan = _three_fold_plan(tiny_config)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert _measure._best_pack(plan, cuda, {1: 1.0, 3: 2.0}) == 3  # a point: 3 steps of one or 2 s packed
-    assert _measure._best_pack(plan, cuda, {1: 1.0, 3: 2.9}) == 1  # under 5 % faster: one at a time
-    assert _measure._best_pack(plan, cpu, {1: 1.0, 3: 2.0}) == 1
+    assert pack_size(plan.train, 3, cuda, {1: 1.0, 3: 2.0}) == 3  # a point: 3 steps of one or 2 s packed
+    assert pack_size(plan.train, 3, cuda, {1: 1.0, 3: 2.9}) == 1  # under 5 % faster: one at a time
+    assert pack_size(plan.train, 3, cpu, {1: 1.0, 3: 2.0}) == 1
+    assert pack_size(plan.train, 3, cuda) is None and pack_size(plan.train, 3, cpu) == 1  # "auto" measures on a GPU
 
 
 def test_quick_projection_measures_rounds_and_a_range(tiny_config):

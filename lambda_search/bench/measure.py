@@ -21,12 +21,12 @@ from ..data.augment import train_batch
 from ..data.datasets import ImageData
 from ..nn.kernels import cpu_kernel
 from ..train.engine import Engine, _evaluate, build_engine, cpu_threads, make_optimizer, on_device
-from ..train.groups import chunk_sizes, static_pack, trains_alone
+from ..train.groups import chunk_sizes, pack_size, trains_alone
 from ..train.pack import Pack, Packs
 from ..train.plan import Plan
 from .projection import Projection, project_rounds
 
-__all__ = ["Engines", "measure_steps", "measure_packs", "pick_pack", "pick_rounds", "plan_engine", "quick_projection",
+__all__ = ["Engines", "measure_steps", "measure_packs", "pick_pack", "pick_rounds", "quick_projection",
            "worker_pack", "time_rounds", "search_step", "medians", "eval_rates", "lambda_of", "pack_setting",
            "least_share"]
 
@@ -40,8 +40,13 @@ class Engines:
         self.plan, self._built, self._packs = plan, {}, {}
 
     def __call__(self, attention: str) -> Engine:
+        """The engine of the plan's network with ``attention`` ("simam" or "none"), as its
+        [train] asks (built by :func:`~lambda_search.train.engine.build_engine`, the one way)."""
         if attention not in self._built:
-            self._built[attention] = plan_engine(self.plan, attention)
+            plan = self.plan
+            model = plan.config.model
+            self._built[attention] = build_engine(plan.train, model.name, plan.data.num_classes, attention,
+                                                  model.shortcut)
         return self._built[attention]
 
     def packs(self, attention: str) -> Packs:
@@ -53,12 +58,6 @@ class Engines:
 
     def built(self) -> list[str]:
         return sorted(self._built)
-
-
-def plan_engine(plan: Plan, attention: str) -> Engine:
-    """The engine of ``plan``'s network (``attention``: "simam" or "none") as its [train] asks."""
-    model = plan.config.model
-    return build_engine(plan.train, model.name, plan.data.num_classes, attention, model.shortcut)
 
 
 def _engine_step(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None) -> Callable[[], None]:
@@ -132,29 +131,16 @@ def _training_rounds(plan: Plan, timed: _Rounds, size: int) -> list[float]:
     return [sum(timed.seconds[c][r] for c in chunks) / folds for r in range(timed.rounds)]
 
 
-def _best_pack(plan: Plan, device: torch.device, seconds: dict[int, float]) -> int:
-    """train.pack = "auto": the size of the fastest point of those whose packs ``seconds``
-    (size -> seconds per pack step) covers; a pack must beat one fold at a time by 5 %, and
-    the CPU trains one at a time."""
-    folds = len(plan.folds_of(0))
-    per_point = {s: sum(seconds[c] for c in chunk_sizes(folds, s)) for s in seconds
-                 if all(c in seconds for c in chunk_sizes(folds, s))}
-    best = min(per_point, key=per_point.get)
-    if per_point[best] > 0.95 * per_point[1] or static_pack(plan.train, len(plan.folds_of(0)), device) == 1:
-        best = 1
-    return best
-
-
 def pick_rounds(plan: Plan, engine: Engine, data: ImageData, e_lambda: float | None, size: int | None, *,
                  rounds: int = 1, block_seconds: float = 0.5) -> tuple[int, list[float], _Rounds]:
     """Time a point's folds in packs of ``size`` (None: "auto", the faster of one fold at a
-    time and all folds at once, as :func:`_best_pack` picks). Returns (size, seconds per
+    time and all folds at once, as :func:`~lambda_search.train.groups.pack_size` picks). Returns (size, seconds per
     iteration of one training in each round, the rounds of every pack size timed)."""
     folds = len(plan.folds_of(0))
     sizes = [1, folds] if size is None else sorted({size, *chunk_sizes(folds, size)})
     timed = _pack_rounds(plan, engine, data, e_lambda, sizes, rounds=rounds, block_seconds=block_seconds)
     if size is None:
-        size = _best_pack(plan, engine.device, medians(timed.seconds))
+        size = pack_size(plan.train, folds, engine.device, medians(timed.seconds))
     return size, _training_rounds(plan, timed, size), timed
 
 
@@ -269,8 +255,9 @@ def lambda_of(plan: Plan) -> float:
 
 
 def pack_setting(plan: Plan, device: torch.device) -> int | None:
-    """The pack size train.pack sets (see :func:`static_pack`), None for "auto" (measured)."""
-    return None if plan.train.pack == "auto" else static_pack(plan.train, len(plan.folds_of(0)), device)
+    """What to time: the pack size train.pack sets, None for "auto" (timed, on the CPU too,
+    where :func:`~lambda_search.train.groups.pack_size` then says 1)."""
+    return None if plan.train.pack == "auto" else pack_size(plan.train, len(plan.folds_of(0)), device)
 
 
 def least_share(shares) -> float | None:
@@ -297,7 +284,7 @@ def quick_projection(plan: Plan, block_seconds: float = 0.15, engines: Engines |
         for a in attentions:
             engine = engines(a)
             lam = lambda_of(plan) if a == "simam" else None
-            size = (packs or {}).get(a) or static_pack(plan.train, len(plan.folds_of(0)), device)
+            size = (packs or {}).get(a) or pack_size(plan.train, len(plan.folds_of(0)), device)
             chosen[a], step[a], timed = pick_rounds(plan, engine, data, lam, size, rounds=rounds,
                                                      block_seconds=block_seconds)
             ks.append(timed.steps)
@@ -309,7 +296,7 @@ def quick_projection(plan: Plan, block_seconds: float = 0.15, engines: Engines |
 def worker_pack(plan: Plan, engine: Engine) -> tuple[int, dict[int, float]]:
     """The pack size of a worker's ``engine`` (train.pack as a number, or "auto": measured on
     a GPU, 1 on the CPU) and the pack steps measured to pick it ({} where none was)."""
-    size = static_pack(plan.train, len(plan.folds_of(0)), engine.device)
+    size = pack_size(plan.train, len(plan.folds_of(0)), engine.device)
     if size is not None:
         return size, {}
     lam = lambda_of(plan) if engine.spec["attention"] == "simam" else None

@@ -27,13 +27,13 @@ from ..nn.simam import simam_reference
 from ..train.engine import cpu_threads, make_optimizer, on_device
 from ..train.plan import Plan, make_plan
 from .measure import (
+    Engines,
     eval_rates,
     lambda_of,
     least_share,
     medians,
     pack_setting,
     pick_rounds,
-    plan_engine,
     search_step,
     time_rounds,
 )
@@ -201,8 +201,8 @@ def _run_bench(plan: Plan, rounds: int, block_seconds: float, workers: int | Non
     e_lambda = lambda_of(plan)
     say(f"bench: {config.model.name} at {data.input_size} px, batch {plan.train.batch_size}, on {device} "
         f"({torch.get_num_threads()} threads); {rounds} rounds")
-    simam_engine = plan_engine(plan, "simam")
-    baseline_engine = plan_engine(plan, "none")
+    engines = Engines(plan)
+    simam_engine, baseline_engine = engines("simam"), engines("none")
     reference = _reference_step(plan, e_lambda, device, workers)
     try:
         timed = time_rounds({"reference": reference,

@@ -31,7 +31,6 @@ from ..store.status import (
     RUN_ATTR,
     StudyError,
     load_study_config,
-    point_statuses,
     study_pins,
     study_status,
 )
@@ -110,14 +109,15 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engines: Engines, *, chec
     tid, point = claim.trial_id, claim.point
     names = fold_names(plan.config, point.repeat)
     epochs = None
+    claim_done = sum(r.get("status") == "completed" for r in claim.done.values())
 
     def on_fold(fold, record, records):
         store.set_trial_attr(tid, "fold_results", records)
         store.set_trial_attr(tid, "fold_accuracies", fold_accuracies(records, names))
         stats["folds"] += 1
         stats["seconds"] += record["seconds"]
-        total_folds = len(plan.points) * len(names)
-        done_folds = sum(s.folds_done for s in point_statuses(store, plan.config.study.name, plan.config))
+        total_folds = claim.folds_total  # as the study stood when the point was claimed, and this point since
+        done_folds = claim.folds_done + sum(r["status"] == "completed" for r in records.values()) - claim_done
         eta = (total_folds - done_folds) * stats["seconds"] / stats["folds"] / max(1, n_workers)
         acc = record["val_accuracy"]
         shown = f"val acc {acc:.4f}" if acc is not None else record["status"]

@@ -32,6 +32,8 @@ class Claim:
     point: Point
     done: dict  # fold name -> record, finished by earlier attempts
     lease: object
+    folds_done: int = 0  # of the study's points, when it was claimed (for progress lines)
+    folds_total: int = 0
 
 
 def claim_next(store: Store, name: str, config: Config) -> Claim | str:
@@ -49,7 +51,10 @@ def claim_next(store: Store, name: str, config: Config) -> Claim | str:
         free = [s for s in statuses if s.state in ("pending", "interrupted")]
         if not free:
             return "wait" if any(s.state == "running" for s in statuses) else "done"
-        return _open(store, name, config, free[0])
+        claim = _open(store, name, config, free[0])
+        claim.folds_done = sum(s.folds_done for s in statuses)
+        claim.folds_total = sum(len(s.fold_names) for s in statuses)
+        return claim
 
 
 def _open(store: Store, name: str, config: Config, s) -> Claim:

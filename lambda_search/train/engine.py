@@ -165,7 +165,9 @@ def checked_lambda(e_lambda, attention: str) -> float | None:
 
 
 def build_engine(config: TrainConfig, model: str, num_classes: int, attention: str, shortcut: str) -> Engine:
-    """The engine ``config`` asks for (device, compile, amp, channels last, CUDA graphs)."""
+    """The engine ``config`` asks for (device, compile, amp, channels last, CUDA graphs): the one way
+    an engine is built (``engine_for`` builds through it where none is given, ``Engines`` keeps a
+    worker's)."""
     return Engine(model, num_classes, attention, shortcut, config.device, config.compile, config.amp,
                   config.channels_last, cuda_graphs=config.cuda_graphs)
 

@@ -22,7 +22,9 @@ from .engine import Engine, EpochMetrics, FoldResult
 from .pack import Packs, train_pack
 from .single import train_fold
 
-__all__ = ["auto_packs", "chunk_sizes", "static_pack", "trains_alone", "train_group"]
+__all__ = ["auto_packs", "chunk_sizes", "pack_size", "trains_alone", "train_group"]
+
+PACK_GAIN = 0.95  # "auto" packs only where a point's folds packed take at most this share of one at a time
 
 
 def auto_packs(device) -> bool:
@@ -37,13 +39,23 @@ def chunk_sizes(folds: int, size: int) -> list[int]:
     return [size] * (folds // size) + ([folds % size] if folds % size else [])
 
 
-def static_pack(train: TrainConfig, folds: int, device) -> int | None:
-    """The pack size a point's ``folds`` folds train at when it needs no measurement:
-    ``train.pack`` as a number (at most the folds), 1 for "auto" on the CPU or with one fold;
-    None where "auto" measures (on a GPU)."""
+def pack_size(train: TrainConfig, folds: int, device, seconds: dict[int, float] | None = None) -> int | None:
+    """The pack size a point's ``folds`` folds train at: the one place it is decided, for the
+    search, its start-up projection and ``bench``. ``train.pack`` as a number (at most the
+    folds); for "auto", 1 on the CPU or with one fold, and on a GPU the size of the fastest
+    point of those ``seconds`` (size -> seconds per pack step, measured) covers, where it beats
+    one fold at a time by 5 %; None where "auto" needs that measurement and has none. (A
+    network that does not pack has train.pack = 1: its plan says so.)"""
     if train.pack != "auto":
         return min(train.pack, folds)
-    return 1 if folds == 1 or not auto_packs(device) else None
+    if folds == 1 or not auto_packs(device):
+        return 1
+    if seconds is None:
+        return None
+    per_point = {s: sum(seconds[c] for c in chunk_sizes(folds, s)) for s in seconds
+                 if all(c in seconds for c in chunk_sizes(folds, s))}
+    best = min(per_point, key=per_point.get)
+    return best if per_point[best] <= PACK_GAIN * per_point[1] else 1
 
 
 def trains_alone(size: int, device, packs: bool = True) -> bool:
