@@ -37,9 +37,10 @@ Errors
 ``run_bench`` (and ``Bench``, ``format_bench``, ``paper_figure4_config``) measure speed; no
 worker loads the reference pipeline they time.
 
-The code is layered, each subpackage importing only those before it: ``config`` and
-``points`` (no torch) -> ``data`` -> ``nn`` -> ``train`` -> ``store`` (no torch) -> ``bench``
--> ``report`` (no torch) -> ``search`` -> ``cli``. Each subpackage's docstring says what it owns.
+The code is layered, each subpackage importing only those before it: ``config``,
+``configfile``, ``points`` and ``strategy`` (no torch) -> ``data`` -> ``nn`` -> ``train`` ->
+``store`` (no torch) -> ``bench`` -> ``report`` (no torch) -> ``search`` -> ``cli``. Each
+subpackage's docstring says what it owns.
 """
 
 import importlib

@@ -203,7 +203,7 @@ class DataSection(_Section):
 
 @dataclass(frozen=True)
 class ModelSection(_Section):
-    name: str = key("resnet20", lambda v: isinstance(v, str), "a model name string")
+    name: str = key("resnet20", lambda v: isinstance(v, str), "a model name string")  # (nn.registry.DEFAULT_NETWORK)
     shortcut: str = key("B", lambda v: v in ("A", "B"), "'A' or 'B'")
 
 

@@ -227,3 +227,30 @@ def test_shipped_configs_name_the_data_folder_beside_studies():
     assert Path(fig4.data.root).resolve() == repo / "data"
     imagenet = ls.load_config(STUDIES / "imagenet_resnet18_half.toml")
     assert Path(imagenet.data.root).resolve() == repo / "data" / "imagenet" / "train"
+
+
+# A config as a study made by 81affd2 (before the typed config) stored it: JSON tables, no search.strategy.
+STORED_81AFFD2 = {
+    "study": {"name": "tiny", "storage": "sqlite:///tiny.db", "checkpoint_dir": "/somewhere/tiny.ckpt"},
+    "search": {"lambdas": [0.0001, 0.1], "repeats": 1, "baseline": False, "workers": 1},
+    "data": {"dataset": "synthetic", "root": None, "folds": 2, "holdout": None, "test_fraction": 0.2, "test": False,
+             "seed": 0, "download": False,
+             "options": {"num_samples": 48, "num_classes": 3, "image_size": 8, "noise": 60.0}},
+    "model": {"name": "resnet20", "shortcut": "B"},
+    "train": {"iterations": None, "epochs": 2, "batch_size": 8, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0005,
+              "nesterov": False, "schedule": "step", "milestones": [0.5, 0.75], "gamma": 0.1, "device": "cpu",
+              "amp": None, "channels_last": None, "compile": None, "cuda_graphs": None, "pack": "auto", "threads": 1,
+              "eval_every": 1, "checkpoint_every_epochs": 1, "checkpoint_every_seconds": 120.0},
+}
+
+
+def test_a_config_stored_before_the_typed_config_reads_the_same(tiny_config):
+    """A study made by 81affd2 loads (the keys added since take their defaults) and compares
+    equal to the same config given today, so it resumes; stored again, it is the same tables."""
+    from lambda_search.store.status import completed_config
+
+    stored = completed_config(STORED_81AFFD2)
+    assert stored.search.strategy == "grid" and stored.search.lambdas == (1e-4, 0.1)
+    assert _configfile.config_diff(stored, ls.load_config(tiny_config())) == []
+    again = stored.to_dict()
+    assert again == {**STORED_81AFFD2, "search": {**STORED_81AFFD2["search"], "strategy": "grid"}}
