@@ -15,7 +15,6 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field, fields
-from types import MappingProxyType
 
 __all__ = ["ConfigError", "Config", "StudySection", "SearchSection", "DataSection", "ModelSection", "TrainConfig",
            "SECTIONS", "study_name_ok", "check_lambda", "E_LAMBDA_MIN", "FINAL_SUFFIX"]
@@ -101,7 +100,9 @@ def _fractions(v):
 
 
 _INT, _BOOL = "an integer >= 1", "true or false"
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+# a torch device as torch.device reads one (written out: no torch here); which of them train here is
+# checked where a plan is made (lambda_search.train.plan.check_device: the CPU and the GPUs there are)
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta|hpu|mtia|xla|lazy|hip|ipu|ve|fpga|maia|privateuseone)(:\d+)?")
 
 
 class _Section:
@@ -171,8 +172,34 @@ TEST_SPLITS = {"cifar10": "the official test batch (test_batch)", "cifar100": "t
                "imagefolder": "the val/ folder beside train/ (else test/)", "digits": None, "synthetic": None}
 
 
-def _frozen_table(v):
-    return MappingProxyType(copy.deepcopy(dict(v)))
+class FrozenTable(dict):
+    """A read-only table (data.options): a dict that refuses changes, its tables frozen too and
+    its lists kept as tuples; copied, pickled and hashed as a value."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a config's tables are read-only: make a new config (Config.replace)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.items(), key=lambda kv: kv[0])))
+
+    def __reduce__(self):
+        return FrozenTable, (dict(self),)
+
+    def __copy__(self) -> FrozenTable:
+        return self
+
+    def __deepcopy__(self, memo) -> FrozenTable:
+        return self
+
+
+def _frozen(v):
+    if isinstance(v, dict):
+        return FrozenTable({k: _frozen(x) for k, x in v.items()})
+    if isinstance(v, (list, tuple)):
+        return tuple(_frozen(x) for x in v)
+    return v
 
 
 @dataclass(frozen=True)
@@ -187,8 +214,8 @@ class DataSection(_Section):
     test: bool = key(False, _bool, "true or false (set by `lambda-search evaluate` only)")
     seed: int = key(0, lambda v: _int(v) and 0 <= v < 2**31, "an integer in [0, 2**31)")
     download: bool = key(False, _bool, _BOOL)
-    options: MappingProxyType = key(None, lambda v: isinstance(v, (dict, MappingProxyType)),
-                                    "a table of data set options", _frozen_table, factory=lambda: MappingProxyType({}))
+    options: FrozenTable = key(None, lambda v: isinstance(v, dict), "a table of data set options", _frozen,
+                               factory=FrozenTable)
 
     def _rules(self) -> None:
         """data.test_fraction: the default (0.2) for a data set without a test split of its own,
@@ -225,7 +252,8 @@ class TrainConfig(_Section):
     milestones: tuple[float, ...] = key((0.5, 0.75), _fractions, "increasing fractions of the budget in (0, 1)",
                                         lambda v: tuple(float(x) for x in v))  # of the step schedule
     gamma: float = key(0.1, _finite(0, True), "a finite number > 0", float)
-    device: str = key("cpu", lambda v: isinstance(v, str) and bool(_DEVICE.fullmatch(v)), "'cpu', 'cuda' or 'cuda:N'")
+    device: str = key("cpu", lambda v: isinstance(v, str) and bool(_DEVICE.fullmatch(v)),
+                      "a torch device such as 'cpu', 'cuda' or 'cuda:1'")
     amp: bool | None = key(None, _bool, "true or false (not set: on for CUDA)")  # bfloat16 autocast
     channels_last: bool | None = key(None, _bool, "true or false (not set: on)")
     compile: bool | None = key(None, _bool, "true or false (not set: on for CUDA)")  # torch.compile
@@ -289,6 +317,6 @@ class Config:
 def _plain(v):
     if isinstance(v, tuple):
         return [_plain(x) for x in v]
-    if isinstance(v, MappingProxyType):
+    if isinstance(v, dict):
         return {k: _plain(x) for k, x in v.items()}
     return copy.deepcopy(v)

@@ -38,6 +38,12 @@ class Point:
     e_lambda: float | None
     repeat: int = 0
 
+    def __post_init__(self) -> None:
+        # one form whatever it was made from (numpy floats, ints): its key and slug name it once
+        if self.e_lambda is not None:
+            object.__setattr__(self, "e_lambda", float(self.e_lambda))
+        object.__setattr__(self, "repeat", int(self.repeat))
+
     @property
     def baseline(self) -> bool:
         return self.e_lambda is None

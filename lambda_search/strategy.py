@@ -15,10 +15,10 @@ from __future__ import annotations
 import importlib
 from typing import Protocol, Sequence, runtime_checkable
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_lambda
 from .points import Point, PointStatus, grid_points
 
-__all__ = ["Strategy", "Grid", "STRATEGIES", "strategy_for"]
+__all__ = ["Strategy", "Grid", "STRATEGIES", "strategy_for", "asked_points"]
 
 
 @runtime_checkable
@@ -47,9 +47,34 @@ def strategy_for(name: str) -> Strategy:
     module, _, attr = name.partition(":")
     try:
         found = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"search.strategy={name!r}: cannot import {attr!r} from module {module!r} ({exc})") from None
+    except Exception as exc:  # (a user's module: whatever it raises as it is imported)
+        raise ConfigError(f"search.strategy={name!r}: cannot import {attr!r} from module {module!r} "
+                          f"({type(exc).__name__}: {exc})") from None
     strategy = found() if isinstance(found, type) else found
     if not isinstance(strategy, Strategy):
         raise ConfigError(f"search.strategy={name!r} has no ask(config, tried) method")
     return strategy
+
+
+def asked_points(config: Config, tried: Sequence[PointStatus]) -> list[Point]:
+    """What the study's strategy asks for, checked: Points, each lambda a valid one, each
+    repeat one of ``search.repeats`` (the folds exist for those only), none twice."""
+    name = config.search.strategy
+    strategy = strategy_for(name)
+    try:
+        asked = list(strategy.ask(config, tried))
+    except Exception as exc:  # (a user's code: whatever it raises)
+        raise ConfigError(f"search.strategy={name!r}: its ask raised {type(exc).__name__}: {exc}") from None
+    seen = set()
+    for point in asked:
+        if not isinstance(point, Point):
+            raise ConfigError(f"search.strategy={name!r} asked for {point!r}, not a Point")
+        if not point.baseline:
+            check_lambda(point.e_lambda, f"search.strategy={name!r}: a lambda it asks for")
+        if not 0 <= point.repeat < config.search.repeats:
+            raise ConfigError(f"search.strategy={name!r} asked for repeat {point.repeat}: the study has "
+                              f"search.repeats = {config.search.repeats} (repeats 0 to {config.search.repeats - 1})")
+        if point.key in seen:
+            raise ConfigError(f"search.strategy={name!r} asked for {point.label()} twice")
+        seen.add(point.key)
+    return asked

@@ -183,3 +183,13 @@ def test_workers_on_the_cpu_are_capped_at_cores_over_threads(monkeypatch, tiny_c
     assert _supervise.worker_count(config, None, pending=10)[0] == 1  # tiny.toml: search.workers = 1
     config = config.replace("train", threads=2).replace("search", workers="auto")
     assert _supervise.worker_count(config, None, pending=10) == (2, None)
+
+
+def test_the_simam_kernels_source_is_pinned():
+    """SimAM's C kernel is part of what a fold records (its build, hashed from the source to the
+    byte): a changed byte, a comment's included, reports a study resumed after the change as
+    trained under two numerics. Change it on purpose only, and then this hash with it."""
+    import hashlib
+
+    assert hashlib.sha256(_kernels.SOURCE.read_bytes()).hexdigest() == (
+        "14947ddd82541d370f4e865dee9ea6783310d2b1a7403b271d1ad41d1b37d1c1")

@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 import lambda_search as ls
-from lambda_search.strategy import Grid, strategy_for
+from lambda_search.strategy import STRATEGIES, Grid, strategy_for
 from lambda_search.train import plan as _plan
 
 from conftest import SCRIPT, poll, write_config
@@ -44,6 +44,14 @@ def _trials(url, name):
     return out
 
 
+def _trained_a_fold(url, key):
+    """Whether point ``key`` of study tiny has a finished fold (False while the database is being made)."""
+    try:
+        return any(t.user_attrs.get("fold_results") for t in _trials(url, "tiny").get(key, []))
+    except Exception:  # no file, or its tables not made yet
+        return False
+
+
 def _once(url, name):
     """{point: its fold accuracies}, checking that each point has exactly one COMPLETE trial."""
     out = {}
@@ -67,9 +75,7 @@ def test_a_strategy_of_ones_own_runs_exactly_once_through_a_kill_and_a_resume(tm
         if run == "killed":  # SIGKILL once the grid's second point has trained a fold
             proc = subprocess.Popen([str(SCRIPT), "search", str(path)], env=env, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, text=True)
-            assert poll(lambda: folder.joinpath("tiny.db").exists() and any(
-                t.user_attrs.get("fold_results") for t in _trials(url, "tiny").get("e_lambda=0.01/repeat=0", []))
-                if folder.joinpath("tiny.db").exists() else False), proc.communicate()
+            assert poll(lambda: _trained_a_fold(url, "e_lambda=0.01/repeat=0")), proc.communicate()
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=60)
         done = subprocess.run([str(SCRIPT), "search", str(path)], env=env, capture_output=True, text=True,
@@ -81,3 +87,38 @@ def test_a_strategy_of_ones_own_runs_exactly_once_through_a_kill_and_a_resume(tm
     status = ls.study_status(ls.open_store(f"sqlite:///{tmp_path / 'killed' / 'tiny.db'}"), "tiny")
     assert status.finished and status.config.search.strategy == "toy_strategies:Refine"
     assert status.complete == status.total == len(whole)
+
+
+def test_what_a_strategy_asks_for_is_checked_in_one_place(tiny_config):
+    import numpy as np
+
+    from lambda_search.points import Point
+    from lambda_search.search.evaluate import final_config
+    from lambda_search.strategy import asked_points
+
+    config = ls.load_config(tiny_config(lambdas=LAMBDAS), ["search.strategy='toy_strategies:Refine'"])
+    assert Point(np.float64(0.01)).key == Point(0.01).key == "e_lambda=0.01/repeat=0"  # one form, one key
+    assert Point(1).key == Point(1.0).key and Point(0.1, np.int64(0)) == Point(0.1)
+    for asked, message in (([Point(0.1), Point(np.float64(0.1))], "asked for lambda=1e-01 twice"),
+                           ([Point(0.1, 1)], "asked for repeat 1: the study has search.repeats = 1"),
+                           ([Point(0.0)], "a lambda it asks for must be a finite number > 0"),
+                           ([0.1], "asked for 0.1, not a Point")):
+        class Fixed:
+            def ask(self, config, tried, asked=asked):
+                return asked
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(STRATEGIES, "toy_strategies:Refine", Fixed())
+            with pytest.raises(ls.ConfigError, match=message):
+                asked_points(config, [])
+    assert final_config(config, 1e-2, 2).search.strategy == "grid"  # the final evaluation trains its lambda only
+
+
+def test_a_strategy_that_cannot_be_imported_here_is_read_from_its_trials(tiny_config):
+    from lambda_search.store.status import point_statuses
+
+    config = ls.load_config(tiny_config(), ["search.strategy='not_a_module_here:Strategy'"])
+    with pytest.warns(UserWarning, match="cannot import 'Strategy' from module 'not_a_module_here'"):
+        assert point_statuses(None, "tiny", config, trials=[], live=set()) == []  # a reading: the points tried
+    with pytest.raises(ls.ConfigError, match="cannot import 'Strategy'"):  # a worker about to claim: refused
+        point_statuses(None, "tiny", config, trials=[], live=set(), strict=True)

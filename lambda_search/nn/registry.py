@@ -87,19 +87,24 @@ def _imported(path: str, what: str):
     module, _, attr = path.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"model.name={what!r}: cannot import {attr!r} from module {module!r} ({exc})") from None
+    except Exception as exc:  # (a user's module: whatever it raises as it is imported)
+        raise ValueError(f"model.name={what!r}: cannot import {attr!r} from module {module!r} "
+                         f"({type(exc).__name__}: {exc})") from None
 
 
-@functools.lru_cache(maxsize=None)
 def network_spec(name: str) -> NetworkSpec:
     """The network called ``name``: a registered one, or a user's given as ``module:function``
     (a builder, or a NetworkSpec)."""
-    if name in NETWORKS:
+    if isinstance(name, str) and name in NETWORKS:
         return NETWORKS[name]
     if not isinstance(name, str) or name.count(":") != 1 or not all(name.split(":")):
         raise ValueError(f"unknown model name={name!r}; valid names: {', '.join(MODEL_NAMES)}, or a network of "
                          "your own as 'module:function'")
+    return _users_network(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _users_network(name: str) -> NetworkSpec:
     found = _imported(name, name)
     if isinstance(found, NetworkSpec):
         return dataclasses.replace(found, name=name)

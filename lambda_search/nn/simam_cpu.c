@@ -1,5 +1,5 @@
 /* SimAM on the CPU, forward and closed-form backward, for float32 in NCHW or channels-last
- * layout. Built at first use by lambda_search.nn.kernels (the same compiler torch.compile uses
+ * layout. Built at first use by lambda_search._kernels (the same compiler torch.compile uses
  * on the CPU); lambda_search falls back to plain PyTorch operations where it cannot be built.
  *
  * Per channel plane of N = H*W neurons, n = N - 1:

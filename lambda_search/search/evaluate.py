@@ -47,7 +47,7 @@ def final_config(config: Config, e_lambda: float, seeds: int) -> Config:
     if ckpt is not None:
         ckpt = str(Path(ckpt).with_name(Path(ckpt).stem + "-final" + Path(ckpt).suffix))
     return (config.replace("study", name=final_study_name(config.study.name), checkpoint_dir=ckpt)
-            .replace("search", lambdas=(float(e_lambda),), repeats=seeds)
+            .replace("search", lambdas=(float(e_lambda),), repeats=seeds, strategy="grid")  # the chosen lambda only
             .replace("data", test=True).replace("train", eval_every=FINAL_EVAL_EVERY))
 
 

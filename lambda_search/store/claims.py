@@ -47,7 +47,7 @@ def claim_next(store: Store, name: str, config: Config) -> Claim | str:
             store.fail_trial(trial_id, "worker lost: its process ended before the trial finished")
         if dead:
             trials = all_trials(store, name)
-        statuses = point_statuses(store, name, config, trials, live)
+        statuses = point_statuses(store, name, config, trials, live, strict=True)
         free = [s for s in statuses if s.state in ("pending", "interrupted")]
         if not free:
             return "wait" if any(s.state == "running" for s in statuses) else "done"

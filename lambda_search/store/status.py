@@ -13,15 +13,16 @@ its finished folds are kept.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
 from optuna.trial import FrozenTrial, TrialState
 
-from ..config import FINAL_SUFFIX, HELD_OUT_TEST, Config
+from ..config import FINAL_SUFFIX, HELD_OUT_TEST, Config, ConfigError
 from ..configfile import resolve_config
 from ..points import Point, PointStatus, distinct_numerics, fold_names, mixed_folds
-from ..strategy import strategy_for
+from ..strategy import asked_points
 from .failures import failures
 from .storage import REASON_ATTR, Store
 
@@ -175,10 +176,13 @@ def live_trials(store: Store, name: str):
     return (all_trials(store, name) if candidates else first), live
 
 
-def point_statuses(store: Store, name: str, config: Config, trials=None, live=None) -> list[PointStatus]:
+def point_statuses(store: Store, name: str, config: Config, trials=None, live=None,
+                   strict: bool = False) -> list[PointStatus]:
     """Every point of study ``name``: those its strategy asks for (``search.strategy``), in its
     order, then any other point that has trials. The strategy is told what the study holds:
-    the status of each point tried, in the order they were first tried."""
+    the status of each point tried, in the order they were first tried. Where the strategy
+    cannot be asked here (a user's module not importable on this machine), a reading shows the
+    points that have trials, with a warning; ``strict`` (a worker about to claim) refuses."""
     if trials is None:
         trials, live = live_trials(store, name)
     by_key: dict[str, list[FrozenTrial]] = {}
@@ -193,7 +197,13 @@ def point_statuses(store: Store, name: str, config: Config, trials=None, live=No
         return _point_status(p, fold_names(config, p.repeat), by_key.get(p.key, []), live.__contains__)
 
     tried = [status(p) for p in points.values()]
-    asked = strategy_for(config.search.strategy).ask(config, tried)
+    try:
+        asked = asked_points(config, tried)
+    except ConfigError as exc:
+        if strict:
+            raise
+        warnings.warn(f"{exc}: showing the points that have trials only", stacklevel=2)
+        asked = []
     keys = {p.key for p in asked}
     return [status(p) for p in asked] + [s for s in tried if s.point.key not in keys]
 

@@ -22,7 +22,7 @@ from ..data.datasets import CACHE_DIR, ImageData, dataset_fingerprint, join, loa
 from ..data.folds import Fold, derive_seed, final_folds, folds_fingerprint, make_folds, test_split
 from ..nn.registry import MODEL_NAMES, NetworkSpec, network_spec
 from ..points import Point, summarize
-from ..strategy import strategy_for
+from ..strategy import asked_points
 from .engine import Engine, EpochMetrics, FoldResult, engine_for
 from .foldrun import set_aside
 from .groups import chunk_sizes, train_group
@@ -158,7 +158,10 @@ def make_plan(config: Config, device: str | None = None) -> Plan:
                           f"set has {data.input_size} px")
     fingerprint = folds_fingerprint(folds, dataset_fingerprint(data))
     test_images = len(folds[0].val) if data_cfg.test else (None if held_out is None else len(held_out))
-    points = strategy_for(config.search.strategy).ask(config, [])  # what the study trains first
+    try:
+        points = asked_points(config, [])  # what the study trains first
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return Plan(config, data, folds, train, fingerprint, points, test_images)
 
 
