@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lambda_search"
 LAYERS = {
     "": ["config", "configfile", "points", "strategy"],
     "data": ["datasets", "augment", "folds"],
-    "nn": ["kernels", "simam", "registry", "resnet", "official"],
+    "nn": ["kernels", "simam", "registry", "resnet", "preresnet", "wideresnet", "mobilenetv2", "official"],
     "train": ["engine", "foldrun", "single", "packnet", "packstep", "pack", "numerics", "groups", "plan"],
     "store": ["failures", "locks", "storage", "status", "claims"],
     "bench": ["projection", "measure", "run"],

@@ -59,14 +59,20 @@ def stop_on_signals():
 
 
 def _models(args: argparse.Namespace) -> int:
+    """Every registered network, once per shortcut where its family has that option ('-' where
+    not), with its parameter count: built on the meta device, so no weight is ever allocated."""
+    import torch
+
     from ..nn.registry import NETWORKS, build_model
 
-    print(f"{'name':<10} {'shortcut':>8} {'classes':>8} {'parameters':>12}")
+    width = max(10, *(len(name) for name in NETWORKS))
+    print(f"{'name':<{width}} {'shortcut':>8} {'classes':>8} {'parameters':>12}")
     for name, spec in NETWORKS.items():
         for shortcut in spec.options.get("shortcut", (None,)):
-            model = build_model(name, args.num_classes, shortcut=shortcut)
+            with torch.device("meta"):
+                model = build_model(name, args.num_classes, shortcut=shortcut)
             count = sum(p.numel() for p in model.parameters())
-            print(f"{name:<10} {shortcut:>8} {args.num_classes:>8} {count:>12,}")
+            print(f"{name:<{width}} {shortcut or '-':>8} {args.num_classes:>8} {count:>12,}")
     return 0
 
 

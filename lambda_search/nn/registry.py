@@ -74,9 +74,21 @@ def _resnet(depth: int) -> NetworkSpec:
 
 NETWORKS = {spec.name: spec for spec in (
     *(_resnet(depth) for depth in (20, 32, 44, 56, 110)),  # CIFAR: 32 px or smaller inputs
+    # the official code's bottleneck CIFAR ResNet: type-B shortcuts only, not packed (the packed trainer knows
+    # BasicBlocks), min_input as the PreResNets' below
+    NetworkSpec("resnet164", "ResNet-164", "lambda_search.nn.resnet:resnet164", min_input=5,
+                options={"shortcut": ("B",)}),
     # ImageNet: 224 px, or 112 px for the paper's half-resolution search
     NetworkSpec("resnet18", "ResNet-18", "lambda_search.nn.resnet:resnet18", min_input=32,
                 options={"shortcut": ("B",)}, packs=True),
+    # the other networks of the paper's Table 2 (CIFAR), as the official SimAM code builds them. min_input: the
+    # smallest side at which every SimAM map keeps 2x2 px (a stride-2 3x3 conv maps s px to ceil(s / 2)): the
+    # (Pre/Wide)ResNets' last stage is 2 px from 5 px (5 -> 3 -> 2); MobileNetV2's from 9 px (9 -> 5 -> 3 -> 2)
+    *(NetworkSpec(f"preresnet{depth}", f"PreResNet-{depth}", f"lambda_search.nn.preresnet:preresnet{depth}",
+                  min_input=5) for depth in (20, 56, 110, 164)),
+    *(NetworkSpec(f"wideresnet{depth}x10", f"WideResNet-{depth}x10",
+                  f"lambda_search.nn.wideresnet:wideresnet{depth}x10", min_input=5) for depth in (28, 40)),
+    NetworkSpec("mobilenetv2", "MobileNetV2", "lambda_search.nn.mobilenetv2:mobilenetv2", min_input=9),
 )}
 DEFAULT_NETWORK = "resnet20"  # the paper's search network
 MODEL_NAMES = tuple(NETWORKS)
@@ -118,9 +130,12 @@ def build_model(name: str, num_classes: int, attention: str = "simam", e_lambda:
     """Build a network by name, with SimAM (``attention="simam"``) or without (``"none"``).
 
     ``name``: resnet20, resnet32, resnet44, resnet56, resnet110 (CIFAR, 32 px or smaller
-    inputs), resnet18 (ImageNet; 224 px, or 112 px for the paper's half-resolution search), or
-    ``module:function`` for a network of your own. ``shortcut``: the ResNets' "B" (1x1 conv +
-    BN, the official SimAM code) or "A" (subsample and zero-pad, He et al.), CIFAR ResNets only.
+    inputs), resnet18 (ImageNet; 224 px, or 112 px for the paper's half-resolution search), the
+    rest of the paper's Table 2 and the official code's bottleneck networks (preresnet20,
+    preresnet56, preresnet110, preresnet164, wideresnet28x10, wideresnet40x10, mobilenetv2,
+    resnet164; CIFAR), or ``module:function`` for a network of your own.
+    ``shortcut``: the ResNets' "B" (1x1 conv + BN, the official SimAM code) or "A" (subsample
+    and zero-pad, He et al.), CIFAR ResNets only.
     """
     spec = network_spec(name)
     if attention not in ATTENTIONS:

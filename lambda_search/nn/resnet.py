@@ -1,9 +1,12 @@
-"""The paper's networks: CIFAR ResNet-20/32/44/56/110 and ImageNet ResNet-18.
+"""The paper's networks: CIFAR ResNet-20/32/44/56/110, ResNet-164 and ImageNet ResNet-18.
 
 SimAM sits where the official code puts it: in every residual block, right after the
-second 3x3 convolution and before that convolution's BatchNorm:
+(second) 3x3 convolution and before that convolution's BatchNorm:
 
     conv1 -> bn1 -> relu -> conv2 -> SimAM -> bn2 -> (+ shortcut) -> relu
+    conv1 -> bn1 -> relu -> conv2 -> SimAM -> bn2 -> relu -> conv3 -> bn3 -> (+ shortcut) -> relu
+
+(the second, a bottleneck block, ResNet-164's: 1x1, 3x3 with the stride, 1x1 to 4x the width).
 
 Names follow torchvision (conv1, bn1, layer1..., downsample, fc), so an ImageNet
 ResNet-18 state dict from torchvision loads as it is; official SimAM checkpoints load
@@ -20,7 +23,8 @@ from torch import Tensor, nn
 
 from .simam import SimAMBatchNorm
 
-__all__ = ["BasicBlock", "ResNet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18"]
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+           "resnet164", "resnet18"]
 
 
 LayerFactory = Callable[[], nn.Module]
@@ -55,6 +59,8 @@ class BasicBlock(nn.Module):
     kernel (CPU training); layer names and state dict keys are a plain block's.
     """
 
+    expansion = 1  # output channels per width
+
     def __init__(
         self,
         in_channels: int,
@@ -78,8 +84,34 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.downsample(x))
 
 
+class Bottleneck(nn.Module):
+    """conv1 (1x1) -> bn1 -> relu -> conv2 (3x3, the stride) -> attention -> bn2 -> relu -> conv3 (1x1, 4x the
+    width) -> bn3 -> (+ shortcut) -> relu: the official CIFAR bottleneck; ``bn2`` as BasicBlock's."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, width: int, stride: int = 1, attn_layer: LayerFactory | None = None,
+                 downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.attn = attn_layer() if attn_layer is not None else nn.Identity()
+        self.bn2 = SimAMBatchNorm(width)
+        self.conv3 = nn.Conv2d(width, width * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample if downsample is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out), self.attn))  # bn2(attn(.))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.downsample(x))
+
+
 class ResNet(nn.Module):
-    """A ResNet of BasicBlocks with a CIFAR stem (3x3 conv) or an ImageNet stem (7x7/2 + max pool)."""
+    """A ResNet of BasicBlocks (or ``block``) with a CIFAR stem (3x3 conv) or an ImageNet stem (7x7/2 + max pool)."""
 
     def __init__(
         self,
@@ -89,6 +121,7 @@ class ResNet(nn.Module):
         imagenet_stem: bool,
         attn_layer: LayerFactory | None = None,
         shortcut: str = "B",
+        block: type[BasicBlock] | type[Bottleneck] = BasicBlock,
     ) -> None:
         super().__init__()
         channels = widths[0]
@@ -107,11 +140,11 @@ class ResNet(nn.Module):
             for j in range(count):
                 s = stride if j == 0 else 1
                 downsample = None
-                if s != 1 or channels != width:
+                if s != 1 or channels != width * block.expansion:
                     make = PadShortcut if shortcut == "A" else _projection
-                    downsample = make(channels, width, s)
-                layers.append(BasicBlock(channels, width, s, attn_layer, downsample))
-                channels = width
+                    downsample = make(channels, width * block.expansion, s)
+                layers.append(block(channels, width, s, attn_layer, downsample))
+                channels = width * block.expansion
             stages.append(nn.Sequential(*layers))
         # layer1, layer2, ... as torchvision names them
         self.stage_names = tuple(f"layer{i + 1}" for i in range(len(stages)))
@@ -136,8 +169,8 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def _cifar(n: int, num_classes: int, attn_layer: LayerFactory | None, shortcut: str) -> ResNet:
-    return ResNet((n, n, n), (16, 32, 64), num_classes, False, attn_layer, shortcut)
+def _cifar(n: int, num_classes: int, attn_layer: LayerFactory | None, shortcut: str, block=BasicBlock) -> ResNet:
+    return ResNet((n, n, n), (16, 32, 64), num_classes, False, attn_layer, shortcut, block)
 
 
 # Each network: a two-line factory, registered in lambda_search.nn.registry
@@ -159,6 +192,10 @@ def resnet56(num_classes: int, attn_layer: LayerFactory | None = None, shortcut:
 
 def resnet110(num_classes: int, attn_layer: LayerFactory | None = None, shortcut: str = "B") -> ResNet:
     return _cifar(18, num_classes, attn_layer, shortcut)
+
+
+def resnet164(num_classes: int, attn_layer: LayerFactory | None = None, shortcut: str = "B") -> ResNet:
+    return _cifar(18, num_classes, attn_layer, shortcut, Bottleneck)
 
 
 def resnet18(num_classes: int, attn_layer: LayerFactory | None = None, shortcut: str = "B") -> ResNet:
