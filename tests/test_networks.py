@@ -15,7 +15,7 @@ TESTS = str(Path(__file__).resolve().parent)
 
 
 def test_the_registry_is_a_dict_of_specs_and_build_model_reads_it():
-    assert list(NETWORKS) == list(ls.MODEL_NAMES) and NETWORKS["resnet18"].min_input == 32
+    assert list(NETWORKS) == list(ls.MODEL_NAMES) and NETWORKS["resnet18"].min_input == 33
     packed = {name for name, spec in NETWORKS.items() if spec.packs}  # the BasicBlock ResNets
     assert packed == {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18"}
     assert all(NETWORKS[name].label.startswith("ResNet-") for name in packed)

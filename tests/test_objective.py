@@ -191,7 +191,7 @@ def test_make_plan_refuses_a_batch_above_the_smallest_fold():
 
 
 def test_make_plan_refuses_other_values_by_their_key():
-    assert _refused(config(model={"name": "resnet18"})) == ("model.name='resnet18' needs images of at least 32 px, "
+    assert _refused(config(model={"name": "resnet18"})) == ("model.name='resnet18' needs images of at least 33 px, "
                                                             "the data set has 8 px")
     assert _refused(config(data={"folds": 30})) == ("data: data.folds must be <= the smallest class count (16), "
                                                     "got data.folds=30")

@@ -104,7 +104,7 @@ def test_a_forward_gives_logits_at_32_px_and_at_the_smallest_input(name):
     assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 100)
 
 
-@pytest.mark.parametrize("name", TABLE2)
+@pytest.mark.parametrize("name", list(NETWORKS))
 def test_min_input_is_the_smallest_side_every_simam_takes(name):
     """At min_input every SimAM map has 2x2 px or more; one px less, one has 1x1 and SimAM refuses."""
     model, size = meta(name), NETWORKS[name].min_input

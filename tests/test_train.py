@@ -233,3 +233,24 @@ def test_fold_level_errors(small):
         ls.train_fold(data, fold, 0.0, CFG)
     with pytest.raises(ValueError, match="the engine was built for"):
         ls.train_fold(data, fold, 1e-4, CFG, engine=_engine.Engine("resnet20", 10))
+
+
+@pytest.mark.slow
+def test_dropout_draws_the_same_masks_however_the_training_runs(small, tmp_path):
+    """A network that draws random numbers as it trains (the WideResNets' dropout) draws them
+    from the training's seed and the step: two runs, and a run stopped and resumed from its
+    checkpoint with the process's generator moved on in between, give the same numbers."""
+    data, fold = small
+    model = "toy_networks:TINY_WIDE"
+    cfg = ls.TrainConfig(epochs=2, batch_size=24, lr=0.05, checkpoint_every_seconds=None)
+    whole = ls.train_fold(data, fold, 1e-4, cfg, model=model)
+    torch.rand(1000)  # the caller's generator elsewhere: no matter
+    same_result(whole, ls.train_fold(data, fold, 1e-4, cfg, model=model))
+    ckpt = tmp_path / "fold.pt"
+    stopped = ls.train_fold(data, fold, 1e-4, cfg, model=model, callback=lambda m: m.epoch == 1, checkpoint=ckpt)
+    assert stopped.status == "stopped"
+    torch.rand(1000)
+    same_result(whole, ls.train_fold(data, fold, 1e-4, cfg, model=model, checkpoint=ckpt))
+    before = torch.random.get_rng_state()
+    ls.train_fold(data, fold, 1e-4, cfg, model=model)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator is left as it was

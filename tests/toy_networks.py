@@ -15,3 +15,13 @@ def build(num_classes, attn_layer=None):
 
 # the same network with rules of its own: it needs 16 px or more
 BIG_ONLY = NetworkSpec("big-only", "Toy (16 px and up)", build, min_input=16)
+
+
+def tiny_wide(num_classes, attn_layer=None):
+    """A WideResNet-10x1 (the paper's WideResNet family at toy size), with its dropout 0.3."""
+    from lambda_search.nn.wideresnet import WideResNet
+
+    return WideResNet(10, 1, num_classes, attn_layer)
+
+
+TINY_WIDE = NetworkSpec("tiny-wide", "WideResNet-10x1", tiny_wide, min_input=5, random=True)

@@ -32,7 +32,9 @@ class NetworkSpec:
     takes, in px; ``options``: each option of its family and the values allowed (the first the
     default), e.g. the ResNets' shortcut; ``packs``: whether ``train_pack`` may train several
     at once as one grouped network (its layers are ones ``lambda_search.train.packnet``
-    converts); a network that does not pack trains one fold at a time."""
+    converts); a network that does not pack trains one fold at a time; ``random``: it draws
+    random numbers as it trains (dropout), which each step then draws from the training's seed
+    and the step (``lambda_search.train.single.seeded_step``)."""
 
     name: str
     label: str
@@ -40,6 +42,7 @@ class NetworkSpec:
     min_input: int = 1
     options: dict = field(default_factory=dict)
     packs: bool = False
+    random: bool = False  # draws random numbers as it trains (dropout): seeded per step from the training's seed
 
     def build(self, num_classes: int, attn_layer: Callable | None = None, **options):
         builder = self.builder if callable(self.builder) else _imported(self.builder, self.name)
@@ -69,7 +72,7 @@ _SHORTCUTS = {"shortcut": ("B", "A")}  # type B (1x1 conv + BN, the official Sim
 
 def _resnet(depth: int) -> NetworkSpec:
     return NetworkSpec(f"resnet{depth}", f"ResNet-{depth}", f"lambda_search.nn.resnet:resnet{depth}",
-                       options=_SHORTCUTS, packs=True)
+                       min_input=5, options=_SHORTCUTS, packs=True)  # (min_input: as the PreResNets' below)
 
 
 NETWORKS = {spec.name: spec for spec in (
@@ -78,8 +81,9 @@ NETWORKS = {spec.name: spec for spec in (
     # BasicBlocks), min_input as the PreResNets' below
     NetworkSpec("resnet164", "ResNet-164", "lambda_search.nn.resnet:resnet164", min_input=5,
                 options={"shortcut": ("B",)}),
-    # ImageNet: 224 px, or 112 px for the paper's half-resolution search
-    NetworkSpec("resnet18", "ResNet-18", "lambda_search.nn.resnet:resnet18", min_input=32,
+    # ImageNet: 224 px, or 112 px for the paper's half-resolution search; its last stage is 2x2 from 33 px
+    # (33 -> 17 -> 9 -> 9 -> 5 -> 3 -> 2: stem, max pool, stages)
+    NetworkSpec("resnet18", "ResNet-18", "lambda_search.nn.resnet:resnet18", min_input=33,
                 options={"shortcut": ("B",)}, packs=True),
     # the other networks of the paper's Table 2 (CIFAR), as the official SimAM code builds them. min_input: the
     # smallest side at which every SimAM map keeps 2x2 px (a stride-2 3x3 conv maps s px to ceil(s / 2)): the
@@ -87,7 +91,8 @@ NETWORKS = {spec.name: spec for spec in (
     *(NetworkSpec(f"preresnet{depth}", f"PreResNet-{depth}", f"lambda_search.nn.preresnet:preresnet{depth}",
                   min_input=5) for depth in (20, 56, 110, 164)),
     *(NetworkSpec(f"wideresnet{depth}x10", f"WideResNet-{depth}x10",
-                  f"lambda_search.nn.wideresnet:wideresnet{depth}x10", min_input=5) for depth in (28, 40)),
+                  f"lambda_search.nn.wideresnet:wideresnet{depth}x10", min_input=5, random=True)  # dropout 0.3
+      for depth in (28, 40)),
     NetworkSpec("mobilenetv2", "MobileNetV2", "lambda_search.nn.mobilenetv2:mobilenetv2", min_input=9),
 )}
 DEFAULT_NETWORK = "resnet20"  # the paper's search network

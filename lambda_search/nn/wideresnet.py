@@ -5,8 +5,9 @@ Komodakis' network): a 3x3 stem convolution with 16 channels, three stages of (d
 wide basic blocks with 16k, 32k, 64k channels (k = 10; stride 2 at the start of stages 2 and
 3), then BatchNorm, ReLU, global average pool (the official 8x8 average pool at 32 px) and
 the classifier. Dropout 0.3 between a block's convolutions (training mode only), the official
-default; its masks come from torch's global random generator (``torch.manual_seed``), not from
-a training's own generator. SimAM sits right after each block's second convolution, before
+default; its masks come from torch's global random generator, which a training seeds at each
+step from its own seed (the registry marks the network ``random``), so the same numbers however
+it runs. SimAM sits right after each block's second convolution, before
 the residual sum:
 
     bn1 -> relu -> conv1 -> bn2 -> relu -> dropout -> conv2 -> SimAM -> (+ shortcut)

@@ -8,6 +8,7 @@ result) in :mod:`lambda_search.train.foldrun`; this module runs the steps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch  # noqa: F401  (the checkpoints' torch.save, as tests reach it: _tr
 from ..config import TrainConfig
 from ..data.augment import train_batch
 from ..data.datasets import ImageData, dataset_fingerprint
-from ..data.folds import Fold
+from ..data.folds import Fold, derive_seed
 from ..nn.registry import DEFAULT_NETWORK
 from .engine import (
     Engine,
@@ -86,6 +87,21 @@ def train_fold(
                            checkpoint, should_stop)
 
 
+@contextlib.contextmanager
+def seeded_step(engine, seed: int, iteration: int):
+    """Within the block, a network that draws random numbers as it trains (dropout: its
+    NetworkSpec says ``random``) draws them from torch's generator seeded by the training's
+    seed and the step, and the caller's generator is left as it was: the same numbers however
+    the training runs (resumed from a checkpoint, in any process). Other networks: nothing."""
+    if not engine.network.random:
+        yield
+        return
+    devices = [engine.device] if engine.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(seed, 3, iteration))
+        yield
+
+
 def _train_fold(data, fold, e_lambda, config, model, attention, shortcut, seed, engine, callback, checkpoint,
                 should_stop) -> FoldResult:
     e_lambda = checked_lambda(e_lambda, attention)
@@ -121,7 +137,8 @@ def _train_fold(data, fold, e_lambda, config, model, attention, shortcut, seed, 
                 group["lr"] = lr
         idx = run.batch_index()
         x = engine.batch(train_batch(data, idx, run.generator, device))
-        track(run.tracked, engine.step(optimizer, x, labels[idx].to(device, non_blocking=True)))
+        with seeded_step(engine, seed, run.iteration):
+            track(run.tracked, engine.step(optimizer, x, labels[idx].to(device, non_blocking=True)))
         ended = run.advance()
         seconds_due = (path is not None and config.checkpoint_every_seconds is not None
                        and time.monotonic() - run.last_save >= config.checkpoint_every_seconds)
