@@ -65,6 +65,11 @@ class InvertedResidualBlock(nn.Module):
 class MobileNetV2(nn.Module):
     """Stride-1 stem, the inverted residual blocks of ``STAGES``, 1x1 conv to 1280, pool, linear."""
 
+    # For load_official_checkpoint: our names are the official code's; with SimAM it wraps each block's (depthwise)
+    # conv2 as Sequential(conv, SimAM) (blocks only: the network's own conv2, the 1x1 to 1280, never)
+    OFFICIAL_RENAMES = ()
+    OFFICIAL_SIMAM_CONV = "conv2"
+
     def __init__(self, num_classes: int, attn_layer: LayerFactory | None = None) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 32, 3, padding=1, bias=False)

@@ -85,6 +85,11 @@ class PreBottleneck(nn.Module):
 class PreResNet(nn.Module):
     """3x3 stem, three stages of PreBasicBlocks (or ``block``; ``blocks`` each), bn -> relu -> pool -> linear."""
 
+    # For load_official_checkpoint: our names are the official code's; with SimAM it wraps each block's conv2 as
+    # Sequential(conv, SimAM), PreBasicBlock's and PreBottleneck's alike
+    OFFICIAL_RENAMES = ()
+    OFFICIAL_SIMAM_CONV = "conv2"
+
     def __init__(self, blocks: int, num_classes: int, attn_layer: LayerFactory | None = None,
                  block: type[PreBasicBlock] | type[PreBottleneck] = PreBasicBlock) -> None:
         super().__init__()

@@ -113,6 +113,12 @@ class Bottleneck(nn.Module):
 class ResNet(nn.Module):
     """A ResNet of BasicBlocks (or ``block``) with a CIFAR stem (3x3 conv) or an ImageNet stem (7x7/2 + max pool)."""
 
+    # For load_official_checkpoint: the official code's names where ours differ ((pattern, replacement), official ->
+    # ours): its CIFAR shortcut is "shortcut" and its classifier "linear" (its ImageNet ResNets' are torchvision's,
+    # ours); with SimAM it wraps each block's conv2 as Sequential(conv, SimAM), BasicBlock's and Bottleneck's alike
+    OFFICIAL_RENAMES = ((r"\.shortcut\.", ".downsample."), (r"^linear\.", "fc."))
+    OFFICIAL_SIMAM_CONV = "conv2"
+
     def __init__(
         self,
         blocks: tuple[int, ...],

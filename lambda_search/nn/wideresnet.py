@@ -74,6 +74,11 @@ class _Stage(nn.Module):
 class WideResNet(nn.Module):
     """3x3 stem, three stages of WideBasicBlocks, bn1 -> relu -> pool -> fc."""
 
+    # For load_official_checkpoint: our names are the official code's; with SimAM it wraps each block's conv2 as
+    # Sequential(conv, SimAM)
+    OFFICIAL_RENAMES = ()
+    OFFICIAL_SIMAM_CONV = "conv2"
+
     def __init__(self, depth: int, widen: int, num_classes: int, attn_layer: LayerFactory | None = None,
                  droprate: float = DROPOUT) -> None:
         super().__init__()
