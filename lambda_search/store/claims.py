@@ -69,10 +69,9 @@ def _open(store: Store, name: str, config: Config, s) -> Claim:
         lambdas = [*config.search.lambdas, point.e_lambda]  # (a strategy may ask for lambdas beyond the list)
         params["e_lambda"] = point.e_lambda
         dists["e_lambda"] = FloatDistribution(min(lambdas), max(lambdas), log=True)
-    repeats = max(config.search.repeats, point.repeat + 1)
-    if repeats > 1:
+    if config.search.repeats > 1:  # (a point's repeat is one of them: strategy.asked_points checks it)
         params["repeat"] = point.repeat
-        dists["repeat"] = IntDistribution(0, repeats - 1)
+        dists["repeat"] = IntDistribution(0, config.search.repeats - 1)
     template = create_trial(
         state=TrialState.RUNNING, params=params, distributions=dists,
         system_attrs={POINT_ATTR: point.key, "lambda_search:worker": f"{socket.gethostname()}:{os.getpid()}"},

@@ -51,7 +51,6 @@ class Plan:
         return derive_seed(self.config.data.seed, 17, fold.repeat, fold.index)
 
 
-
 def check_device(device: str) -> None:
     """Refuse a device lambda_search cannot train on here (before anything is stored): only
     the CPU and CUDA GPUs that exist."""
@@ -158,10 +157,7 @@ def make_plan(config: Config, device: str | None = None) -> Plan:
                           f"set has {data.input_size} px")
     fingerprint = folds_fingerprint(folds, dataset_fingerprint(data))
     test_images = len(folds[0].val) if data_cfg.test else (None if held_out is None else len(held_out))
-    try:
-        points = asked_points(config, [])  # what the study trains first
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    points = asked_points(config, [])  # what the study trains first (a ConfigError where it cannot be asked)
     return Plan(config, data, folds, train, fingerprint, points, test_images)
 
 
