@@ -12,7 +12,11 @@ Run a search
     study_status(store, name)          every point: state, folds, mean and std (StudyStatus)
     list_studies(store)                the studies of a storage
     run_evaluation(url, name)          train the choice and the baseline on the whole training set, test them
-    read_evaluation(store, name)       that final evaluation as it stands (None where there is none)
+                                       (networks=[...] and --set data.*: other networks and data sets)
+    read_evaluations(store, name)      those final evaluations as they stand, a column per (network, data
+                                       set) as the paper's Table 2 (None where there is none);
+                                       read_evaluation(store, name) the searched one alone;
+                                       plot_evaluation(table, path) draws them
 
 Read the answer
     select(status, prefer)             best mean, one-standard-error choice, corrected t-tests
@@ -61,12 +65,13 @@ _WHERE = {
     "cv_results": "report.tables", "results_frame": "report.tables", "folds_frame": "report.tables",
     "export_tables": "report.tables", "figure4_data": "report.plot", "draw_figure4": "report.plot",
     "plot_figure4": "report.plot", "read_evaluation": "report.evaluation",
+    "read_evaluations": "report.evaluation", "plot_evaluation": "report.evaluation_plot",
     "run_search": "search.study", "run_worker": "search.worker", "run_evaluation": "search.evaluate",
     "run_bench": "bench.run", "Bench": "bench.run", "format_bench": "bench.run", "paper_figure4_config": "bench.run",
 }
 
 __all__ = [
-    "load_config", "run_search", "run_worker", "run_evaluation", "read_evaluation", "open_store", "study_status",
+    "load_config", "run_search", "run_worker", "run_evaluation", "read_evaluations", "open_store", "study_status",
     "list_studies", "StudyStatus",
     "select", "format_selection", "status_table", "cv_results", "results_frame", "folds_frame",
     "export_tables", "figure4_data", "draw_figure4", "plot_figure4", "format_lambda",

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field, fields
 
 __all__ = ["ConfigError", "Config", "StudySection", "SearchSection", "DataSection", "ModelSection", "TrainConfig",
-           "SECTIONS", "study_name_ok", "check_lambda", "E_LAMBDA_MIN", "FINAL_SUFFIX"]
+           "SECTIONS", "study_name_ok", "final_parts", "check_lambda", "E_LAMBDA_MIN", "FINAL_SUFFIX"]
 
 # The smallest lambda: the smallest normal float32, float(torch.finfo(torch.float32).tiny)
 # (written out: this module imports no torch). SimAM computes in float32; below it lambda is
@@ -56,12 +56,25 @@ def check_lambda(value, label: str = "e_lambda", got: str | None = None) -> floa
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 FINAL_SUFFIX = ":final"  # the companion study of a final evaluation: NAME:final
+# a final evaluation of another network or data set: NAME:final:<network>[@<data set>-<hash>]
+_COLUMN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}(@[A-Za-z0-9_.\-]{1,60})?$")
+
+
+def final_parts(name) -> tuple[str, str | None] | None:
+    """(search, column) of a final evaluation's study name (``NAME:final`` -> (NAME, None),
+    ``NAME:final:COLUMN`` -> (NAME, COLUMN)); None for any other name. A user's study name
+    holds no ':', so these names are reserved to ``lambda-search evaluate``."""
+    if not isinstance(name, str) or FINAL_SUFFIX not in name:
+        return None
+    search, _, rest = name.partition(FINAL_SUFFIX)
+    if rest and not (rest.startswith(":") and _COLUMN.match(rest[1:])):
+        return None
+    return (search, rest[1:] or None) if _NAME.match(search) else None
 
 
 def study_name_ok(name) -> bool:
-    if isinstance(name, str) and name.endswith(FINAL_SUFFIX):
-        name = name[: -len(FINAL_SUFFIX)]
-    return isinstance(name, str) and bool(_NAME.match(name))
+    """A user's study name, or a final evaluation's (``final_parts``)."""
+    return isinstance(name, str) and (bool(_NAME.match(name)) or final_parts(name) is not None)
 
 
 # ---------------------------------------------------------------- the sections: each key's default and rule

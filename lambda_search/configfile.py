@@ -21,6 +21,7 @@ from .config import (
     DataSection,
     _checked,
     _fmt,
+    final_parts,
     study_name_ok,
 )
 
@@ -74,7 +75,7 @@ def _parse(raw, origin: str) -> Config:
     if sections["data"].dataset is None:
         raise ConfigError(f"{origin}: data.dataset is required (e.g. 'cifar100', 'digits')")
     name = sections["study"].name
-    if name is not None and name.endswith(FINAL_SUFFIX) != sections["data"].test:
+    if name is not None and (final_parts(name) is not None) != sections["data"].test:
         raise ConfigError(f"{origin}: study.name ending in {FINAL_SUFFIX!r} is a final evaluation's (made by "
                           f"`lambda-search evaluate`, with data.test), got study.name={name!r}")
     return Config(**sections)

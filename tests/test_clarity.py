@@ -96,7 +96,7 @@ def test_studies_lists_each_study_with_its_companions(study, capsys):
     rows = [ln.split() for ln in lines[2:]]
     assert rows == [["someone-elses", "0", "trials", "not", "a", "lambda_search", "study"],
                     ["tiny", "3/3", "points", "complete", "finished"],
-                    ["tiny:baseline", "companion"]]
+                    ["tiny:baseline", "its", "baseline", "(no", "SimAM)"]]
     assert main(["studies", "--storage", _url(study), "--json"]) == 0
     listed = {s["study"]: s for s in json.loads(capsys.readouterr().out)}
     assert listed["tiny"]["companions"] == ["tiny:baseline"] and listed["tiny"]["finished"] is True

@@ -219,7 +219,7 @@ def test_a_study_without_a_baseline_evaluates_its_lambda_alone(tmp_path, capsys)
     assert "no baseline (search.baseline = false)" in out
     assert "the study has no baseline (search.baseline = false): the lambda is evaluated alone" in out
     assert "lambda 1e-02: given with --lambda, not chosen by the rule" in out
-    ev = _evaluate.read_evaluation(ls.open_store(url), "alone")
+    ev = ls.read_evaluation(ls.open_store(url), "alone")
     assert [n["network"] for n in ev["networks"]] == ["simam"] and ev["difference"] is None
     assert ev["networks"][0]["cv_mean"] is None  # 1e-2 was not in the search's pool
     assert main(["evaluate", "--storage", url, "--study", "alone", "--seeds", "1"]) == 2  # the rule picks 1e-1

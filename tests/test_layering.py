@@ -23,7 +23,7 @@ LAYERS = {
     "train": ["engine", "foldrun", "single", "packnet", "packstep", "pack", "numerics", "groups", "plan"],
     "store": ["failures", "locks", "storage", "status", "claims"],
     "bench": ["projection", "measure", "run"],
-    "report": ["select", "tables", "plot", "evaluation"],
+    "report": ["select", "tables", "plot", "evaluation", "evaluation_plot"],
     "search": ["worker", "supervise", "study", "evaluate"],
     "cli": ["parser", "commands"],
 }

@@ -15,7 +15,8 @@ import warnings
 from .. import __version__
 from ..config import ConfigError
 from ..configfile import load_config
-from ..report.evaluation import format_evaluation, read_evaluation
+from ..report.evaluation import format_evaluation, format_table2, read_evaluation, read_evaluations
+from ..report.evaluation_plot import evaluation_plot_path, plot_evaluation
 from ..report.plot import default_plot_path, plot_figure4
 from ..report.select import format_selection, nothing_selected, select
 from ..report.tables import export_tables, format_studies, status_table, table_text
@@ -99,10 +100,14 @@ def _interrupted(stop) -> int:
 
 
 def _write_plot(status, path, prefer="larger", make_folder=False, evaluation=None):
+    return _written(plot_figure4, status, path, prefer, make_folder, evaluation)
+
+
+def _written(plot, *args, **kwargs):
     try:
-        return plot_figure4(status, path, prefer, make_folder, evaluation)
+        return plot(*args, **kwargs)
     except OSError as exc:
-        raise StorageError(f"cannot write the plot {str(path)!r}: {exc.strerror or exc}") from None
+        raise StorageError(f"cannot write the plot {str(args[1])!r}: {exc.strerror or exc}") from None
 
 
 def _finish(status, stop) -> int:
@@ -173,13 +178,39 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     log = _say if not args.json else _note  # with --json, stdout holds the JSON alone
     with stop_on_signals() as stop, _stdout_to_stderr(args.json):
-        evaluation = run_evaluation(_url(args), args.study, seeds=args.seeds, e_lambda=args.e_lambda,
-                                    prefer=args.prefer, overrides=args.set, workers=args.workers, log=log,
-                                    progress=_progress(), should_stop=stop)
-    print(json.dumps(evaluation, indent=1) if args.json else "\n" + format_evaluation(evaluation))
+        table = run_evaluation(_url(args), args.study, seeds=args.seeds, e_lambda=args.e_lambda,
+                               prefer=args.prefer, networks=args.networks, overrides=args.set, workers=args.workers,
+                               holm=args.holm, log=log, progress=_progress(), should_stop=stop)
+        figures = _evaluation_figures(args, table)
+    one = _one_column(table)
+    if args.json:
+        print(json.dumps(one or table, indent=1))
+    else:
+        print("\n" + (format_evaluation(one) if one else format_table2(table)))
+        print("\n" + "\n".join(f"figure: {path}" for path in figures))
     if stop():
         return _interrupted(stop)
-    return 0 if evaluation["finished"] else 1
+    return 0 if table["finished"] else 1
+
+
+def _one_column(table: dict | None) -> dict | None:
+    """The evaluation of the searched network and data where it is the only one (shown with
+    its seeds and cross-validated accuracies); else None (shown as the paper's Table 2)."""
+    if table and len(table["columns"]) == 1 and table["columns"][0]["column"] is None:
+        return table["columns"][0]
+    return None
+
+
+def _evaluation_figures(args: argparse.Namespace, table: dict) -> list:
+    """The study's figures after an evaluation: the evaluation's, and Figure 4 with its test marks."""
+    store = open_store(_url(args))
+    status = study_status(store, args.study)
+    search_plot = default_plot_path(status)
+    paths = [_written(plot_evaluation, table, evaluation_plot_path(search_plot), make_folder=True)]
+    evaluation = read_evaluation(store, args.study)
+    if evaluation:
+        paths.append(_write_plot(status, search_plot, args.prefer, make_folder=True, evaluation=evaluation))
+    return paths
 
 
 def _note(text: str) -> None:
@@ -206,13 +237,15 @@ def _worker(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     store = open_store(_url(args))
     status, evaluation = study_status(store, args.study), read_evaluation(store, args.study)
+    table = read_evaluations(store, args.study)
     if args.json:
-        print(json.dumps({**status.to_dict(), "evaluation": evaluation}, indent=1))
+        print(json.dumps({**status.to_dict(), "evaluation": evaluation, "evaluations": table}, indent=1))
     else:
         print(f"study {status.name!r} in {status.storage}")
         print(status_table(status))
-        if evaluation:
-            print("\n" + format_evaluation(evaluation))
+        if table:
+            one = _one_column(table)
+            print("\n" + (format_evaluation(one) if one else format_table2(table)))
     return 0
 
 

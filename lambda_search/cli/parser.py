@@ -27,6 +27,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",")]
+
+
 def _workers(text: str) -> int | str:
     if text == "auto":
         return text
@@ -100,8 +104,15 @@ def _run_commands(commands) -> None:
                           help="evaluate lambda X instead of the one-SE rule's choice (the output says so)")
     evaluate.add_argument("--prefer", choices=("larger", "smaller"), default="larger", help=PREFER_HELP)
     evaluate.add_argument("--workers", type=_workers, help="worker processes, or 'auto' (as search)")
-    evaluate.add_argument("--json", action="store_true", help="print the evaluation as JSON (progress on stderr)")
-    _set_arg(evaluate, "change where or how fast it runs, as resume")
+    evaluate.add_argument("--networks", type=_names, metavar="A,B,...",
+                          help="evaluate these networks instead of the searched one (`models` lists them), each a "
+                               "column of the table")
+    evaluate.add_argument("--holm", action="store_true",
+                          help="also correct the columns' p-values for their number (Holm's step-down method)")
+    evaluate.add_argument("--json", action="store_true",
+                          help="print the evaluation, every seed, as JSON (progress on stderr)")
+    _set_arg(evaluate, "change where or how fast it runs, as resume; data.* (data.dataset, data.root, "
+                       "data.options...): evaluate on that data set instead of the searched one")
 
     worker = commands.add_parser("worker", help="join a running study from another process, GPU or machine")
     _study_args(worker)

@@ -5,14 +5,21 @@ that ``lambda_search.search.evaluate`` runs), as the paper's Table 2 shows it. N
 
 from __future__ import annotations
 
-from ..config import HELD_OUT_TEST, TEST_SPLITS, DataSection
+from ..config import HELD_OUT_TEST, TEST_SPLITS, DataSection, final_parts
 from ..nn.registry import MODEL_LABELS
 from ..points import format_lambda, summarize
-from ..store.status import CONFIG_ATTR, EVALUATE_ATTR, StudyStatus, final_study_name, study_status
+from ..store.status import (
+    CONFIG_ATTR,
+    EVALUATE_ATTR,
+    StudyStatus,
+    final_study_name,
+    final_study_names,
+    study_status,
+)
 from ..store.storage import Store
 from .select import corrected_t_test, lambda_stats
 
-__all__ = ["read_evaluation", "format_evaluation", "plural"]
+__all__ = ["read_evaluation", "read_evaluations", "format_evaluation", "format_table2", "holm_correction", "plural"]
 
 
 def _network(final: StudyStatus, attention: str) -> dict:
@@ -31,17 +38,50 @@ def _network(final: StudyStatus, attention: str) -> dict:
 
 
 def read_evaluation(store: Store, name: str) -> dict | None:
-    """Study ``name``'s final evaluation as it stands (None where there is none): per network
-    its test accuracy on each seed, mean and std (ddof=1); the paired t-test over seeds of
-    SimAM minus baseline; the cross-validated accuracy of the same networks beside them."""
+    """Study ``name``'s final evaluation of the searched network on the searched data, as it
+    stands (None where there is none): per network its test accuracy on each seed, mean and
+    std (ddof=1); the paired t-test over seeds of SimAM minus baseline; the cross-validated
+    accuracy of the same networks beside them."""
     fname = final_study_name(name)
-    attrs = store.study_attrs(fname)
-    if CONFIG_ATTR not in attrs:  # none, or killed as it was made
+    if CONFIG_ATTR not in store.study_attrs(fname):  # none, or killed as it was made
         return None
-    final, search = study_status(store, fname), study_status(store, name)
-    attrs = attrs.get(EVALUATE_ATTR, {})
-    seeds = final.config.search.repeats
-    cv = {s.e_lambda: s for s in lambda_stats(search)}
+    return _column(store, name, fname)
+
+
+def read_evaluations(store: Store, name: str, holm: bool = False) -> dict | None:
+    """Every final evaluation of study ``name`` (None where there is none): one column per
+    (network, data set), as :func:`read_evaluation` reads the searched one, in the order they
+    were made; with ``holm``, each column's p-value also corrected across the columns (Holm's
+    step-down method) as ``difference.p_holm``."""
+    names = final_study_names(store, name)
+    if not names:
+        return None
+    columns = [_column(store, name, fname) for fname in names]
+    if holm:
+        diffs = [c["difference"] or {} for c in columns]
+        for d, p in zip(diffs, holm_correction([d.get("p") for d in diffs])):
+            d["p_holm"] = p
+    first = columns[0]
+    return {"study": name, "e_lambda": first["e_lambda"], "chosen_by": first["chosen_by"], "columns": columns,
+            "correction": "holm" if holm else None, "complete": sum(c["complete"] for c in columns),
+            "total": sum(c["total"] for c in columns), "finished": all(c["finished"] for c in columns)}
+
+
+def holm_correction(ps: list) -> list:
+    """Holm's step-down adjusted p-values of ``ps`` (None stays None, and is not counted)."""
+    order = sorted((p, i) for i, p in enumerate(ps) if p is not None)
+    out, running = [None] * len(ps), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        out[i] = running
+    return out
+
+
+def _column(store: Store, name: str, fname: str) -> dict:
+    final = study_status(store, fname)
+    attrs = store.study_attrs(fname).get(EVALUATE_ATTR, {})
+    searched = fname == final_study_name(name)  # the cross-validated accuracies are of this network and data
+    cv = {s.e_lambda: s for s in lambda_stats(study_status(store, name))} if searched else {}
     networks = []
     for attention in ("simam", "none"):
         if any(p.point.attention == attention for p in final.points):
@@ -54,10 +94,11 @@ def read_evaluation(store: Store, name: str) -> dict | None:
         a, b = ({f"s{i}": x for i, x in enumerate(n["seeds"]) if x is not None} for n in networks)
         pair = corrected_t_test(a, b, 0.0)  # n_test/n_train = 0: the plain paired t-test over seeds
         pair["reason"] = pair["reason"] and pair["reason"].replace("fold", "seed")
-    data = final.config.data
-    return {"study": name, "final_study": fname, "e_lambda": final.config.search.lambdas[0],
-            "chosen_by": attrs.get("chosen_by"), "seeds": seeds, "model": final.config.model.name,
-            "dataset": data.dataset, "test_split": _test_split(data), "networks": networks,
+    config = final.config
+    return {"study": name, "final_study": fname, "column": final_parts(fname)[1],
+            "e_lambda": config.search.lambdas[0], "chosen_by": attrs.get("chosen_by"),
+            "seeds": config.search.repeats, "model": config.model.name, "dataset": config.data.dataset,
+            "test_split": _test_split(config.data), "networks": networks,
             "difference": {"diff": pair.get("diff"), "t": pair.get("t"), "p": pair.get("p"),
                            "seeds": pair.get("folds", 0), "reason": pair.get("reason")} if pair else None,
             "complete": final.complete, "total": final.total, "finished": final.finished}
@@ -113,4 +154,74 @@ def format_evaluation(ev: dict) -> str:
         lines.append(f"{plural(diverged, 'training')} diverged (a non-finite loss): means are over the other seeds")
     if not ev["finished"]:
         lines.append(f"{ev['complete']} of {ev['total']} trainings complete: run the same command to go on")
+    return "\n".join(lines)
+
+
+TABLE_WIDTH = 110  # a block's columns wrap past this many characters
+
+
+def _arm(column: dict, attention: str) -> dict | None:
+    return next((n for n in column["networks"] if n["network"] == attention), None)
+
+
+def _cell(arm: dict | None) -> str:
+    if arm is None or arm["mean"] is None:
+        return "n/a" if arm is None else "-"
+    return _pct(arm["mean"]) + (f" +- {_pct(arm['std'])}" if arm["std"] is not None else "")
+
+
+def _table2_cells(column: dict, correction: str | None) -> list[str]:
+    """One column of the table: the baseline, SimAM, their difference, its p, the seeds."""
+    d = column["difference"] or {}
+    p = "-" if d.get("p") is None else f"{d['p']:.3f}"
+    cells = [_cell(_arm(column, "none")), _cell(_arm(column, "simam")),
+             "-" if d.get("diff") is None else f"{100 * d['diff']:+.2f}", p]
+    if correction:
+        cells.append("-" if d.get("p_holm") is None else f"{d['p_holm']:.3f}")
+    arms = len(column["networks"])
+    return cells + [f"{d.get('seeds', 0) if arms == 2 else column['complete']} of {column['seeds']}"]
+
+
+def _blocks(table: dict) -> list[list[dict]]:
+    """The columns by data set (in order of appearance), each wrapped to TABLE_WIDTH."""
+    by_data: dict = {}
+    for c in table["columns"]:
+        by_data.setdefault((c["dataset"], c["test_split"]), []).append(c)
+    blocks = []
+    for columns in by_data.values():
+        width, block = 0, []
+        for c in columns:
+            if block and width + 18 > TABLE_WIDTH - 20:
+                blocks.append(block)
+                width, block = 0, []
+            block.append(c)
+            width += 18
+        blocks.append(block)
+    return blocks
+
+
+def format_table2(table: dict) -> str:
+    """Every final evaluation of a study in the shape of the paper's Table 2: rows the baseline
+    and + SimAM, one column per network, a block per data set."""
+    lam = format_lambda(table["e_lambda"])
+    heads = ["baseline", f"+ SimAM ({lam})", "difference (pp)", "p (paired t)"]
+    heads += ["p (Holm)"] if table["correction"] else []
+    heads += ["seeds paired"]
+    lines = [f"final evaluation of study {table['study']!r}: test accuracy % (mean +- std over seeds, ddof=1), "
+             f"lambda {lam} {table['chosen_by'] or 'evaluated'}; each network trained on every training image"]
+    for block in _blocks(table):
+        images = next((n["test_images"] for c in block for n in c["networks"] if n["test_images"]), None)
+        tested = f"{images:,} test images" if images else "the test split"
+        lines += ["", f"{block[0]['dataset']} ({tested}: {block[0]['test_split']})"]
+        cells = [[MODEL_LABELS.get(c["model"], c["model"])] + _table2_cells(c, table["correction"]) for c in block]
+        rows = [[""] + [c[0] for c in cells]] + [[h] + [c[i + 1] for c in cells] for i, h in enumerate(heads)]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+                  for r in rows]
+    n_p = sum((c["difference"] or {}).get("p") is not None for c in table["columns"])
+    lines += ["", "difference: SimAM - baseline; p: each column's own paired t-test over its seeds (two-sided), "
+              + (f"and Holm's step-down correction across the {n_p} columns with a p" if table["correction"] else
+                 f"not corrected across the {n_p} columns with a p (--holm corrects them)")]
+    if not table["finished"]:
+        lines.append(f"{table['complete']} of {table['total']} trainings complete: run the same command to go on")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from ..config import ConfigError
+from ..config import ConfigError, final_parts
 from ..points import format_lambda, numerics_label
 from ..store.status import StudyStatus
 
@@ -209,6 +209,16 @@ def export_tables(status: StudyStatus, path, folds_only: bool = False, fmt: str 
     return [path, folds_path]
 
 
+def _companion(name: str) -> str:
+    """What a companion study holds, from its reserved name."""
+    if name.endswith(":baseline"):
+        return "its baseline (no SimAM)"
+    parts = final_parts(name)
+    if parts is None:
+        return "companion"
+    return "final evaluation" + (f": {parts[1]}" if parts[1] else ": the searched network and data")
+
+
 def format_studies(studies: list[dict], storage: str) -> str:
     """The studies of a storage (``list_studies``) as a table, companions under their study."""
     if not studies:
@@ -220,7 +230,7 @@ def format_studies(studies: list[dict], storage: str) -> str:
             rows.append([s["study"], f"{s['complete']}/{s['total']} points complete", state])
         else:
             rows.append([s["study"], f"{s['trials']} trials", "not a lambda_search study"])
-        rows += [[f"  {c}", "companion", ""] for c in s["companions"]]
+        rows += [[f"  {c}", _companion(c), ""] for c in s["companions"]]
     head = ["study", "points", "state"]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]

@@ -8,16 +8,26 @@ split: one "fold" per seed), ``search.lambdas`` the one lambda, ``search.repeats
 budget (the test split is evaluated once, on the final model). So each (network, seed)
 runs exactly once under any workers and kills, resumes from its checkpoint, and records its
 numerics, as a search's point does; a second ``evaluate`` trains nothing.
+
+The paper's Table 2 carries the chosen lambda to other networks and data sets: each (network,
+data set) is a companion study of its own, ``NAME:final:COLUMN`` (``column_name``), made and
+run the same way; a study name of a user's holds no ':', so none can collide with one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
-from ..config import FINAL_SUFFIX, HELD_OUT_TEST, Config, ConfigError, check_lambda
+from ..config import HELD_OUT_TEST, Config, ConfigError, DataSection, ModelSection, check_lambda, final_parts
+from ..configfile import parse_override, resolve_config
+from ..nn.registry import MODEL_LABELS, network_spec
 from ..points import format_lambda
-from ..report.evaluation import plural, read_evaluation
+from ..report.evaluation import plural, read_evaluations
 from ..report.select import PREFER, select
 from ..store.status import (
     CONFIG_ATTR,
@@ -27,49 +37,118 @@ from ..store.status import (
     StudyStatus,
     completed_config,
     final_study_name,
+    final_study_names,
     study_status,
 )
 from ..store.storage import Store, open_store
 from ..train.plan import make_plan
 from .study import resume_config, run_search
 
-__all__ = ["run_evaluation", "final_config", "FINAL_EVAL_EVERY"]
+__all__ = ["run_evaluation", "final_config", "column_name", "other_data", "FINAL_EVAL_EVERY"]
 
 FINAL_EVAL_EVERY = 2**31 - 1  # train.eval_every of a final training: past any budget, so only its end is tested
 
 
-def final_config(config: Config, e_lambda: float, seeds: int) -> Config:
-    """The config of study ``config``'s final evaluation: the same model, data, budget,
-    schedule and optimiser; ``e_lambda`` alone (and the baseline where the search had one);
-    ``seeds`` seeds; every training image against the test split; checkpoints beside the
-    search's (``<checkpoint_dir>-final``)."""
+def final_config(config: Config, e_lambda: float, seeds: int, network: str | None = None,
+                 data: DataSection | None = None) -> Config:
+    """The config of one final evaluation of study ``config``: the same budget, schedule and
+    optimiser; ``e_lambda`` alone (and the baseline where the search had one); ``seeds`` seeds;
+    every training image against the test split. Of the searched network on the searched
+    data (study ``NAME:final``, checkpoints in ``<checkpoint_dir>-final``), or of ``network``
+    and/or ``data`` (``NAME:final:COLUMN``, checkpoints in ``<checkpoint_dir>-final-COLUMN``).
+    Another network keeps the search's ResNet shortcut where it has that option."""
+    target = config
+    if network is not None and network != config.model.name:
+        allowed = network_spec(network).options.get("shortcut", ())
+        shortcut = config.model.shortcut if config.model.shortcut in allowed else ModelSection().shortcut
+        target = target.replace("model", name=network, shortcut=shortcut)
+    if data is not None and _data_identity(data) != _data_identity(config.data):
+        target = target.replace("data", **{f.name: getattr(data, f.name) for f in fields(data)})
+    column = column_name(config, target)
     ckpt = config.study.checkpoint_dir
     if ckpt is not None:
-        ckpt = str(Path(ckpt).with_name(Path(ckpt).stem + "-final" + Path(ckpt).suffix))
-    return (config.replace("study", name=final_study_name(config.study.name), checkpoint_dir=ckpt)
+        tail = "-final" + (f"-{column}" if column else "")
+        ckpt = str(Path(ckpt).with_name(Path(ckpt).stem + tail + Path(ckpt).suffix))
+    return (target.replace("study", name=final_study_name(config.study.name, column), checkpoint_dir=ckpt)
             .replace("search", lambdas=(float(e_lambda),), repeats=seeds, strategy="grid")  # the chosen lambda only
             .replace("data", test=True).replace("train", eval_every=FINAL_EVAL_EVERY))
 
 
-def _check(seeds: int, e_lambda: float | None, prefer: str) -> None:
+def _data_identity(data: DataSection) -> dict:
+    """What of a data section decides a final training's images: not where they lie."""
+    return {k: v for k, v in dataclasses.asdict(data).items() if k not in ("root", "download", "test")}
+
+
+def column_name(search: Config, target: Config) -> str | None:
+    """The column of ``target`` (a network and data set) in study ``search``'s final evaluation:
+    None for the searched network and data; else the network (``:`` of a user's
+    ``module:function`` made ``.``), and ``@<data set>-<hash of its data section>`` where the
+    data differ: one name for one (network, data), and no two alike."""
+    network = target.model.name.replace(":", ".") if target.model != search.model else ""
+    data = ""
+    if _data_identity(target.data) != _data_identity(search.data):
+        digest = hashlib.sha256(json.dumps(_data_identity(target.data), sort_keys=True).encode()).hexdigest()
+        data = f"@{target.data.dataset}-{digest[:6]}"
+    if not network and not data:
+        return None
+    return (network or search.model.name.replace(":", ".")) + data
+
+
+def other_data(config: Config, overrides) -> DataSection | None:
+    """The data set ``--set data.KEY=VALUE`` overrides name (None where they name none): the
+    searched data with them, or, for another ``data.dataset``, that data set's defaults with
+    them (the search's data.seed kept). data.test is evaluate's own; folds mean nothing here."""
+    given = [parse_override(o) for o in overrides]
+    data = {key: value for section, key, value in given if section == "data"}
+    for key in ("test", "folds", "holdout"):
+        if key in data:
+            raise ConfigError(f"--set data.{key}: a final evaluation trains on every training image and tests on the "
+                              f"test split; data.{key} means nothing to it (give the data set: data.dataset, "
+                              "data.root, data.options...)")
+    if not set(data) - {"root", "download"}:
+        return None  # (where the searched data lie: a change of where it runs, as resume takes)
+    base = config.to_dict()["data"]
+    if data.get("dataset", config.data.dataset) != config.data.dataset:
+        base = {"seed": config.data.seed}
+    texts = [o for o, (section, _, _) in zip(overrides, given) if section == "data"]
+    return resolve_config({**config.to_dict(), "data": base}, texts, origin="--set").data
+
+
+def _check(seeds: int, e_lambda: float | None, prefer: str, networks) -> None:
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise ConfigError(f"--seeds must be an integer >= 1, got {seeds!r}")
     if e_lambda is not None:
         check_lambda(e_lambda, "--lambda", repr(e_lambda))
     if prefer not in PREFER:
         raise ConfigError(f"prefer must be 'larger' or 'smaller', got prefer={prefer!r}")
+    if networks is not None:
+        if not networks or len(set(networks)) != len(networks):
+            raise ConfigError(f"--networks takes network names, each once, separated by commas, got "
+                              f"{','.join(networks)!r}")
+        for network in networks:
+            try:
+                network_spec(network)
+            except ValueError as exc:
+                raise ConfigError(f"--networks: {exc}") from None
 
 
-def _evaluable(status: StudyStatus, config: Config) -> None:
-    """Refuse a study that is not finished, or whose folds covered every image."""
+def _evaluable(status: StudyStatus) -> None:
+    """Refuse a study that is not finished."""
     if not status.finished:
         raise StudyError(f"study {status.name!r} is not finished ({status.complete} of {status.total} points "
                          f"complete): finish it first (lambda-search resume --storage URL --study {status.name})")
-    data = config.data
+
+
+def _testable(final: Config, search: str, searched_data: bool) -> None:
+    """Refuse a final evaluation with no image to test on."""
+    data = final.data
     if data.dataset in HELD_OUT_TEST and not data.test_fraction:
-        raise StudyError(f"study {status.name!r} cross-validated on every image of {data.dataset!r} "
-                         "(data.test_fraction = 0, or a study made before it existed): no image is left to test "
-                         "on; run a new search with data.test_fraction > 0")
+        if searched_data:
+            raise StudyError(f"study {search!r} cross-validated on every image of {data.dataset!r} "
+                             "(data.test_fraction = 0, or a study made before it existed): no image is left to test "
+                             "on; run a new search with data.test_fraction > 0")
+        raise ConfigError(f"--set data.test_fraction=0 leaves no image of {data.dataset!r} to test on; give a "
+                          "fraction in (0, 1)")
 
 
 def _same_data(store: Store, name: str, config: Config) -> None:
@@ -91,46 +170,66 @@ def _choice(status: StudyStatus, e_lambda: float | None, prefer: str) -> tuple[f
     return sel["one_se"]["e_lambda"], f"chosen by the one-SE rule (prefer {prefer})"
 
 
-def _check_final(store: Store, name: str, e_lambda: float, seeds: int) -> None:
-    """A final study, once made, evaluates one lambda with its seeds: asking for another is
-    refused, saying how to see it (nothing is trained or changed)."""
-    final = final_study_name(name)
-    attrs = store.study_attrs(final)
-    if CONFIG_ATTR not in attrs:  # none, or killed as it was made
-        return
-    held = completed_config(attrs[CONFIG_ATTR]).search
-    if held.lambdas != (e_lambda,):
-        raise StudyError(f"study {final!r} evaluates lambda = {format_lambda(held.lambdas[0])}, not "
-                         f"{format_lambda(e_lambda)}: run evaluate --lambda {held.lambdas[0]!r} to see it")
-    if held.repeats != seeds:
-        raise StudyError(f"study {final!r} trains {plural(held.repeats, 'seed')} per network, not {seeds}: "
-                         f"run evaluate --seeds {held.repeats} to see it")
+def _check_final(store: Store, name: str, final: str, e_lambda: float, seeds: int) -> None:
+    """A study's final evaluations, once made, evaluate one lambda (the rows of one table), and
+    each its seeds: asking for others is refused, saying how to see them (nothing is trained
+    or changed)."""
+    for made in final_study_names(store, name):
+        held = completed_config(store.study_attrs(made)[CONFIG_ATTR]).search
+        if held.lambdas != (e_lambda,):
+            raise StudyError(f"study {made!r} evaluates lambda = {format_lambda(held.lambdas[0])}, not "
+                             f"{format_lambda(e_lambda)}: run evaluate --lambda {held.lambdas[0]!r} to see it (a "
+                             "study's final evaluations are one table: one lambda)")
+        if made == final and held.repeats != seeds:
+            raise StudyError(f"study {final!r} trains {plural(held.repeats, 'seed')} per network, not {seeds}: "
+                             f"run evaluate --seeds {held.repeats} to see it")
+
+
+def _finals(store: Store, status: StudyStatus, config: Config, lam: float, seeds: int, networks,
+            data: DataSection | None) -> list[Config]:
+    """Every final evaluation asked for, each checked (its data and network loaded) before any
+    is stored or trained."""
+    finals = [final_config(config, lam, seeds, network, data) for network in networks or [config.model.name]]
+    for final in finals:
+        searched = _data_identity(final.data) == _data_identity(config.data)
+        _testable(final, status.name, searched)
+        _check_final(store, status.name, final.study.name, lam, seeds)
+        if searched:
+            _same_data(store, status.name, config)
+        make_plan(final)  # the data set, the network and its smallest input, every value
+    return finals
 
 
 def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | None = None, prefer: str = "larger",
-                   overrides=(), workers: int | str | None = None, log: Callable[[str], None] = print,
-                   progress: Callable[[str], None] | None = None,
+                   networks=None, overrides=(), workers: int | str | None = None, holm: bool = False,
+                   log: Callable[[str], None] = print, progress: Callable[[str], None] | None = None,
                    should_stop: Callable[[], bool] | None = None) -> dict:
-    """Train the lambda ``select`` chooses (or ``e_lambda``) and the baseline, ``seeds``
-    seeds each, on study ``name``'s whole training set, test each final model on the test
-    split, and return :func:`read_evaluation`. Everything is checked before anything is
-    stored; ``overrides`` change where and how fast it runs, as for ``resume``."""
-    _check(seeds, e_lambda, prefer)
-    if name.endswith(FINAL_SUFFIX):
-        raise StudyError(f"study {name!r} is a final evaluation: evaluate its search, --study "
-                         f"{name[: -len(FINAL_SUFFIX)]}")
+    """Train the lambda ``select`` chooses (or ``e_lambda``) and the baseline, ``seeds`` seeds
+    each, on study ``name``'s whole training set, test each final model on the test split,
+    and return :func:`read_evaluations` (every column the study's evaluation holds). With
+    ``networks`` (names), each of them instead of the searched network; with ``--set
+    data.KEY=...`` among ``overrides``, on that data set (:func:`other_data`): each (network,
+    data set) its own companion study, so a later run with more of them reuses what is done.
+    Everything is checked before anything is stored; the other ``overrides`` change where
+    and how fast it runs, as for ``resume``."""
+    _check(seeds, e_lambda, prefer, networks)
+    if final_parts(name) is not None:
+        raise StudyError(f"study {name!r} is a final evaluation: evaluate its search, --study {final_parts(name)[0]}")
     store = open_store(url, write=True)
     status = study_status(store, name)
-    config = resume_config(url, name, overrides)
-    _evaluable(status, config)
-    _same_data(store, name, config)
+    data = other_data(status.config, overrides)
+    config = resume_config(url, name, [o for o in overrides if data is None or parse_override(o)[0] != "data"])
+    _evaluable(status)
     lam, how = _choice(status, e_lambda, prefer)
-    _check_final(store, name, lam, seeds)
-    final = final_config(config, lam, seeds)
+    finals = _finals(store, status, config, lam, seeds, networks, data)
+    chosen = {EVALUATE_ATTR: {"e_lambda": lam, "chosen_by": how, "seeds": seeds}}  # stored before the first trial
     log(f"final evaluation of study {name!r}: lambda = {format_lambda(lam)}, {how}, and "
         f"{'the baseline' if config.search.baseline else 'no baseline (search.baseline = false)'}, "
-        f"{seeds} seed{'s' if seeds > 1 else ''} each (seed N is repeat N), as study {final.study.name!r}")
-    run_search(final, workers=workers, log=log, progress=progress, should_stop=should_stop)
-    if EVALUATE_ATTR not in store.study_attrs(final.study.name):  # how the lambda was chosen: the first run's
-        store.set_study_attr(final.study.name, EVALUATE_ATTR, {"e_lambda": lam, "chosen_by": how, "seeds": seeds})
-    return read_evaluation(store, name)
+        f"{plural(seeds, 'seed')} each (seed N is repeat N), as "
+        + ", ".join(f"study {f.study.name!r} ({MODEL_LABELS.get(f.model.name, f.model.name)}, {f.data.dataset})"
+                    for f in finals))
+    for final in finals:
+        if should_stop is not None and should_stop():
+            break
+        run_search(final, workers=workers, log=log, progress=progress, should_stop=should_stop, attrs=chosen)
+    return read_evaluations(store, name, holm=holm)

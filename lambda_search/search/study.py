@@ -64,9 +64,10 @@ def _absolute(config: Config) -> Config:
             .replace("data", root=absolute(config.data.root)))
 
 
-def create_or_resume(store: Store, config: Config, plan: Plan) -> str:
-    """Create study ``config.study.name`` with its config, fingerprint and versions, or check
-    that the stored study has the same config and data. Returns "created" or "resumed"."""
+def create_or_resume(store: Store, config: Config, plan: Plan, attrs: dict | None = None) -> str:
+    """Create study ``config.study.name`` with its config, fingerprint, versions and ``attrs``
+    (each kept as the first run set it), or check that the stored study has the same config
+    and data. Returns "created" or "resumed"."""
     name = config.study.name
     stored_config = _absolute(config)
     with store.locks.exclusive():
@@ -75,22 +76,32 @@ def create_or_resume(store: Store, config: Config, plan: Plan) -> str:
             created = "created"
         else:
             created = "resumed"
-        attrs = store.study_attrs(name)
+        given, attrs = attrs or {}, store.study_attrs(name)
         if CONFIG_ATTR not in attrs:
             if store.trials(name):
                 raise StudyError(
                     f"study {name!r} in {store.shown} was not made by lambda_search; choose another study.name"
                 )
             _check_adoptable(store, name)
+            _add_attrs(store, name, given)  # before the config: a study is complete with them
             store.set_study_attr(name, FINGERPRINT_ATTR, plan.fingerprint)
             store.set_study_attr(name, VERSIONS_ATTR, _versions())
             store.set_study_attr(name, RUN_ATTR, uuid.uuid4().hex)
             store.set_study_attr(name, CONFIG_ATTR, stored_config.to_dict())  # last: marks the study complete
             return "created"
         _check_same(name, attrs, stored_config, plan)
+        _add_attrs(store, name, given)  # (a study made by an earlier version)
         if not store.metric_named(name):  # made by an earlier version
             store.name_metric(name)
         return created
+
+
+def _add_attrs(store: Store, name: str, attrs: dict) -> None:
+    """Store each of ``attrs`` that study ``name`` does not hold yet: the first run's stay."""
+    held = store.study_attrs(name)
+    for key, value in attrs.items():
+        if key not in held:
+            store.set_study_attr(name, key, value)
 
 
 def _check_adoptable(store: Store, name: str) -> None:
@@ -136,24 +147,25 @@ def resume_config(url: str, name: str, overrides=()) -> Config:
 
 def run_search(config: Config, *, workers: int | str | None = None, log: Callable[[str], None] = print,
                progress: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-               resume_only: bool = False) -> tuple[str, StudyStatus]:
+               resume_only: bool = False, attrs: dict | None = None) -> tuple[str, StudyStatus]:
     """Create (or resume) the study of ``config`` and run it to the end with ``workers``
     processes (a number or "auto"; default ``search.workers``; see :func:`worker_count`).
-    Everything is checked before anything is stored. Returns ("created"|"resumed", final
-    status); a finished study trains nothing."""
+    Everything is checked before anything is stored; ``attrs`` are stored with a new study
+    (see :func:`create_or_resume`). Returns ("created"|"resumed", final status); a finished
+    study trains nothing."""
     with failures():
         return _run_search(config, workers=workers, log=log, progress=progress, should_stop=should_stop,
-                           resume_only=resume_only)
+                           resume_only=resume_only, attrs=attrs)
 
 
 def _run_search(config: Config, *, workers: int | str | None = None, log: Callable[[str], None] = print,
                 progress: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-                resume_only: bool = False) -> tuple[str, StudyStatus]:
+                resume_only: bool = False, attrs: dict | None = None) -> tuple[str, StudyStatus]:
     should_stop = should_stop or (lambda: False)
     plan = make_plan(config)  # data, folds and every value checked first
     name = config.study.name
     store = open_store(config.study.storage, create=not resume_only, write=True)
-    how = create_or_resume(store, config, plan)
+    how = create_or_resume(store, config, plan, attrs)
     plan.config = _absolute(config)
     status = _effective(study_status(store, name), plan.config)
     log(f"study {name!r} {how} in {store.shown}: {status.complete} of {status.total} points complete")

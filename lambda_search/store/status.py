@@ -19,14 +19,15 @@ from typing import Callable
 
 from optuna.trial import FrozenTrial, TrialState
 
-from ..config import FINAL_SUFFIX, HELD_OUT_TEST, Config, ConfigError
+from ..config import FINAL_SUFFIX, HELD_OUT_TEST, Config, ConfigError, final_parts
 from ..configfile import resolve_config
 from ..points import Point, PointStatus, distinct_numerics, fold_names, mixed_folds
 from ..strategy import asked_points
 from .failures import failures
 from .storage import REASON_ATTR, Store
 
-__all__ = ["StudyError", "PointStatus", "StudyStatus", "baseline_study_name", "final_study_name", "load_study_config",
+__all__ = ["StudyError", "PointStatus", "StudyStatus", "baseline_study_name", "final_study_name", "final_study_names",
+           "load_study_config",
            "study_status", "list_studies", "STORAGE_ENV"]
 
 CONFIG_ATTR = "lambda_search:config"
@@ -48,15 +49,25 @@ def baseline_study_name(name: str) -> str:
     return f"{name}:baseline"
 
 
-def final_study_name(name: str) -> str:
-    """The companion study of ``name``'s final evaluation (``lambda-search evaluate``)."""
-    return name + FINAL_SUFFIX
+def final_study_name(name: str, column: str | None = None) -> str:
+    """The companion study of ``name``'s final evaluation (``lambda-search evaluate``): of the
+    searched network on the searched data (``NAME:final``), or of another network or data set
+    (``NAME:final:COLUMN``)."""
+    return name + FINAL_SUFFIX + (f":{column}" if column else "")
+
+
+def final_study_names(store: Store, name: str) -> list[str]:
+    """The final evaluations of study ``name`` made so far, in the order they were made (the
+    searched network and data first); one killed as it was made (no config yet) is left out."""
+    names = [n for n in store.study_names() if (final_parts(n) or (None,))[0] == name
+             and not n.endswith(":baseline") and CONFIG_ATTR in store.study_attrs(n)]
+    return sorted(names, key=lambda n: (n != final_study_name(name), store.study_id(n)))
 
 
 def load_study_config(store: Store, name: str) -> Config:
     """The resolved config stored in study ``name``."""
     if store.study_id(name) is None:
-        names = [n for n in store.study_names() if not n.endswith((":baseline", ":final"))]
+        names = [n for n in store.study_names() if ":" not in n]
         there = ", ".join(repr(n) for n in names) if names else "none"
         raise StudyError(f"no study named {name!r} in {store.shown}; studies there: {there}")
     attrs = store.study_attrs(name)
