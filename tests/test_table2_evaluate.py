@@ -1,0 +1,229 @@
+"""The paper's Table 2 (`lambda-search evaluate --networks A,B --set data.*`): the chosen lambda
+carried to other networks and data sets, each (network, data set) a companion study of its
+own, exactly once under kills, checked before anything is stored, read as the paper's table
+(a column per network, a block per data set, each column's paired t-test, Holm on request)."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import optuna
+import pytest
+
+import lambda_search as ls
+from lambda_search.cli import main
+from lambda_search.config import final_parts, study_name_ok
+from lambda_search.report.evaluation import format_table2, holm_correction
+from lambda_search.report.evaluation_plot import evaluation_figure_data
+from lambda_search.search.evaluate import column_name, final_config, other_data
+from lambda_search.train import plan as _plan
+
+from conftest import SCRIPT, poll, write_config
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "studies" / "quickstart.toml"
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "figure4.ipynb"
+
+
+# ---------------------------------------------------------------- names and data, without training
+
+
+def test_each_network_and_data_set_has_a_name_of_its_own(tmp_path):
+    config = ls.load_config(write_config(tmp_path))  # synthetic 8 px, resnet20
+    digits = other_data(config, ["data.dataset=digits"])
+    names = {(n, d): final_config(config, 1e-4, 2, n, d).study.name
+             for n in ("resnet20", "preresnet20", "tests.toy_networks:build") for d in (None, digits)}
+    assert names[("resnet20", None)] == "tiny:final"  # the searched network and data: as before
+    assert names[("preresnet20", None)] == "tiny:final:preresnet20"
+    assert names[("tests.toy_networks:build", None)] == "tiny:final:tests.toy_networks.build"
+    assert names[("preresnet20", digits)].startswith("tiny:final:preresnet20@digits-")
+    assert len(set(names.values())) == len(names)  # no two alike
+    for name in names.values():  # reserved: a final evaluation's name, never a user's
+        assert final_parts(name)[0] == "tiny" and study_name_ok(name)
+    again = final_config(config, 1e-4, 2, "preresnet20", other_data(config, ["data.dataset=digits"]))
+    assert again.study.name == names[("preresnet20", digits)]  # one name for one (network, data set)
+    moved = other_data(config, ["data.dataset=digits", "data.root=/elsewhere"])
+    assert final_config(config, 1e-4, 2, "preresnet20", moved).study.name == again.study.name  # where: no matter
+    ckpt = Path(again.study.checkpoint_dir)
+    assert ckpt.name == f"tiny-final-{final_parts(again.study.name)[1]}.ckpt"
+    assert final_parts("tiny:final:preresnet20:baseline") is None and final_parts("tiny") is None
+    with pytest.raises(ls.ConfigError, match="study.name ending in ':final' is a final evaluation's"):
+        ls.load_config(write_config(tmp_path), ["study.name=x:final:preresnet20"])
+
+
+def test_other_data_takes_that_data_sets_defaults(tmp_path):
+    config = ls.load_config(write_config(tmp_path))
+    assert other_data(config, ["data.root=/x", "train.device=cpu"]) is None  # where the searched data lie
+    digits = other_data(config, ["data.dataset=digits"])
+    assert (digits.dataset, digits.test_fraction, digits.seed, dict(digits.options)) == ("digits", 0.2, 0, {})
+    cifar = other_data(config, ["data.dataset=cifar10", "data.root=/data"])
+    assert (cifar.dataset, cifar.test_fraction, cifar.root) == ("cifar10", None, "/data")
+    same = other_data(config, ["data.options.num_samples=60"])  # the searched data set, other options
+    assert same.options["num_samples"] == 60 and same.options["image_size"] == 8
+    assert column_name(config, final_config(config, 1e-4, 1, None, same)).startswith("resnet20@synthetic-")
+    for bad in ("data.folds=3", "data.holdout=0.1", "data.test=true"):
+        with pytest.raises(ls.ConfigError, match=f"--set {bad.split('=')[0]}: a final evaluation trains on every"):
+            other_data(config, [bad])
+    with pytest.raises(ls.ConfigError, match="data.test_fraction applies to data sets without a test split"):
+        other_data(config, ["data.dataset=cifar10", "data.test_fraction=0.2"])
+
+
+def test_holm_correction():
+    assert holm_correction([0.01, 0.04, 0.03, None]) == pytest.approx([0.03, 0.06, 0.06, None])
+    assert holm_correction([0.5, 0.9]) == [1.0, 1.0]
+    assert holm_correction([]) == [] and holm_correction([None]) == [None]
+
+
+def _column(model, dataset, base, simam, p):
+    arm = lambda name, seeds: {"network": name, "seeds": seeds, "seed_states": ["complete"] * len(seeds),  # noqa: E731
+                               "mean": sum(seeds) / len(seeds), "std": 0.01, "complete": len(seeds), "diverged": 0,
+                               "test_images": 100, "e_lambda": 1e-4 if name == "simam" else None}
+    diff = sum(simam) / len(simam) - sum(base) / len(base)
+    return {"model": model, "dataset": dataset, "test_split": "its own", "column": model, "seeds": len(base),
+            "networks": [arm("simam", simam), arm("none", base)], "complete": 2 * len(base), "total": 2 * len(base),
+            "finished": True, "difference": {"diff": diff, "t": 1.0, "p": p, "seeds": len(base), "reason": None}}
+
+
+def test_the_table_has_the_papers_shape():
+    columns = [_column("resnet20", "cifar100", [0.68, 0.69], [0.70, 0.71], 0.02),
+               _column("preresnet20", "cifar100", [0.68, 0.69], [0.68, 0.70], 0.5),
+               _column("resnet20", "cifar10", [0.91, 0.92], [0.92, 0.93], 0.01)]
+    table = {"study": "s", "e_lambda": 1e-4, "chosen_by": "chosen by the one-SE rule (prefer larger)",
+             "columns": columns, "correction": None, "complete": 12, "total": 12, "finished": True}
+    text = format_table2(table)
+    lines = text.splitlines()
+    assert lines[0].startswith("final evaluation of study 's': test accuracy % (mean +- std over seeds, ddof=1)")
+    cifar100 = lines.index("cifar100 (100 test images: its own)")
+    assert lines[cifar100 + 1].split() == ["ResNet-20", "PreResNet-20"]
+    assert lines[cifar100 + 2].split() == ["baseline", "68.50", "+-", "1.00", "68.50", "+-", "1.00"]
+    assert lines[cifar100 + 3].split()[:4] == ["+", "SimAM", "(1e-04)", "70.50"]
+    assert lines[cifar100 + 4].split() == ["difference", "(pp)", "+2.00", "+0.50"]
+    assert lines[cifar100 + 5].split() == ["p", "(paired", "t)", "0.020", "0.500"]
+    assert "cifar10 (100 test images: its own)" in lines and "p (Holm)" not in text
+    assert "not corrected across the 3 columns with a p (--holm corrects them)" in text
+    for c, p in zip(columns, holm_correction([0.02, 0.5, 0.01])):
+        c["difference"]["p_holm"] = p
+    text = format_table2({**table, "correction": "holm"})
+    assert [ln.split()[2:] for ln in text.splitlines() if ln.startswith("p (Holm)")] == [["0.040", "0.500"], ["0.030"]]
+    figure = evaluation_figure_data({**table, "correction": "holm"})
+    assert [p["title"] for p in figure["panels"]] == ["ResNet-20, cifar100", "PreResNet-20, cifar100",
+                                                      "ResNet-20, cifar10"]
+    assert figure["panels"][0]["baseline"]["seeds"] == [68.0, 69.0] and figure["panels"][0]["note"] == (
+        "+2.00 pp, p = 0.040 (Holm)")
+
+
+# ---------------------------------------------------------------- the quickstart's digits, end to end
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The quickstart (real digits, 8 px) scaled down: 2 lambdas, 2 folds of its 1,437 images."""
+    folder = tmp_path_factory.mktemp("table2")
+    path = folder / "quick.toml"
+    shutil.copy(QUICKSTART, path)
+    assert main(["search", str(path), "--set", "study.name=quick", "--set", "search.lambdas=[1e-3, 1e-1]",
+                 "--set", "data.folds=2", "--set", "train.epochs=3", "--set", "search.workers=1"]) == 0
+    return f"sqlite:///{folder / 'quick.db'}", folder
+
+
+def _expected(url, network, seeds):
+    """Each (arm, seed)'s test accuracy from a direct training of the final plan."""
+    search = ls.study_status(ls.open_store(url), "quick").config
+    lam = ls.select(ls.study_status(ls.open_store(url), "quick"))["one_se"]["e_lambda"]
+    final = final_config(search, lam, seeds, network)
+    plan = _plan.make_plan(final)
+    return {arm: [ls.train_fold(plan.data, f, lam if arm == "simam" else None, plan.train, model=network,
+                                shortcut=final.model.shortcut, attention=arm, seed=plan.train_seed(f)).val_accuracy
+                  for f in plan.folds]
+            for arm in ("simam", "none")}
+
+
+def _trials(url, study):
+    by_point = {}
+    for name in (study, study + ":baseline"):
+        for t in optuna.load_study(study_name=name, storage=url).trials:
+            by_point.setdefault(json.dumps(t.system_attrs.get("lambda_search:point")), []).append(t.state.name)
+    return by_point
+
+
+@pytest.mark.slow
+def test_networks_killed_and_resumed_train_each_network_seed_and_arm_once(quick, cli_env, tmp_path):
+    url, folder = quick
+    command = [str(SCRIPT), "evaluate", "--storage", url, "--study", "quick", "--seeds", "2", "--networks",
+               "resnet20,preresnet20", "--workers", "1", "--set", "train.checkpoint_every_epochs=1"]
+    proc = subprocess.Popen(command, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt = folder / "quick-final-preresnet20.ckpt"  # killed in the second column, its first checkpoint written
+    assert poll(lambda: any(ckpt.glob("*/r0f0.pt")), timeout=300), proc.communicate()
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    result = subprocess.run([*command, "--json"], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads(result.stdout)
+    assert [(c["final_study"], c["model"], c["dataset"]) for c in table["columns"]] == [
+        ("quick:final", "resnet20", "digits"), ("quick:final:preresnet20", "preresnet20", "digits")]
+    for column in table["columns"]:
+        by_point = _trials(url, column["final_study"])
+        assert len(by_point) == 4 and all(s.count("COMPLETE") == 1 for s in by_point.values()), by_point
+        expected = _expected(url, column["model"], 2)
+        assert [n["seeds"] for n in column["networks"]] == [expected["simam"], expected["none"]], column["model"]
+        assert column["seeds"] == 2 and column["difference"]["seeds"] == 2 and column["finished"]
+        d = [a - b for a, b in zip(expected["simam"], expected["none"])]
+        assert column["difference"]["diff"] == pytest.approx(sum(d) / 2)
+        if d[0] != d[1]:  # each column's own paired t-test over its seeds, df 1
+            t = (sum(d) / 2) / math.sqrt(((d[0] - d[1]) ** 2 / 2) / 2)
+            assert column["difference"]["p"] == pytest.approx(1 - 2 * math.atan(abs(t)) / math.pi, rel=1e-9)
+    assert "FAIL" in [s for v in _trials(url, "quick:final:preresnet20").values() for s in v]  # the killed one
+    assert table["columns"][0]["chosen_by"] == "chosen by the one-SE rule (prefer larger)"  # kept from the start
+    assert (folder / "quick-evaluation.png").stat().st_size > 0
+
+    before = {n: len(_trials(url, n)) for n in ("quick:final", "quick:final:preresnet20")}
+    result = subprocess.run([*command, "--holm"], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trial" not in result.stdout  # a rerun trains nothing
+    assert {n: len(_trials(url, n)) for n in before} == before
+    out = result.stdout
+    table_text = out[out.index("final evaluation of study 'quick': test accuracy"):]
+    assert "digits (360 test images" in table_text and "p (Holm)" in table_text
+    assert table_text.splitlines()[3].split() == ["ResNet-20", "PreResNet-20"]
+    assert f"figure: {folder / 'quick-evaluation.png'}" in out
+
+    nbformat, nbclient = pytest.importorskip("nbformat"), pytest.importorskip("nbclient")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    env = {"LAMBDA_SEARCH_STORAGE": url, "LAMBDA_SEARCH_STUDY": "quick"}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        for key in env:
+            del os.environ[key]
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "p (Holm)" in text and "PreResNet-20" in text
+    assert sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs) == 2
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_before_storing_anything(quick, capsys):
+    url, _ = quick
+    names = ls.open_store(url).study_names()
+    for extra, message in [
+        (["--networks", "mobilenetv2"], "model.name='mobilenetv2' needs images of at least 9 px, the data set has 8 px"),
+        (["--networks", "resnet20,nope"], "--networks: unknown model name='nope'"),
+        (["--networks", "resnet20,resnet20"], "--networks takes network names, each once"),
+        (["--networks", "preresnet56", "--lambda", "0.5"], "evaluates lambda = "),  # one table, one lambda
+        (["--set", "data.folds=3"], "--set data.folds: a final evaluation trains on every training image"),
+        (["--set", "data.dataset=cifar10", "--set", "data.root=/nowhere"], "cifar10"),
+        (["--set", "data.dataset=digits", "--set", "data.test_fraction=0"], "leaves no image of 'digits' to test"),
+    ]:
+        if "evaluates lambda" in message and not any(final_parts(n) for n in names):
+            assert main(["evaluate", "--storage", url, "--study", "quick", "--seeds", "1", "--lambda", "0.1",
+                         "--networks", "resnet44"]) in (0, 1)  # a column, so that a table exists
+            names = ls.open_store(url).study_names()
+        capsys.readouterr()
+        assert main(["evaluate", "--storage", url, "--study", "quick", "--seeds", "1", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
+        assert ls.open_store(url).study_names() == names, extra  # nothing stored
