@@ -210,7 +210,7 @@ def test_evaluate_refuses_before_storing_anything(quick, capsys):
     url, _ = quick
     names = ls.open_store(url).study_names()
     for extra, message in [
-        (["--networks", "mobilenetv2"], "model.name='mobilenetv2' needs images of at least 9 px, the data set has 8 px"),
+        (["--networks", "mobilenetv2"], "model.name='mobilenetv2' needs images of at least 9 px, the data set has 8"),
         (["--networks", "resnet20,nope"], "--networks: unknown model name='nope'"),
         (["--networks", "resnet20,resnet20"], "--networks takes network names, each once"),
         (["--networks", "preresnet56", "--lambda", "0.5"], "evaluates lambda = "),  # one table, one lambda
