@@ -34,6 +34,27 @@ def test_shipped_configs_load_with_the_papers_protocol():
     assert quick.study.storage.endswith("studies/quickstart.db")
 
 
+def test_every_shipped_config_loads():
+    paths = sorted(STUDIES.glob("*.toml"))
+    assert len(paths) >= 5
+    for path in paths:
+        assert ls.load_config(path).study.name == path.stem
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "cifar10"])
+def test_table2_configs_hold_the_papers_protocol(dataset):
+    config = ls.load_config(STUDIES / f"table2_{dataset}.toml")
+    assert config.study.name == f"table2_{dataset}"
+    assert config.search.lambdas == (1e-4,) and config.search.baseline is True and config.search.repeats == 1
+    assert config.data.dataset == dataset and config.data.holdout == 0.1  # the paper's 45k/5k split
+    assert Path(config.data.root).resolve() == STUDIES.parent / "data"
+    assert config.model == ModelSection(name="resnet20", shortcut="B")
+    train = config.train
+    assert (train.iterations, train.batch_size, train.lr, train.momentum, train.weight_decay) == (
+        64000, 128, 0.1, 0.9, 5e-4)
+    assert train.milestones == (0.5, 0.75) and train.schedule == "step" and train.device == "cuda"
+
+
 def test_defaults_name_storage_and_checkpoints_after_the_file(tiny_config, tmp_path):
     path = tiny_config(name="abc")
     path.write_text(path.read_text().replace('name = "abc"\n', "", 1))
