@@ -17,12 +17,16 @@ import re
 from dataclasses import dataclass, field, fields
 
 __all__ = ["ConfigError", "Config", "StudySection", "SearchSection", "DataSection", "ModelSection", "TrainConfig",
-           "SECTIONS", "study_name_ok", "final_parts", "check_lambda", "E_LAMBDA_MIN", "FINAL_SUFFIX"]
+           "SECTIONS", "study_name_ok", "final_parts", "check_lambda", "E_LAMBDA_MIN", "E_LAMBDA_MAX",
+           "FINAL_SUFFIX"]
 
 # The smallest lambda: the smallest normal float32, float(torch.finfo(torch.float32).tiny)
 # (written out: this module imports no torch). SimAM computes in float32; below it lambda is
 # a subnormal or 0 there, and 4 * (v + lambda) loses it (0/0 for a constant channel).
 E_LAMBDA_MIN = 1.1754943508222875e-38
+# The largest: the largest float32, float(torch.finfo(torch.float32).max); above it lambda is
+# inf in float32 (SimAM's result there stays finite: x * sigmoid(0.5), as any huge lambda gives).
+E_LAMBDA_MAX = 3.4028234663852886e38
 
 
 class ConfigError(ValueError):
@@ -49,6 +53,9 @@ def check_lambda(value, label: str = "e_lambda", got: str | None = None) -> floa
     if _real(value) and math.isfinite(value) and value > 0:
         if value < E_LAMBDA_MIN:
             raise ConfigError(f"{label} must be >= {E_LAMBDA_MIN!r} (the smallest normal float32: SimAM computes in "
+                              f"float32), got {got}")
+        if value > E_LAMBDA_MAX:
+            raise ConfigError(f"{label} must be <= {E_LAMBDA_MAX!r} (the largest float32: SimAM computes in "
                               f"float32), got {got}")
         return float(value)
     raise ConfigError(f"{label} must be a finite number > 0, got {got}")

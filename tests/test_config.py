@@ -167,6 +167,32 @@ def test_lambdas_below_the_float32_floor_are_refused(tiny_config, lam, shown):
     assert config.search.lambdas == (1.1754943508222875e-38, 1e-4)
 
 
+# ------------------------------------------------------------- issue 27: the lambda ceiling
+
+
+def test_lambda_ceiling_is_the_largest_float32_wherever_a_lambda_is_given(tiny_config, tmp_path, capsys):
+    import numpy as np
+    import torch
+
+    from lambda_search.cli import main
+    assert _config.E_LAMBDA_MAX == float(np.finfo(np.float32).max) == float(torch.finfo(torch.float32).max)
+    for lam in ("1e300", "3.5e38", "3.4028234663852889e38"):  # the last: the next double above float32's max
+        with pytest.raises(ls.ConfigError, match=r"every lambda must be <= 3\.4028234663852886e\+38 \(the largest "
+                                                 r"float32: SimAM computes in float32\), got search\.lambdas entry"):
+            ls.load_config(tiny_config(), [f"search.lambdas=[1e-4, {lam}]"])
+        with pytest.raises(ValueError, match="must be <= 3.4028234663852886e"):
+            ls.SimAM(float(lam))
+    top = ls.load_config(tiny_config(), ["search.lambdas=[3.4028234663852886e38]"]).search.lambdas[0]
+    x = torch.randn(2, 3, 4, 4)  # the largest lambda trains: SimAM stays finite, x * sigmoid(0.5)
+    assert torch.equal(ls.SimAM(top)(x), x * torch.sigmoid(torch.tensor(0.5)))
+    path = tiny_config(name="over")
+    capsys.readouterr()
+    assert main(["search", str(path), "--set", "search.lambdas=[1e300]"]) == 2  # refused before anything is stored
+    err = capsys.readouterr().err
+    assert "must be <= 3.4028234663852886e+38" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "over.db").exists()
+
+
 # -------------------------------------------------- issue 14: data.folds or data.holdout
 
 

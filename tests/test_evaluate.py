@@ -188,6 +188,9 @@ def test_evaluate_refuses_bad_input_and_changes_nothing(searched, tmp_path, caps
         ([half, "half"], [], "study 'half' is not finished (0 of 2 points complete)"),
         ([url, "tiny"], ["--lambda", "-1"], "--lambda must be a finite number > 0, got -1.0"),
         ([url, "tiny"], ["--lambda", "nan"], "--lambda must be a finite number"),
+        ([url, "tiny"], ["--lambda", "1e300"], "--lambda must be <= 3.4028234663852886e+38 (the largest float32"),
+        ([url, "tiny:final:resnet56"], [], "is a final evaluation: evaluate its search, --study tiny"),
+        ([url, "tiny"], ["--networks", "resnet20,"], "--networks takes network names, each once"),
         ([url, "tiny"], ["--seeds", "0"], "argument --seeds: must be an integer >= 1, got '0'"),
         ([url, "tiny"], ["--set", "train.epochs=9"], "a stored study's config can only change where"),
     ]

@@ -122,7 +122,7 @@ def _check(seeds: int, e_lambda: float | None, prefer: str, networks) -> None:
     if prefer not in PREFER:
         raise ConfigError(f"prefer must be 'larger' or 'smaller', got prefer={prefer!r}")
     if networks is not None:
-        if not networks or len(set(networks)) != len(networks):
+        if not networks or not all(networks) or len(set(networks)) != len(networks):
             raise ConfigError(f"--networks takes network names, each once, separated by commas, got "
                               f"{','.join(networks)!r}")
         for network in networks:
