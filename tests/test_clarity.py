@@ -4,6 +4,7 @@ what it did, a progress line that fits the terminal."""
 
 import io
 import json
+import subprocess
 
 import optuna
 import pandas as pd
@@ -15,7 +16,7 @@ from lambda_search.cli import main
 from lambda_search.report import select as _select
 from lambda_search.store import status as _status
 
-from conftest import write_config
+from conftest import SCRIPT, write_config
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +151,19 @@ def test_the_progress_line_fits_the_terminal(monkeypatch, columns):
     show("x" * 300)
     line = written[0].strip("\r")
     assert len(line) == columns - 1
+
+
+@pytest.mark.slow
+def test_a_closed_pipe_stops_a_command_quietly(tmp_path, cli_env):
+    """``lambda-search status ... | head -1``: the reader goes away; the command stops without a
+    traceback and exits 141 (128 + SIGPIPE), as a Unix tool a closed pipe stopped."""
+    config = ls.load_config(write_config(tmp_path, baseline="true"))
+    ls.run_search(config, log=lambda s: None)
+    url = config.study.storage
+    for args in (["status", "--study", "tiny"], ["studies"], ["select", "--study", "tiny", "--json"],
+                 ["export", "--study", "tiny", "--output", "-"]):
+        proc = subprocess.Popen([str(SCRIPT), *args, "--storage", url], env=cli_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        proc.stdout.close()  # before the command writes a byte: it meets a closed pipe, every time
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141 and err == "", (args, err)

@@ -1,5 +1,6 @@
 """The ``lambda-search`` command: each command parses, calls the library, prints, and maps
-error types to exit codes (0 done, 1 no answer yet or interrupted, 2 bad input)."""
+error types to exit codes (0 done, 1 no answer yet or interrupted, 2 bad input, 141 the reader of
+its output went away)."""
 
 from __future__ import annotations
 
@@ -328,10 +329,22 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("lambda-search: error: a command is required (listed above)\n")
         return 2
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
     except USER_ERRORS as exc:
         sys.stderr.write(f"lambda-search {args.command}: error: {exc}\n")
         return 2
     except StorageFailure as exc:
         sys.stderr.write(f"lambda-search {args.command}: error: {exc}\n")
         return 1
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as Unix tools do
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool a closed pipe stopped
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null, so that Python's flush at exit hits no closed pipe."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
