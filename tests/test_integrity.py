@@ -158,5 +158,5 @@ def test_a_journal_that_lost_only_its_last_newline_keeps_its_last_record(tiny_co
     data = log.read_bytes()
     log.write_bytes(data[:-1])
     with pytest.warns(UserWarning, match="lacked the newline after its last record: added"):
-        status = ls.study_status(ls.open_store(url), "tiny")
+        status = ls.study_status(ls.open_store(url, write=True), "tiny")  # (a writer repairs)
     assert log.read_bytes() == data and status.finished and not (tmp_path / "tiny.log.torn").exists()

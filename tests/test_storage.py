@@ -17,6 +17,7 @@ import optuna
 import pytest
 
 from lambda_search import StorageError, open_store
+from lambda_search.cli import main
 from lambda_search.store.failures import redact
 from lambda_search.store.locks import FileLocks
 
@@ -177,7 +178,7 @@ def test_a_torn_journal_tail_is_moved_aside_and_every_whole_record_kept(tmp_path
     with pytest.warns(UserWarning, match=rf"^journal '{path}' ended in a torn record \({len(torn)} bytes, as a power "
                                          r"loss or a full disk leaves it\): moved to s\.log\.torn; every whole "
                                          r"record is kept$"):
-        store = open_store(url)
+        store = open_store(url, write=True)
     assert path.read_bytes() == CREATE + ATTR + b"\n"
     assert path.with_name("s.log.torn").read_bytes() == torn + b"\n"
     assert store.study_names() == ["demo"] and _user_attrs(store) == {"k": 1}
@@ -185,16 +186,37 @@ def test_a_torn_journal_tail_is_moved_aside_and_every_whole_record_kept(tmp_path
     with open(path, "ab") as f:
         f.write(b'{"op_')
     with pytest.warns(UserWarning, match="ended in a torn record \\(5 bytes"):
-        open_store(url)
+        open_store(url, write=True)
     assert path.with_name("s.log.torn").read_bytes() == torn + b"\n" + b'{"op_\n'
     assert path.read_bytes() == CREATE + ATTR + b"\n"
+
+
+def test_a_reader_reports_a_torn_journal_and_writes_nothing(tmp_path):
+    """Reading commands never write: a torn tail is reported, and repaired by the next writer."""
+    path = tmp_path / "s.log"
+    torn = b'{"op_code":2,"worker_id":"w-1","study_id":0,"user_at'
+    for tail, said in ((torn, rf"ends in a torn record \({len(torn)} bytes or more, as a power loss or a full disk "
+                              r"leaves it\): read without it; it is set aside when"),
+                       (None, r"lacks the newline after its last record: read without that record until")):
+        if tail is None:
+            path.write_bytes(CREATE + ATTR)
+        else:
+            _journal(path, tail)
+        before = path.read_bytes()
+        with pytest.warns(UserWarning, match=rf"^journal '{path}' {said} the next search, resume or worker opens it "
+                                             r"\(a reading command never writes\)$"):
+            store = open_store(f"journal:{path}")
+        assert store.study_names() == ["demo"] and _user_attrs(store) == ({"k": 1} if tail else {})
+        assert path.read_bytes() == before and not path.with_name("s.log.torn").exists()
+    assert main(["studies", "--storage", f"journal:{path}"]) == 0  # a reading command: the same
+    assert path.read_bytes() == before
 
 
 def test_a_journal_that_lost_only_its_last_newline_keeps_its_last_record(tmp_path):
     path = tmp_path / "s.log"
     path.write_bytes(CREATE + ATTR)
     with pytest.warns(UserWarning, match=rf"^journal '{path}' lacked the newline after its last record: added$"):
-        store = open_store(f"journal:{path}")
+        store = open_store(f"journal:{path}", write=True)
     assert path.read_bytes() == CREATE + ATTR + b"\n" and not path.with_name("s.log.torn").exists()
     assert _user_attrs(store) == {"k": 1}
 

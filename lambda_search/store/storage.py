@@ -209,6 +209,27 @@ def _repair_journal_tail(path: Path) -> None:
                   f"full disk leaves it): moved to {torn.name}; every whole record is kept", stacklevel=3)
 
 
+def _report_journal_tail(path: Path) -> None:
+    """A reader's look at a journal's tail: a torn last record is left as it is (a writer sets
+    it aside when it opens the journal), with one warning."""
+    size = path.stat().st_size
+    if not size:
+        return
+    with open(path, "rb") as f:
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+    if tail.endswith(b"\n"):
+        return
+    last = tail[tail.rfind(b"\n") + 1:]
+    if _whole_record(last):
+        what = "lacks the newline after its last record: read without that record until"
+    else:
+        what = (f"ends in a torn record ({len(last)} bytes or more, as a power loss or a full disk leaves it): read "
+                "without it; it is set aside when")
+    warnings.warn(f"journal {str(path)!r} {what} the next search, resume or worker opens it (a reading command "
+                  "never writes)", stacklevel=3)
+
+
 def _check_writable(path: Path, url: str) -> None:
     """A search writes the file and, beside it, SQLite's rollback journal or Optuna's journal
     lock: both must be writable, checked before anything else is done."""
@@ -278,8 +299,10 @@ def _open_journal(url: str, create: bool, write: bool) -> Store:
         _check_writable(path, url)
     if path.exists():
         _check_journal(path, url)
-    if path.exists() and os.access(path, os.W_OK) and os.access(path.parent, os.W_OK):
+    if path.exists() and (create or write):  # a reader never writes: it reads the whole records, and says so
         _repair_journal_tail(path)
+    elif path.exists():
+        _report_journal_tail(path)
     backend = optuna.storages.journal.JournalFileBackend(str(path))
     try:
         storage = optuna.storages.JournalStorage(backend)
