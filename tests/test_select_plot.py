@@ -3,6 +3,7 @@ computed by hand; the drawing; the CLI; the notebook run top to bottom."""
 
 import json
 import math
+import statistics
 import os
 from pathlib import Path
 
@@ -300,3 +301,49 @@ def test_the_notebook_runs_top_to_bottom(tiny_study):
     assert "one-SE rule:" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)
     assert any("param_e_lambda" in o.get("data", {}).get("text/plain", "") for o in outputs)
+
+
+def _hand(lambdas_folds: dict, repeats: int = 1, folds: int = 3, holdout=None):
+    """A hand-made study of complete points: {lambda (None: the baseline): accuracies}."""
+    data = {"dataset": "digits", **({"holdout": holdout} if holdout else {"folds": folds})}
+    config = _configfile.resolve_config({"search": {"lambdas": [x for x in lambdas_folds if x is not None],
+                                                    "baseline": None in lambdas_folds, "repeats": repeats},
+                                         "data": data, "train": {"iterations": 10}}, name="hand")
+    points = []
+    per = 1 if holdout else folds
+    for e_lambda, accs in lambdas_folds.items():
+        for r in range(repeats):
+            names = [f"r{r}f{f}" for f in range(per)]
+            own = accs[r * per:(r + 1) * per]
+            recs = {n: {"status": "completed", "val_accuracy": a, "seconds": 1.0} for n, a in zip(names, own)}
+            points.append(PointStatus(_points.Point(e_lambda, r), "complete", recs, names))
+    return ls.StudyStatus("hand", config, points, "sqlite:///hand.db")
+
+
+def test_the_one_se_threshold_is_not_decided_by_float_rounding():
+    """A mean equal to the threshold up to float rounding (1e-15 below it) is within one SE, a
+    lambda's and the baseline's alike; 1e-9 below is not."""
+    best = [0.97, 0.98, 0.99]
+    threshold = 0.98 - _select.lambda_stats(_hand({1e-1: best}))[0].sem
+    status = _hand({1e-1: best, 1e-2: [threshold - 1e-15] * 3, 1e-3: [threshold - 1e-9] * 3,
+                    None: [threshold - 1e-15] * 3})
+    sel = _select.select(status, "smaller")
+    assert sel["one_se"]["candidates"] == [1e-2, 1e-1] and sel["one_se"]["e_lambda"] == 1e-2
+    assert sel["verdict"]["baseline_within_one_se"] is True
+    assert _select.reaches(threshold - 1e-15, threshold) and not _select.reaches(threshold - 1e-9, threshold)
+
+
+@pytest.mark.parametrize("holdout", [None, 0.1])
+def test_the_standard_error_with_repeats_allows_for_their_overlap(holdout):
+    """One repeat: std / sqrt(folds), as glmnet; with repeats the folds share training images,
+    so the t-test's corrected variance: std * sqrt(1/n + n_test/n_train)."""
+    accs = [0.90, 0.92, 0.94, 0.91, 0.95, 0.93]
+    ratio = holdout / (1 - holdout) if holdout else 1 / 2  # 3 folds: n_test/n_train = 1/2
+    for repeats, n in ((1, 3), (2, 6)) if not holdout else ((3, 3), (6, 6)):
+        s = _select.lambda_stats(_hand({1e-3: accs[:n]}, repeats=repeats, holdout=holdout))[0]
+        std = statistics.stdev(accs[:n])
+        assert s.std == pytest.approx(std)
+        if repeats == 1:
+            assert s.sem == pytest.approx(std / math.sqrt(n))
+        else:
+            assert s.sem == pytest.approx(std * math.sqrt(1 / n + ratio))

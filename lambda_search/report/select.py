@@ -70,10 +70,21 @@ def lambda_stats(status: StudyStatus) -> list[LambdaStats]:
             state = "pending"
         reason = next((p.reason for p in points if p.state == "diverged"), None)
         moments = summarize(list(folds.values())) if folds else dict(mean=None, std=None, sem=None)
-        out.append(
-            LambdaStats(e_lambda, state, folds, n_folds, moments["mean"], moments["std"], moments["sem"], reason)
-        )
+        sem = standard_error(moments, len(folds), status.config)
+        out.append(LambdaStats(e_lambda, state, folds, n_folds, moments["mean"], moments["std"], sem, reason))
     return out
+
+
+def standard_error(moments: dict, n: int, config: Config) -> float | None:
+    """The standard error of a lambda's mean over its ``n`` fold scores: std / sqrt(n) with one
+    repeat (k-fold cross-validation, as glmnet and the paper); with ``search.repeats`` > 1 the
+    repeats' folds overlap in training images and are not independent, so the corrected
+    variance of the t-test (Nadeau and Bengio): std * sqrt(1/n + n_test/n_train)."""
+    if moments["std"] is None:
+        return None
+    if config.search.repeats == 1 or config.data.test:
+        return moments["sem"]
+    return moments["std"] * math.sqrt(1 / n + test_train_ratio(config))
 
 
 def test_train_ratio(config: Config) -> float:
@@ -138,6 +149,12 @@ def _best(complete: list[LambdaStats], prefer: str) -> tuple[LambdaStats, list[f
     return _preferred(tied, prefer), sorted(s.e_lambda for s in tied)
 
 
+def reaches(mean: float, threshold: float) -> bool:
+    """Whether ``mean`` reaches the one-SE ``threshold``, equal within TIE_TOLERANCE (float
+    rounding must not decide: a mean equal to the threshold in exact arithmetic reaches it)."""
+    return mean >= threshold - TIE_TOLERANCE
+
+
 def verdict(chosen: LambdaStats, baseline: LambdaStats | None, threshold: float, ratio: float) -> dict:
     """The chosen lambda against the baseline, in one word and one line: "helps" or "hurts"
     (the corrected t-test over shared folds, two-sided p < ALPHA), else "no difference" (not
@@ -156,7 +173,7 @@ def verdict(chosen: LambdaStats, baseline: LambdaStats | None, threshold: float,
         word = "helps" if test["diff"] > 0 else "hurts"
     return {"verdict": word, "e_lambda": chosen.e_lambda, "diff": test["diff"], "p": test["p"],
             "folds": test["folds"], "alpha": ALPHA, "reason": test["reason"],
-            "baseline_within_one_se": baseline.mean >= threshold}
+            "baseline_within_one_se": reaches(baseline.mean, threshold)}
 
 
 def _verdict_p(v: dict) -> str:
@@ -213,7 +230,7 @@ def select(status: StudyStatus, prefer: str = "larger", table: list[LambdaStats]
         return result
     best, tied = _best(complete, prefer)
     threshold = best.mean - (best.sem or 0.0)
-    near = [s for s in complete if s.mean >= threshold]
+    near = [s for s in complete if reaches(s.mean, threshold)]
     one_se = _preferred(near, prefer)
     result["best"] = {"e_lambda": best.e_lambda, "mean": best.mean, "std": best.std, "sem": best.sem, "tied": tied}
     result["one_se"] = {"e_lambda": one_se.e_lambda, "mean": one_se.mean, "std": one_se.std, "sem": one_se.sem,
