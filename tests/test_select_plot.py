@@ -3,8 +3,8 @@ computed by hand; the drawing; the CLI; the notebook run top to bottom."""
 
 import json
 import math
-import statistics
 import os
+import statistics
 from pathlib import Path
 
 import pytest
