@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 
 __all__ = ["ConfigError", "Config", "StudySection", "SearchSection", "DataSection", "ModelSection", "TrainConfig",
            "SECTIONS", "study_name_ok", "final_parts", "check_lambda", "E_LAMBDA_MIN", "E_LAMBDA_MAX",
-           "FINAL_SUFFIX"]
+           "FINAL_SUFFIX", "ROOT_IS_DATA"]
 
 # The smallest lambda: the smallest normal float32, float(torch.finfo(torch.float32).tiny)
 # (written out: this module imports no torch). SimAM computes in float32; below it lambda is
@@ -187,6 +187,7 @@ class SearchSection(_Section):
 DEFAULT_TEST_FRACTION = 0.2
 HELD_OUT_TEST = ("digits", "synthetic")
 OWN_TEST = ("cifar10", "cifar100", "imagefolder")  # (an unknown name is refused where the data set is loaded)
+ROOT_IS_DATA = ("imagefolder",)  # data sets whose data.root says which images, not only where they lie
 # where each data set's test split comes from: its own files, or held out (data.test_fraction)
 TEST_SPLITS = {"cifar10": "the official test batch (test_batch)", "cifar100": "the official test batch (test)",
                "imagefolder": "the val/ folder beside train/ (else test/)", "digits": None, "synthetic": None}

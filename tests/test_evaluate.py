@@ -20,7 +20,7 @@ from lambda_search.cli import main
 from lambda_search.data import datasets as _data
 from lambda_search.data import folds as _folds
 from lambda_search.report import select as _select
-from lambda_search.search.evaluate import final_config
+from lambda_search.search.columns import final_config
 from lambda_search.store import status as _status
 from lambda_search.train import plan as _objective
 

@@ -93,7 +93,7 @@ def test_what_a_strategy_asks_for_is_checked_in_one_place(tiny_config):
     import numpy as np
 
     from lambda_search.points import Point
-    from lambda_search.search.evaluate import final_config
+    from lambda_search.search.columns import final_config
     from lambda_search.strategy import asked_points
 
     config = ls.load_config(tiny_config(lambdas=LAMBDAS), ["search.strategy='toy_strategies:Refine'"])

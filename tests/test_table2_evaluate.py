@@ -13,16 +13,18 @@ from pathlib import Path
 
 import optuna
 import pytest
+from PIL import Image
 
 import lambda_search as ls
 from lambda_search.cli import main
 from lambda_search.config import final_parts, study_name_ok
-from lambda_search.report.evaluation import format_table2, holm_correction
+from lambda_search.report.evaluation import asked_table, format_table2, holm_correction
 from lambda_search.report.evaluation_plot import evaluation_figure_data
-from lambda_search.search.evaluate import column_name, final_config, other_data
+from lambda_search.search.columns import data_tag, final_config, other_data, searched_data
 from lambda_search.train import plan as _plan
 
 from conftest import SCRIPT, poll, write_config
+from test_data import write_tree
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "studies" / "quickstart.toml"
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "figure4.ipynb"
@@ -31,27 +33,50 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "figure4.ipynb"
 # ---------------------------------------------------------------- names and data, without training
 
 
+def _tag(config, data):
+    return data_tag(_plan.make_plan(final_config(config, 1e-4, 1, data=data, tag="probe")))
+
+
 def test_each_network_and_data_set_has_a_name_of_its_own(tmp_path):
     config = ls.load_config(write_config(tmp_path))  # synthetic 8 px, resnet20
     digits = other_data(config, ["data.dataset=digits"])
-    names = {(n, d): final_config(config, 1e-4, 2, n, d).study.name
+    tag = _tag(config, digits)
+    assert tag.startswith("digits-") and len(tag) == len("digits-") + 6
+    names = {(n, d): final_config(config, 1e-4, 2, n, d, tag if d else None).study.name
              for n in ("resnet20", "preresnet20", "tests.toy_networks:build") for d in (None, digits)}
     assert names[("resnet20", None)] == "tiny:final"  # the searched network and data: as before
     assert names[("preresnet20", None)] == "tiny:final:preresnet20"
     assert names[("tests.toy_networks:build", None)] == "tiny:final:tests.toy_networks.build"
-    assert names[("preresnet20", digits)].startswith("tiny:final:preresnet20@digits-")
+    assert names[("preresnet20", digits)] == f"tiny:final:preresnet20@{tag}"
+    assert names[("resnet20", digits)] == f"tiny:final:resnet20@{tag}"
     assert len(set(names.values())) == len(names)  # no two alike
     for name in names.values():  # reserved: a final evaluation's name, never a user's
         assert final_parts(name)[0] == "tiny" and study_name_ok(name)
-    again = final_config(config, 1e-4, 2, "preresnet20", other_data(config, ["data.dataset=digits"]))
-    assert again.study.name == names[("preresnet20", digits)]  # one name for one (network, data set)
-    moved = other_data(config, ["data.dataset=digits", "data.root=/elsewhere"])
-    assert final_config(config, 1e-4, 2, "preresnet20", moved).study.name == again.study.name  # where: no matter
-    ckpt = Path(again.study.checkpoint_dir)
-    assert ckpt.name == f"tiny-final-{final_parts(again.study.name)[1]}.ckpt"
+    assert Path(final_config(config, 1e-4, 2, "preresnet20", digits, tag).study.checkpoint_dir).name == (
+        f"tiny-final-preresnet20@{tag}.ckpt")
     assert final_parts("tiny:final:preresnet20:baseline") is None and final_parts("tiny") is None
     with pytest.raises(ls.ConfigError, match="study.name ending in ':final' is a final evaluation's"):
         ls.load_config(write_config(tmp_path), ["study.name=x:final:preresnet20"])
+
+
+def test_a_data_sets_tag_is_of_its_images_not_of_how_they_were_named(tmp_path):
+    """Two image folders never share a column; 61 and 61.0 name the same images."""
+    config = ls.load_config(write_config(tmp_path))
+    noisy = [other_data(config, [f"data.options.noise={v}"]) for v in ("61", "61.0", "62")]
+    assert not any(searched_data(config, d) for d in noisy)
+    tags = [_tag(config, d) for d in noisy]
+    assert tags[0] == tags[1] != tags[2] and tags[0].startswith("synthetic-")
+    moved = other_data(config, ["data.dataset=synthetic", "data.root=/elsewhere"])  # where it lies: the searched
+    assert searched_data(config, moved) and moved.root == "/elsewhere"
+    for name in ("a", "b"):
+        write_tree(tmp_path / name)
+        shutil.copytree(tmp_path / name / "train", tmp_path / name / "val")  # ImageNet's layout: train/ and val/
+    Image.new("RGB", (20, 24), (9, 0, 0)).save(tmp_path / "b" / "train" / "emu" / "0.jpg")  # b: another image
+    folders = [other_data(config, ["data.dataset=imagefolder", f"data.root={tmp_path / n}",
+                                   "data.options.resolution=8"]) for n in ("a", "b")]
+    assert not searched_data(config, folders[0])
+    a, b = (_tag(config, d) for d in folders)
+    assert a != b and a.startswith("imagefolder-")
 
 
 def test_other_data_takes_that_data_sets_defaults(tmp_path):
@@ -63,7 +88,6 @@ def test_other_data_takes_that_data_sets_defaults(tmp_path):
     assert (cifar.dataset, cifar.test_fraction, cifar.root) == ("cifar10", None, "/data")
     same = other_data(config, ["data.options.num_samples=60"])  # the searched data set, other options
     assert same.options["num_samples"] == 60 and same.options["image_size"] == 8
-    assert column_name(config, final_config(config, 1e-4, 1, None, same)).startswith("resnet20@synthetic-")
     for bad in ("data.folds=3", "data.holdout=0.1", "data.test=true"):
         with pytest.raises(ls.ConfigError, match=f"--set {bad.split('=')[0]}: a final evaluation trains on every"):
             other_data(config, [bad])
@@ -77,12 +101,13 @@ def test_holm_correction():
     assert holm_correction([]) == [] and holm_correction([None]) == [None]
 
 
-def _column(model, dataset, base, simam, p):
+def _column(model, dataset, base, simam, p, tag=None):
     arm = lambda name, seeds: {"network": name, "seeds": seeds, "seed_states": ["complete"] * len(seeds),  # noqa: E731
                                "mean": sum(seeds) / len(seeds), "std": 0.01, "complete": len(seeds), "diverged": 0,
                                "test_images": 100, "e_lambda": 1e-4 if name == "simam" else None}
     diff = sum(simam) / len(simam) - sum(base) / len(base)
     return {"model": model, "dataset": dataset, "test_split": "its own", "column": model, "seeds": len(base),
+            "data_tag": tag, "data_label": dataset if tag is None else f"{dataset} (root=/c10)",
             "networks": [arm("simam", simam), arm("none", base)], "complete": 2 * len(base), "total": 2 * len(base),
             "finished": True, "difference": {"diff": diff, "t": 1.0, "p": p, "seeds": len(base), "reason": None}}
 
@@ -90,19 +115,20 @@ def _column(model, dataset, base, simam, p):
 def test_the_table_has_the_papers_shape():
     columns = [_column("resnet20", "cifar100", [0.68, 0.69], [0.70, 0.71], 0.02),
                _column("preresnet20", "cifar100", [0.68, 0.69], [0.68, 0.70], 0.5),
-               _column("resnet20", "cifar10", [0.91, 0.92], [0.92, 0.93], 0.01)]
+               _column("resnet20", "cifar10", [0.91, 0.92], [0.92, 0.93], 0.01, tag="cifar10-abcdef")]
     table = {"study": "s", "e_lambda": 1e-4, "chosen_by": "chosen by the one-SE rule (prefer larger)",
              "columns": columns, "correction": None, "complete": 12, "total": 12, "finished": True}
     text = format_table2(table)
     lines = text.splitlines()
     assert lines[0].startswith("final evaluation of study 's': test accuracy % (mean +- std over seeds, ddof=1)")
-    cifar100 = lines.index("cifar100 (100 test images: its own)")
+    cifar100 = lines.index("cifar100: 100 test images (its own)")
     assert lines[cifar100 + 1].split() == ["ResNet-20", "PreResNet-20"]
     assert lines[cifar100 + 2].split() == ["baseline", "68.50", "+-", "1.00", "68.50", "+-", "1.00"]
     assert lines[cifar100 + 3].split()[:4] == ["+", "SimAM", "(1e-04)", "70.50"]
     assert lines[cifar100 + 4].split() == ["difference", "(pp)", "+2.00", "+0.50"]
     assert lines[cifar100 + 5].split() == ["p", "(paired", "t)", "0.020", "0.500"]
-    assert "cifar10 (100 test images: its own)" in lines and "p (Holm)" not in text
+    assert "cifar10 (root=/c10): 100 test images (its own)" in lines and "p (Holm)" not in text
+    assert "diverged" not in text and lines[cifar100 + 6].split() == ["seeds", "paired", "2", "of", "2", "2", "of", "2"]
     assert "not corrected across the 3 columns with a p (--holm corrects them)" in text
     for c, p in zip(columns, holm_correction([0.02, 0.5, 0.01])):
         c["difference"]["p_holm"] = p
@@ -110,9 +136,24 @@ def test_the_table_has_the_papers_shape():
     assert [ln.split()[2:] for ln in text.splitlines() if ln.startswith("p (Holm)")] == [["0.040", "0.500"], ["0.030"]]
     figure = evaluation_figure_data({**table, "correction": "holm"})
     assert [p["title"] for p in figure["panels"]] == ["ResNet-20, cifar100", "PreResNet-20, cifar100",
-                                                      "ResNet-20, cifar10"]
+                                                      "ResNet-20, cifar10 (root=/c10)"]
     assert figure["panels"][0]["baseline"]["seeds"] == [68.0, 69.0] and figure["panels"][0]["note"] == (
         "+2.00 pp, p = 0.040 (Holm)")
+    simam = columns[1]["networks"][0]  # a diverged seed, and a column without a baseline
+    simam.update(seeds=[0.68, None], seed_states=["complete", "diverged"], diverged=1, mean=0.68, std=None)
+    columns[1]["difference"].update(seeds=1, p=None, diff=None)
+    del columns[2]["networks"][1]
+    columns[2]["difference"] = None
+    lines = format_table2({**table, "correction": None}).splitlines()
+    assert [ln.split()[1:] for ln in lines if ln.startswith("diverged ")] == [["0", "1"], ["0"]]
+    assert [ln.split()[2:] for ln in lines if ln.startswith("seeds paired")] == [
+        ["2", "of", "2", "1", "of", "2"], ["-", "(no", "baseline)"]]
+    assert lines[-1].startswith("diverged: trainings with a non-finite loss; means are over the other seeds")
+    assert "columns with a p" not in "\n".join(lines)  # one p left: nothing to correct across
+    asked = asked_table(None, "s", ["s:final", "s:final:preresnet20"])
+    assert asked["finished"] is False and asked["not_started"] == ["s:final", "s:final:preresnet20"]
+    assert format_table2(asked).endswith("no training made yet (interrupted before the first): run the same "
+                                         "command to go on")
 
 
 # ---------------------------------------------------------------- the quickstart's digits, end to end
@@ -186,7 +227,7 @@ def test_networks_killed_and_resumed_train_each_network_seed_and_arm_once(quick,
     assert {n: len(_trials(url, n)) for n in before} == before
     out = result.stdout
     table_text = out[out.index("final evaluation of study 'quick': test accuracy"):]
-    assert "digits (360 test images" in table_text and "p (Holm)" in table_text
+    assert "digits: 360 test images" in table_text and "p (Holm)" in table_text
     assert table_text.splitlines()[3].split() == ["ResNet-20", "PreResNet-20"]
     assert f"figure: {folder / 'quick-evaluation.png'}" in out
 
@@ -227,3 +268,16 @@ def test_evaluate_refuses_before_storing_anything(quick, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (extra, err)
         assert ls.open_store(url).study_names() == names, extra  # nothing stored
+
+
+@pytest.mark.slow
+def test_a_run_stopped_before_a_column_says_so(quick, capsys):
+    """Stopped (Ctrl-C) before its first new column: the table says what was asked and not
+    started, and is not finished; nothing of it is stored."""
+    url, _ = quick
+    names = ls.open_store(url).study_names()
+    table = ls.run_evaluation(url, "quick", seeds=2, networks=["resnet32"], log=lambda s: None,
+                              should_stop=lambda: True)
+    assert table["not_started"] == ["quick:final:resnet32"] and table["finished"] is False
+    assert ls.open_store(url).study_names() == names
+    assert "1 column asked for not started yet: quick:final:resnet32" in format_table2(table)

@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from .. import __version__
-from ..config import ConfigError
+from ..config import ConfigError, final_parts
 from ..configfile import load_config
 from ..report.evaluation import format_evaluation, format_table2, read_evaluation, read_evaluations
 from ..report.evaluation_plot import evaluation_plot_path, plot_evaluation
@@ -188,22 +188,29 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(one or table, indent=1))
     else:
         print("\n" + (format_evaluation(one) if one else format_table2(table)))
-        print("\n" + "\n".join(f"figure: {path}" for path in figures))
+        print("".join(f"\nfigure: {path}" for path in figures))
     if stop():
         return _interrupted(stop)
     return 0 if table["finished"] else 1
 
 
 def _one_column(table: dict | None) -> dict | None:
-    """The evaluation of the searched network and data where it is the only one (shown with
-    its seeds and cross-validated accuracies); else None (shown as the paper's Table 2)."""
-    if table and len(table["columns"]) == 1 and table["columns"][0]["column"] is None:
-        return table["columns"][0]
-    return None
+    """The evaluation of the searched network and data, shown with its seeds and cross-validated
+    accuracies, where it is what was asked for (``evaluate`` without --networks or data.*) or,
+    for a reading command, all there is; else None (the table is shown as the paper's Table 2)."""
+    if not table:
+        return None
+    searched = next((c for c in table["columns"] if c["column"] is None), None)
+    asked = table.get("asked")
+    if asked is not None:
+        return searched if len(asked) == 1 and final_parts(asked[0])[1] is None else None
+    return searched if len(table["columns"]) == 1 else None
 
 
 def _evaluation_figures(args: argparse.Namespace, table: dict) -> list:
     """The study's figures after an evaluation: the evaluation's, and Figure 4 with its test marks."""
+    if not table["columns"]:
+        return []
     store = open_store(_url(args))
     status = study_status(store, args.study)
     search_plot = default_plot_path(status)

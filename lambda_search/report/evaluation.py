@@ -5,7 +5,8 @@ that ``lambda_search.search.evaluate`` runs), as the paper's Table 2 shows it. N
 
 from __future__ import annotations
 
-from ..config import HELD_OUT_TEST, TEST_SPLITS, DataSection, final_parts
+from ..config import HELD_OUT_TEST, ROOT_IS_DATA, TEST_SPLITS, Config, DataSection, final_parts
+from ..configfile import IDENTITY_EXEMPT, config_diff
 from ..nn.registry import MODEL_LABELS
 from ..points import format_lambda, summarize
 from ..store.status import (
@@ -19,7 +20,8 @@ from ..store.status import (
 from ..store.storage import Store
 from .select import corrected_t_test, lambda_stats
 
-__all__ = ["read_evaluation", "read_evaluations", "format_evaluation", "format_table2", "holm_correction", "plural"]
+__all__ = ["read_evaluation", "read_evaluations", "asked_table", "format_evaluation", "format_table2",
+           "holm_correction", "column_arm", "plural"]
 
 
 def _network(final: StudyStatus, attention: str) -> dict:
@@ -67,6 +69,25 @@ def read_evaluations(store: Store, name: str, holm: bool = False) -> dict | None
             "total": sum(c["total"] for c in columns), "finished": all(c["finished"] for c in columns)}
 
 
+def _data_label(search: Config, final: Config) -> str:
+    """The data set of a final evaluation, and what of its data section differs from the search's."""
+    exempt = IDENTITY_EXEMPT - {"data.root"} if final.data.dataset in ROOT_IS_DATA else IDENTITY_EXEMPT
+    diffs = [f"{k[5:]}={v}" for k, _, v in config_diff(search, final, exempt)
+             if k.startswith("data.") and k not in ("data.test", "data.dataset") and v is not None]
+    return final.data.dataset + (f" ({', '.join(diffs)})" if diffs else "")
+
+
+def asked_table(table: dict | None, name: str, asked: list[str]) -> dict:
+    """``table`` (:func:`read_evaluations`, None where nothing is made yet) with what a run asked
+    for: ``asked`` (final study names), and ``not_started``, those of them not made yet (the
+    run was interrupted before them), which leave the table unfinished."""
+    table = table or {"study": name, "e_lambda": None, "chosen_by": None, "columns": [], "correction": None,
+                      "complete": 0, "total": 0, "finished": True}
+    made = {c["final_study"] for c in table["columns"]}
+    missing = [n for n in asked if n not in made]
+    return {**table, "asked": asked, "not_started": missing, "finished": table["finished"] and not missing}
+
+
 def holm_correction(ps: list) -> list:
     """Holm's step-down adjusted p-values of ``ps`` (None stays None, and is not counted)."""
     order = sorted((p, i) for i, p in enumerate(ps) if p is not None)
@@ -95,7 +116,10 @@ def _column(store: Store, name: str, fname: str) -> dict:
         pair = corrected_t_test(a, b, 0.0)  # n_test/n_train = 0: the plain paired t-test over seeds
         pair["reason"] = pair["reason"] and pair["reason"].replace("fold", "seed")
     config = final.config
-    return {"study": name, "final_study": fname, "column": final_parts(fname)[1],
+    column = final_parts(fname)[1]
+    return {"study": name, "final_study": fname, "column": column,
+            "data_tag": column.split("@", 1)[1] if column and "@" in column else None,
+            "data_label": _data_label(study_status(store, name).config, config),
             "e_lambda": config.search.lambdas[0], "chosen_by": attrs.get("chosen_by"),
             "seeds": config.search.repeats, "model": config.model.name, "dataset": config.data.dataset,
             "test_split": _test_split(config.data), "networks": networks,
@@ -160,7 +184,8 @@ def format_evaluation(ev: dict) -> str:
 TABLE_WIDTH = 110  # a block's columns wrap past this many characters
 
 
-def _arm(column: dict, attention: str) -> dict | None:
+def column_arm(column: dict, attention: str) -> dict | None:
+    """The arm of a column (``read_evaluations``): "simam" or "none" (the baseline), or None."""
     return next((n for n in column["networks"] if n["network"] == attention), None)
 
 
@@ -170,58 +195,71 @@ def _cell(arm: dict | None) -> str:
     return _pct(arm["mean"]) + (f" +- {_pct(arm['std'])}" if arm["std"] is not None else "")
 
 
-def _table2_cells(column: dict, correction: str | None) -> list[str]:
+def _table2_cells(column: dict, correction: str | None, diverged: bool) -> list[str]:
     """One column of the table: the baseline, SimAM, their difference, its p, the seeds."""
     d = column["difference"] or {}
     p = "-" if d.get("p") is None else f"{d['p']:.3f}"
-    cells = [_cell(_arm(column, "none")), _cell(_arm(column, "simam")),
+    cells = [_cell(column_arm(column, "none")), _cell(column_arm(column, "simam")),
              "-" if d.get("diff") is None else f"{100 * d['diff']:+.2f}", p]
     if correction:
         cells.append("-" if d.get("p_holm") is None else f"{d['p_holm']:.3f}")
-    arms = len(column["networks"])
-    return cells + [f"{d.get('seeds', 0) if arms == 2 else column['complete']} of {column['seeds']}"]
+    if diverged:
+        cells.append(str(sum(n["diverged"] for n in column["networks"])))
+    paired = f"{d.get('seeds', 0)} of {column['seeds']}" if len(column["networks"]) == 2 else "- (no baseline)"
+    return cells + [paired]
 
 
 def _blocks(table: dict) -> list[list[dict]]:
-    """The columns by data set (in order of appearance), each wrapped to TABLE_WIDTH."""
+    """The columns by data set (the searched one, then each other, in order of appearance),
+    each wrapped to TABLE_WIDTH."""
     by_data: dict = {}
     for c in table["columns"]:
-        by_data.setdefault((c["dataset"], c["test_split"]), []).append(c)
+        by_data.setdefault(c.get("data_tag"), []).append(c)
     blocks = []
+    per_line = max(1, (TABLE_WIDTH - 20) // 18)
     for columns in by_data.values():
-        width, block = 0, []
-        for c in columns:
-            if block and width + 18 > TABLE_WIDTH - 20:
-                blocks.append(block)
-                width, block = 0, []
-            block.append(c)
-            width += 18
-        blocks.append(block)
+        blocks += [columns[i:i + per_line] for i in range(0, len(columns), per_line)]
     return blocks
 
 
 def format_table2(table: dict) -> str:
     """Every final evaluation of a study in the shape of the paper's Table 2: rows the baseline
     and + SimAM, one column per network, a block per data set."""
+    if not table["columns"]:
+        return (f"final evaluation of study {table['study']!r}: no training made yet (interrupted before the first): "
+                "run the same command to go on")
     lam = format_lambda(table["e_lambda"])
+    diverged = any(n["diverged"] for c in table["columns"] for n in c["networks"])
     heads = ["baseline", f"+ SimAM ({lam})", "difference (pp)", "p (paired t)"]
-    heads += ["p (Holm)"] if table["correction"] else []
-    heads += ["seeds paired"]
+    heads += (["p (Holm)"] if table["correction"] else []) + (["diverged"] if diverged else []) + ["seeds paired"]
     lines = [f"final evaluation of study {table['study']!r}: test accuracy % (mean +- std over seeds, ddof=1), "
              f"lambda {lam} {table['chosen_by'] or 'evaluated'}; each network trained on every training image"]
     for block in _blocks(table):
         images = next((n["test_images"] for c in block for n in c["networks"] if n["test_images"]), None)
         tested = f"{images:,} test images" if images else "the test split"
-        lines += ["", f"{block[0]['dataset']} ({tested}: {block[0]['test_split']})"]
-        cells = [[MODEL_LABELS.get(c["model"], c["model"])] + _table2_cells(c, table["correction"]) for c in block]
+        lines += ["", f"{block[0].get('data_label', block[0]['dataset'])}: {tested} ({block[0]['test_split']})"]
+        cells = [[MODEL_LABELS.get(c["model"], c["model"])] + _table2_cells(c, table["correction"], diverged)
+                 for c in block]
         rows = [[""] + [c[0] for c in cells]] + [[h] + [c[i + 1] for c in cells] for i, h in enumerate(heads)]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
                   for r in rows]
+    return "\n".join(lines + _table2_notes(table, diverged))
+
+
+def _table2_notes(table: dict, diverged: bool) -> list[str]:
     n_p = sum((c["difference"] or {}).get("p") is not None for c in table["columns"])
-    lines += ["", "difference: SimAM - baseline; p: each column's own paired t-test over its seeds (two-sided), "
-              + (f"and Holm's step-down correction across the {n_p} columns with a p" if table["correction"] else
-                 f"not corrected across the {n_p} columns with a p (--holm corrects them)")]
+    across = ""
+    if n_p > 1:
+        across = (f", and Holm's step-down correction across the {n_p} columns with a p" if table["correction"] else
+                  f", not corrected across the {n_p} columns with a p (--holm corrects them)")
+    notes = ["", "difference: SimAM - baseline; p: each column's own paired t-test over its seeds (two-sided)" + across]
+    if diverged:
+        notes.append("diverged: trainings with a non-finite loss; means are over the other seeds, and a seed pairs "
+                     "only where both trainings finished")
+    if table.get("not_started"):
+        notes.append(f"{plural(len(table['not_started']), 'column')} asked for not started yet: "
+                     + ", ".join(table["not_started"]))
     if not table["finished"]:
-        lines.append(f"{table['complete']} of {table['total']} trainings complete: run the same command to go on")
-    return "\n".join(lines)
+        notes.append(f"{table['complete']} of {table['total']} trainings complete: run the same command to go on")
+    return notes

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..config import ConfigError
 from ..nn.registry import MODEL_LABELS
 from ..points import format_lambda
+from .evaluation import column_arm
 from .plot import PLOT_FORMATS
 
 __all__ = ["evaluation_figure_data", "draw_evaluation_figure", "plot_evaluation", "evaluation_plot_path"]
@@ -20,7 +21,7 @@ PANELS_PER_ROW = 4
 
 
 def _arm(column: dict, attention: str) -> dict | None:
-    arm = next((n for n in column["networks"] if n["network"] == attention), None)
+    arm = column_arm(column, attention)
     if arm is None:
         return None
     seeds = [None if a is None else 100 * a for a in arm["seeds"]]
@@ -38,7 +39,8 @@ def evaluation_figure_data(table: dict) -> dict:
         p = d.get("p_holm") if table["correction"] else d.get("p")
         note = "" if d.get("diff") is None else f"{100 * d['diff']:+.2f} pp" + (
             "" if p is None else f", p = {p:.3f}" + (" (Holm)" if table["correction"] else ""))
-        panels.append({"title": f"{MODEL_LABELS.get(c['model'], c['model'])}, {c['dataset']}", "note": note,
+        panels.append({"title": f"{MODEL_LABELS.get(c['model'], c['model'])}, {c.get('data_label', c['dataset'])}",
+                       "note": note,
                        "baseline": _arm(c, "none"), "simam": _arm(c, "simam"), "seeds": c["seeds"],
                        "finished": c["finished"]})
     return {"title": f"study {table['study']!r}: test accuracy, lambda = {format_lambda(table['e_lambda'])} "

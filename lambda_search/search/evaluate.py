@@ -10,24 +10,19 @@ runs exactly once under any workers and kills, resumes from its checkpoint, and 
 numerics, as a search's point does; a second ``evaluate`` trains nothing.
 
 The paper's Table 2 carries the chosen lambda to other networks and data sets: each (network,
-data set) is a companion study of its own, ``NAME:final:COLUMN`` (``column_name``), made and
+data set) is a companion study of its own, ``NAME:final:COLUMN`` (``search.columns``), made and
 run the same way; a study name of a user's holds no ':', so none can collide with one.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-from dataclasses import fields
-from pathlib import Path
 from typing import Callable
 
-from ..config import HELD_OUT_TEST, Config, ConfigError, DataSection, ModelSection, check_lambda, final_parts
-from ..configfile import parse_override, resolve_config
+from ..config import HELD_OUT_TEST, Config, ConfigError, DataSection, check_lambda, final_parts
+from ..configfile import parse_override
 from ..nn.registry import MODEL_LABELS, network_spec
 from ..points import format_lambda
-from ..report.evaluation import plural, read_evaluations
+from ..report.evaluation import asked_table, plural, read_evaluations
 from ..report.select import PREFER, select
 from ..store.status import (
     CONFIG_ATTR,
@@ -36,83 +31,15 @@ from ..store.status import (
     StudyError,
     StudyStatus,
     completed_config,
-    final_study_name,
     final_study_names,
     study_status,
 )
 from ..store.storage import Store, open_store
 from ..train.plan import make_plan
-from .study import resume_config, run_search
+from .columns import data_tag, final_config, other_data, searched_data
+from .study import check_resumable, resume_config, run_search
 
-__all__ = ["run_evaluation", "final_config", "column_name", "other_data", "FINAL_EVAL_EVERY"]
-
-FINAL_EVAL_EVERY = 2**31 - 1  # train.eval_every of a final training: past any budget, so only its end is tested
-
-
-def final_config(config: Config, e_lambda: float, seeds: int, network: str | None = None,
-                 data: DataSection | None = None) -> Config:
-    """The config of one final evaluation of study ``config``: the same budget, schedule and
-    optimiser; ``e_lambda`` alone (and the baseline where the search had one); ``seeds`` seeds;
-    every training image against the test split. Of the searched network on the searched
-    data (study ``NAME:final``, checkpoints in ``<checkpoint_dir>-final``), or of ``network``
-    and/or ``data`` (``NAME:final:COLUMN``, checkpoints in ``<checkpoint_dir>-final-COLUMN``).
-    Another network keeps the search's ResNet shortcut where it has that option."""
-    target = config
-    if network is not None and network != config.model.name:
-        allowed = network_spec(network).options.get("shortcut", ())
-        shortcut = config.model.shortcut if config.model.shortcut in allowed else ModelSection().shortcut
-        target = target.replace("model", name=network, shortcut=shortcut)
-    if data is not None and _data_identity(data) != _data_identity(config.data):
-        target = target.replace("data", **{f.name: getattr(data, f.name) for f in fields(data)})
-    column = column_name(config, target)
-    ckpt = config.study.checkpoint_dir
-    if ckpt is not None:
-        tail = "-final" + (f"-{column}" if column else "")
-        ckpt = str(Path(ckpt).with_name(Path(ckpt).stem + tail + Path(ckpt).suffix))
-    return (target.replace("study", name=final_study_name(config.study.name, column), checkpoint_dir=ckpt)
-            .replace("search", lambdas=(float(e_lambda),), repeats=seeds, strategy="grid")  # the chosen lambda only
-            .replace("data", test=True).replace("train", eval_every=FINAL_EVAL_EVERY))
-
-
-def _data_identity(data: DataSection) -> dict:
-    """What of a data section decides a final training's images: not where they lie."""
-    return {k: v for k, v in dataclasses.asdict(data).items() if k not in ("root", "download", "test")}
-
-
-def column_name(search: Config, target: Config) -> str | None:
-    """The column of ``target`` (a network and data set) in study ``search``'s final evaluation:
-    None for the searched network and data; else the network (``:`` of a user's
-    ``module:function`` made ``.``), and ``@<data set>-<hash of its data section>`` where the
-    data differ: one name for one (network, data), and no two alike."""
-    network = target.model.name.replace(":", ".") if target.model != search.model else ""
-    data = ""
-    if _data_identity(target.data) != _data_identity(search.data):
-        digest = hashlib.sha256(json.dumps(_data_identity(target.data), sort_keys=True).encode()).hexdigest()
-        data = f"@{target.data.dataset}-{digest[:6]}"
-    if not network and not data:
-        return None
-    return (network or search.model.name.replace(":", ".")) + data
-
-
-def other_data(config: Config, overrides) -> DataSection | None:
-    """The data set ``--set data.KEY=VALUE`` overrides name (None where they name none): the
-    searched data with them, or, for another ``data.dataset``, that data set's defaults with
-    them (the search's data.seed kept). data.test is evaluate's own; folds mean nothing here."""
-    given = [parse_override(o) for o in overrides]
-    data = {key: value for section, key, value in given if section == "data"}
-    for key in ("test", "folds", "holdout"):
-        if key in data:
-            raise ConfigError(f"--set data.{key}: a final evaluation trains on every training image and tests on the "
-                              f"test split; data.{key} means nothing to it (give the data set: data.dataset, "
-                              "data.root, data.options...)")
-    if not set(data) - {"root", "download"}:
-        return None  # (where the searched data lie: a change of where it runs, as resume takes)
-    base = config.to_dict()["data"]
-    if data.get("dataset", config.data.dataset) != config.data.dataset:
-        base = {"seed": config.data.seed}
-    texts = [o for o, (section, _, _) in zip(overrides, given) if section == "data"]
-    return resolve_config({**config.to_dict(), "data": base}, texts, origin="--set").data
-
+__all__ = ["run_evaluation"]
 
 def _check(seeds: int, e_lambda: float | None, prefer: str, networks) -> None:
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
@@ -139,11 +66,10 @@ def _evaluable(status: StudyStatus) -> None:
                          f"complete): finish it first (lambda-search resume --storage URL --study {status.name})")
 
 
-def _testable(final: Config, search: str, searched_data: bool) -> None:
+def _testable(data: DataSection, search: str, searched: bool) -> None:
     """Refuse a final evaluation with no image to test on."""
-    data = final.data
     if data.dataset in HELD_OUT_TEST and not data.test_fraction:
-        if searched_data:
+        if searched:
             raise StudyError(f"study {search!r} cross-validated on every image of {data.dataset!r} "
                              "(data.test_fraction = 0, or a study made before it existed): no image is left to test "
                              "on; run a new search with data.test_fraction > 0")
@@ -187,16 +113,16 @@ def _check_final(store: Store, name: str, final: str, e_lambda: float, seeds: in
 
 def _finals(store: Store, status: StudyStatus, config: Config, lam: float, seeds: int, networks,
             data: DataSection | None) -> list[Config]:
-    """Every final evaluation asked for, each checked (its data and network loaded) before any
-    is stored or trained."""
-    finals = [final_config(config, lam, seeds, network, data) for network in networks or [config.model.name]]
+    """Every final evaluation asked for, each checked (its data and network loaded, a column
+    made before against it) before any is stored or trained."""
+    _testable(data or config.data, status.name, data is None)
+    if data is None:
+        _same_data(store, status.name, config)
+    tag = data_tag(make_plan(final_config(config, lam, 1, data=data, tag="probe"))) if data is not None else None
+    finals = [final_config(config, lam, seeds, network, data, tag) for network in networks or [config.model.name]]
     for final in finals:
-        searched = _data_identity(final.data) == _data_identity(config.data)
-        _testable(final, status.name, searched)
         _check_final(store, status.name, final.study.name, lam, seeds)
-        if searched:
-            _same_data(store, status.name, config)
-        make_plan(final)  # the data set, the network and its smallest input, every value
+        check_resumable(store, final, make_plan(final))  # the data set, the network, its smallest input, every value
     return finals
 
 
@@ -219,6 +145,8 @@ def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | Non
     status = study_status(store, name)
     data = other_data(status.config, overrides)
     config = resume_config(url, name, [o for o in overrides if data is None or parse_override(o)[0] != "data"])
+    if data is not None and searched_data(config, data):  # the searched data set, where the overrides say it lies
+        config, data = config.replace("data", root=data.root, download=data.download), None
     _evaluable(status)
     lam, how = _choice(status, e_lambda, prefer)
     finals = _finals(store, status, config, lam, seeds, networks, data)
@@ -232,4 +160,4 @@ def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | Non
         if should_stop is not None and should_stop():
             break
         run_search(final, workers=workers, log=log, progress=progress, should_stop=should_stop, attrs=chosen)
-    return read_evaluations(store, name, holm=holm)
+    return asked_table(read_evaluations(store, name, holm=holm), name, [f.study.name for f in finals])

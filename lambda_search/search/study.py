@@ -38,7 +38,7 @@ from ..train.plan import Plan, make_plan
 from .supervise import run_processes, worker_count
 from .worker import describe_pin, pin_numerics, run_worker, worker_config
 
-__all__ = ["create_or_resume", "run_search", "resume_config"]
+__all__ = ["create_or_resume", "check_resumable", "run_search", "resume_config"]
 
 
 def _versions() -> dict:
@@ -94,6 +94,14 @@ def create_or_resume(store: Store, config: Config, plan: Plan, attrs: dict | Non
         if not store.metric_named(name):  # made by an earlier version
             store.name_metric(name)
         return created
+
+
+def check_resumable(store: Store, config: Config, plan: Plan) -> None:
+    """Refuse, before anything is stored, what :func:`create_or_resume` would refuse: a study
+    of ``config``'s name made with another config or data."""
+    attrs = store.study_attrs(config.study.name)
+    if CONFIG_ATTR in attrs:
+        _check_same(config.study.name, attrs, _absolute(config), plan)
 
 
 def _add_attrs(store: Store, name: str, attrs: dict) -> None:
