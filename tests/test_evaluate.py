@@ -242,7 +242,7 @@ def test_evaluate_killed_mid_training_finishes_each_training_once(tmp_path, cli_
     url = f"sqlite:///{tmp_path / 'k.db'}"
     command = [str(SCRIPT), "evaluate", "--storage", url, "--study", "k", "--seeds", "2", "--workers", "1"]
     proc = subprocess.Popen(command, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ckpt = tmp_path / "k-final.ckpt" / "lambda-0.1-r0" / "r0f0.pt"
+    ckpt = tmp_path / "k.ckpt" / "final" / "lambda-0.1-r0" / "r0f0.pt"
     assert poll(ckpt.exists, timeout=240), proc.communicate()
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)

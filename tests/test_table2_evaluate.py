@@ -20,7 +20,8 @@ from lambda_search.cli import main
 from lambda_search.config import final_parts, study_name_ok
 from lambda_search.report.evaluation import asked_table, format_table2, holm_correction
 from lambda_search.report.evaluation_plot import evaluation_figure_data
-from lambda_search.search.columns import data_tag, final_config, other_data, searched_data
+from lambda_search.search.columns import data_tag, final_config, held_checkpoints, other_data, searched_data
+from lambda_search.store.status import CONFIG_ATTR
 from lambda_search.train import plan as _plan
 
 from conftest import SCRIPT, poll, write_config
@@ -52,11 +53,29 @@ def test_each_network_and_data_set_has_a_name_of_its_own(tmp_path):
     assert len(set(names.values())) == len(names)  # no two alike
     for name in names.values():  # reserved: a final evaluation's name, never a user's
         assert final_parts(name)[0] == "tiny" and study_name_ok(name)
-    assert Path(final_config(config, 1e-4, 2, "preresnet20", digits, tag).study.checkpoint_dir).name == (
-        f"tiny-final-preresnet20@{tag}.ckpt")
+    assert Path(final_config(config, 1e-4, 2, "preresnet20", digits, tag).study.checkpoint_dir).parts[-2:] == (
+        "tiny.ckpt", f"final-preresnet20@{tag}")
     assert final_parts("tiny:final:preresnet20:baseline") is None and final_parts("tiny") is None
     with pytest.raises(ls.ConfigError, match="study.name ending in ':final' is a final evaluation's"):
         ls.load_config(write_config(tmp_path), ["study.name=x:final:preresnet20"])
+
+
+def test_no_other_study_can_share_a_final_evaluations_checkpoints(tmp_path):
+    """The final evaluation checkpoints inside its search's folder: a study named X-final (its
+    folder X-final.ckpt) never shares it; a final study made by an earlier version keeps the
+    folder it was made with (<ckpt>-final), so its checkpoints resume."""
+    config = ls.load_config(write_config(tmp_path, name="x"))
+    other = ls.load_config(write_config(tmp_path, name="x-final"))
+    final = final_config(config, 1e-4, 2)
+    assert Path(final.study.checkpoint_dir) == Path(config.study.checkpoint_dir) / "final"
+    assert not Path(other.study.checkpoint_dir).is_relative_to(config.study.checkpoint_dir)
+    assert Path(final.study.checkpoint_dir) != Path(other.study.checkpoint_dir)
+    store = ls.open_store(config.study.storage, create=True)
+    assert held_checkpoints(store, final) == final  # none made yet
+    old = final.replace("study", checkpoint_dir=str(tmp_path / "x-final.ckpt"))
+    store.create_study(final.study.name)
+    store.set_study_attr(final.study.name, CONFIG_ATTR, old.to_dict())
+    assert held_checkpoints(store, final).study.checkpoint_dir == str(tmp_path / "x-final.ckpt")
 
 
 def test_a_data_sets_tag_is_of_its_images_not_of_how_they_were_named(tmp_path):
@@ -196,7 +215,7 @@ def test_networks_killed_and_resumed_train_each_network_seed_and_arm_once(quick,
     command = [str(SCRIPT), "evaluate", "--storage", url, "--study", "quick", "--seeds", "2", "--networks",
                "resnet20,preresnet20", "--workers", "1", "--set", "train.checkpoint_every_epochs=1"]
     proc = subprocess.Popen(command, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ckpt = folder / "quick-final-preresnet20.ckpt"  # killed in the second column, its first checkpoint written
+    ckpt = folder / "quick.ckpt" / "final-preresnet20"  # killed in the second column, its first checkpoint written
     assert poll(lambda: any(ckpt.glob("*/r0f0.pt")), timeout=300), proc.communicate()
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)

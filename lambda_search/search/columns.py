@@ -17,10 +17,11 @@ from ..configfile import parse_override, resolve_config
 from ..data.datasets import dataset_fingerprint
 from ..data.folds import folds_fingerprint
 from ..nn.registry import network_spec
-from ..store.status import final_study_name
+from ..store.status import CONFIG_ATTR, final_study_name
+from ..store.storage import Store
 from ..train.plan import Plan
 
-__all__ = ["final_config", "other_data", "data_tag", "searched_data", "FINAL_EVAL_EVERY"]
+__all__ = ["final_config", "held_checkpoints", "other_data", "data_tag", "searched_data", "FINAL_EVAL_EVERY"]
 
 FINAL_EVAL_EVERY = 2**31 - 1  # train.eval_every of a final training: past any budget, so only its end is tested
 
@@ -30,9 +31,11 @@ def final_config(config: Config, e_lambda: float, seeds: int, network: str | Non
     """The config of one final evaluation of study ``config``: the same budget, schedule and
     optimiser; ``e_lambda`` alone (and the baseline where the search had one); ``seeds`` seeds;
     every training image against the test split. Of the searched network on the searched
-    data (checkpoints in ``<checkpoint_dir>-final``), or of ``network`` and/or ``data`` (its
-    ``tag``, :func:`data_tag`; checkpoints in ``<checkpoint_dir>-final-COLUMN``). Another
-    network keeps the search's ResNet shortcut where it has that option."""
+    data (checkpoints in ``<checkpoint_dir>/final``), or of ``network`` and/or ``data`` (its
+    ``tag``, :func:`data_tag`; checkpoints in ``<checkpoint_dir>/final-COLUMN``): inside the
+    search's own folder, so that no other study's folder (``X-final.ckpt`` of a study named
+    ``X-final``) can be one. Another network keeps the search's ResNet shortcut where it has
+    that option."""
     target = config
     if network is not None and network != config.model.name:
         allowed = network_spec(network).options.get("shortcut", ())
@@ -45,12 +48,19 @@ def final_config(config: Config, e_lambda: float, seeds: int, network: str | Non
     network_part = target.model.name.replace(":", ".") if target.model != config.model else ""
     column = (network_part or config.model.name.replace(":", ".")) + f"@{tag}" if data is not None else network_part
     ckpt = config.study.checkpoint_dir
-    if ckpt is not None:
-        tail = "-final" + (f"-{column}" if column else "")
-        ckpt = str(Path(ckpt).with_name(Path(ckpt).stem + tail + Path(ckpt).suffix))
+    if ckpt is not None:  # inside the search's folder, beside its points' folders (lambda-*, baseline-*)
+        ckpt = str(Path(ckpt) / ("final" + (f"-{column}" if column else "")))
     return (target.replace("study", name=final_study_name(config.study.name, column or None), checkpoint_dir=ckpt)
             .replace("search", lambdas=(float(e_lambda),), repeats=seeds, strategy="grid")  # the chosen lambda only
             .replace("data", test=True).replace("train", eval_every=FINAL_EVAL_EVERY))
+
+
+def held_checkpoints(store: Store, final: Config) -> Config:
+    """``final`` with the checkpoint folder its study was made with, where it was made before
+    (a study made by an earlier version checkpoints in ``<checkpoint_dir>-final``: resumable)."""
+    held = store.study_attrs(final.study.name).get(CONFIG_ATTR)
+    folder = (held or {}).get("study", {}).get("checkpoint_dir")
+    return final.replace("study", checkpoint_dir=folder) if folder else final
 
 
 def other_data(config: Config, overrides) -> DataSection | None:

@@ -36,7 +36,7 @@ from ..store.status import (
 )
 from ..store.storage import Store, open_store
 from ..train.plan import make_plan
-from .columns import data_tag, final_config, other_data, searched_data
+from .columns import data_tag, final_config, held_checkpoints, other_data, searched_data
 from .study import check_resumable, resume_config, run_search
 
 __all__ = ["run_evaluation"]
@@ -112,7 +112,7 @@ def _check_final(store: Store, name: str, final: str, e_lambda: float, seeds: in
 
 
 def _finals(store: Store, status: StudyStatus, config: Config, lam: float, seeds: int, networks,
-            data: DataSection | None) -> list[Config]:
+            data: DataSection | None, moved: bool) -> list[Config]:
     """Every final evaluation asked for, each checked (its data and network loaded, a column
     made before against it) before any is stored or trained."""
     _testable(data or config.data, status.name, data is None)
@@ -120,6 +120,8 @@ def _finals(store: Store, status: StudyStatus, config: Config, lam: float, seeds
         _same_data(store, status.name, config)
     tag = data_tag(make_plan(final_config(config, lam, 1, data=data, tag="probe"))) if data is not None else None
     finals = [final_config(config, lam, seeds, network, data, tag) for network in networks or [config.model.name]]
+    if not moved:  # (--set study.checkpoint_dir moves them all)
+        finals = [held_checkpoints(store, final) for final in finals]
     for final in finals:
         _check_final(store, status.name, final.study.name, lam, seeds)
         check_resumable(store, final, make_plan(final))  # the data set, the network, its smallest input, every value
@@ -149,7 +151,8 @@ def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | Non
         config, data = config.replace("data", root=data.root, download=data.download), None
     _evaluable(status)
     lam, how = _choice(status, e_lambda, prefer)
-    finals = _finals(store, status, config, lam, seeds, networks, data)
+    moved = any(parse_override(o)[:2] == ("study", "checkpoint_dir") for o in overrides)
+    finals = _finals(store, status, config, lam, seeds, networks, data, moved)
     chosen = {EVALUATE_ATTR: {"e_lambda": lam, "chosen_by": how, "seeds": seeds}}  # stored before the first trial
     log(f"final evaluation of study {name!r}: lambda = {format_lambda(lam)}, {how}, and "
         f"{'the baseline' if config.search.baseline else 'no baseline (search.baseline = false)'}, "
