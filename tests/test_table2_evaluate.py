@@ -300,3 +300,27 @@ def test_a_run_stopped_before_a_column_says_so(quick, capsys):
     assert table["not_started"] == ["quick:final:resnet32"] and table["finished"] is False
     assert ls.open_store(url).study_names() == names
     assert "1 column asked for not started yet: quick:final:resnet32" in format_table2(table)
+
+
+@pytest.mark.slow
+def test_a_companion_study_is_not_read_as_a_search(quick, capsys):
+    """select, plot, export, status and resume read searches: given a final evaluation's study
+    (its seeds are no folds) or a baseline companion, each says what it is and which command
+    reads it, in one line, exit 2, and writes nothing."""
+    url, folder = quick
+    db = folder / "quick.db"
+    before = db.read_bytes()
+    for study, said in (("quick:final", "is a final evaluation of study 'quick' (made by `lambda-search evaluate`), "
+                                        "not a search that `{command}` reads: "),
+                        ("quick:final:preresnet20", "is a final evaluation of study 'quick'"),
+                        ("quick:baseline", "holds the baseline network's trials (no SimAM) of study 'quick', a "
+                                           "companion of it: read it with --study quick")):
+        for command, extra in (("select", []), ("plot", ["-o", str(folder / "c.png")]), ("status", []),
+                               ("export", ["--output", str(folder / "c.csv")]), ("resume", [])):
+            capsys.readouterr()
+            assert main([command, "--storage", url, "--study", study, *extra]) == 2, (command, study)
+            err = capsys.readouterr().err
+            assert said.format(command=command) in err and len(err.strip().splitlines()) == 1, err
+            hint = "goes on with it" if command == "resume" else "`lambda-search status --study quick` shows its table"
+            assert study == "quick:baseline" or hint in err
+    assert db.read_bytes() == before and not list(folder.glob("c.*"))

@@ -22,7 +22,7 @@ from ..report.plot import default_plot_path, plot_figure4
 from ..report.select import format_selection, nothing_selected, select
 from ..report.tables import export_tables, format_studies, status_table, table_text
 from ..store.failures import StorageError, StorageFailure
-from ..store.status import STORAGE_ENV, StudyError, list_studies, study_status
+from ..store.status import STORAGE_ENV, StudyError, check_search_name, list_studies, study_status
 from ..store.storage import open_store
 from . import parser as _parser
 
@@ -314,6 +314,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+READS_A_SEARCH = ("resume", "status", "select", "plot", "export")  # (a final evaluation's study is read by status)
 COMMANDS = {"search": _search, "resume": _resume, "evaluate": _evaluate, "worker": _worker, "bench": _bench,
             "studies": _studies, "status": _status, "select": _select, "plot": _plot, "export": _export,
             "models": _models}
@@ -336,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("lambda-search: error: a command is required (listed above)\n")
         return 2
     try:
+        if args.command in READS_A_SEARCH:
+            check_search_name(args.study, args.command)
         code = COMMANDS[args.command](args)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return code

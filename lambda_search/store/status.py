@@ -27,6 +27,7 @@ from .failures import failures
 from .storage import REASON_ATTR, Store
 
 __all__ = ["StudyError", "PointStatus", "StudyStatus", "baseline_study_name", "final_study_name", "final_study_names",
+           "check_search_name",
            "load_study_config",
            "study_status", "list_studies", "STORAGE_ENV"]
 
@@ -64,6 +65,17 @@ def final_study_names(store: Store, name: str) -> list[str]:
     return sorted(names, key=lambda n: (n != final_study_name(name), store.study_id(n)))
 
 
+def check_search_name(name: str, command: str) -> None:
+    """Refuse a final evaluation's study where ``command`` reads a search (its seeds are no
+    folds), saying which command reads it."""
+    parts = final_parts(name)
+    if parts is not None:
+        hint = (f"the same `lambda-search evaluate --study {parts[0]} ...` goes on with it" if command == "resume" else
+                f"`lambda-search status --study {parts[0]}` shows its table")
+        raise StudyError(f"study {name!r} is a final evaluation of study {parts[0]!r} (made by `lambda-search "
+                         f"evaluate`), not a search that `{command}` reads: {hint}")
+
+
 def load_study_config(store: Store, name: str) -> Config:
     """The resolved config stored in study ``name``."""
     if store.study_id(name) is None:
@@ -72,6 +84,10 @@ def load_study_config(store: Store, name: str) -> Config:
         raise StudyError(f"no study named {name!r} in {store.shown}; studies there: {there}")
     attrs = store.study_attrs(name)
     if CONFIG_ATTR not in attrs:
+        owner = name[: -len(":baseline")]
+        if name.endswith(":baseline") and CONFIG_ATTR in store.study_attrs(owner):
+            raise StudyError(f"study {name!r} holds the baseline network's trials (no SimAM) of study {owner!r}, a "
+                             f"companion of it: read it with --study {owner}")
         raise StudyError(f"study {name!r} in {store.shown} was not made by lambda_search (it has no stored config)")
     return completed_config(attrs[CONFIG_ATTR])
 
