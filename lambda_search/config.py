@@ -122,7 +122,8 @@ def _fractions(v):
 _INT, _BOOL = "an integer >= 1", "true or false"
 # a torch device as torch.device reads one (written out: no torch here); which of them train here is
 # checked where a plan is made (lambda_search.train.plan.check_device: the CPU and the GPUs there are)
-_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta|hpu|mtia|xla|lazy|hip|ipu|ve|fpga|maia|privateuseone)(:\d+)?")
+# (the CPU is one device: cpu, or torch's cpu:0; cpu:1 names none)
+_DEVICE = re.compile(r"cpu(:0)?|(cuda|mps|xpu|meta|hpu|mtia|xla|lazy|hip|ipu|ve|fpga|maia|privateuseone)(:\d+)?")
 
 
 class _Section:
@@ -274,7 +275,7 @@ class TrainConfig(_Section):
                                         lambda v: tuple(float(x) for x in v))  # of the step schedule
     gamma: float = key(0.1, _finite(0, True), "a finite number > 0", float)
     device: str = key("cpu", lambda v: isinstance(v, str) and bool(_DEVICE.fullmatch(v)),
-                      "a torch device such as 'cpu', 'cuda' or 'cuda:1'")
+                      "a torch device such as 'cpu', 'cuda' or 'cuda:1' (the CPU is one: 'cpu' or 'cpu:0')")
     amp: bool | None = key(None, _bool, "true or false (not set: on for CUDA)")  # bfloat16 autocast
     channels_last: bool | None = key(None, _bool, "true or false (not set: on)")
     compile: bool | None = key(None, _bool, "true or false (not set: on for CUDA)")  # torch.compile

@@ -133,7 +133,7 @@ def test_check_device_takes_the_cpu(device):
     check_device(device)
 
 
-@pytest.mark.parametrize("device", ["mps", "meta", "gpu", "", "cuda:x", None])
+@pytest.mark.parametrize("device", ["mps", "meta", "gpu", "", "cuda:x", None, "cpu:1"])
 def test_check_device_refuses_what_cannot_train(device):
     with pytest.raises(ConfigError) as info:
         check_device(device)

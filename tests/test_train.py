@@ -218,6 +218,7 @@ def test_the_papers_schedule():
         (dict(epochs=2, schedule="linear"), "schedule must be 'step' or 'cosine', got schedule='linear'"),
         (dict(epochs=2, milestones=(0.75, 0.5)), "milestones must be increasing fractions"),
         (dict(epochs=2, device="gpu"), "device must be a torch device"),
+        (dict(epochs=2, device="cpu:1"), r"\(the CPU is one: 'cpu' or 'cpu:0'\), got device='cpu:1'"),
     ],
 )
 def test_config_errors_name_the_value(kwargs, message):

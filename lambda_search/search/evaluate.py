@@ -63,7 +63,8 @@ def _evaluable(status: StudyStatus) -> None:
     """Refuse a study that is not finished."""
     if not status.finished:
         raise StudyError(f"study {status.name!r} is not finished ({status.complete} of {status.total} points "
-                         f"complete): finish it first (lambda-search resume --storage URL --study {status.name})")
+                         f"complete): finish it first (lambda-search resume --storage {status.storage} --study "
+                         f"{status.name})")
 
 
 def _testable(data: DataSection, search: str, searched: bool) -> None:

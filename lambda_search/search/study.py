@@ -126,7 +126,7 @@ def _check_adoptable(store: Store, name: str) -> None:
             shown = ", ".join(store.directions(study))
             raise StudyError(f"study {study!r} in {store.shown} was not made by lambda_search and its direction is "
                              f"{shown}, not maximize (lambda_search maximizes accuracy); choose another study.name or "
-                             f"delete it: optuna delete-study --study-name {study!r} --storage URL")
+                             f"delete it: optuna delete-study --study-name {study!r} --storage {store.shown}")
 
 
 def _check_same(name: str, attrs: dict, config: Config, plan: Plan) -> None:

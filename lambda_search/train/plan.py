@@ -58,7 +58,7 @@ def check_device(device: str) -> None:
         kind = torch.device(device).type
     except (RuntimeError, TypeError):
         kind = None
-    if kind not in ("cpu", "cuda"):
+    if kind not in ("cpu", "cuda") or (kind == "cpu" and torch.device(device).index not in (None, 0)):
         raise ConfigError(f"train.device must be 'cpu', 'cuda' or 'cuda:N', got train.device={device!r}")
     if kind == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
