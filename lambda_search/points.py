@@ -20,6 +20,12 @@ __all__ = ["Point", "PointStatus", "format_lambda", "grid_points", "fold_names",
 STD_DDOF = 1  # the standard deviation over folds is the sample one (n - 1)
 
 
+def signed_pp(fraction: float) -> str:
+    """A difference of accuracies (fractions) in percentage points, signed, to 2 decimals; one
+    that rounds to zero is +0.00, never -0.00."""
+    return f"{round(100 * fraction, 2) + 0.0:+.2f}"
+
+
 def format_lambda(value: float) -> str:
     """A lambda as people read it: the shortest scientific form (Python's ``e`` style, a
     two-digit exponent at least) that reads back as exactly ``value``: 1e-3 -> "1e-03",
@@ -61,8 +67,12 @@ class Point:
     def slug(self) -> str:  # a folder name
         return ("baseline" if self.baseline else f"lambda-{self.e_lambda!r}") + f"-r{self.repeat}"
 
-    def label(self) -> str:
+    def label(self, seeds: bool = False) -> str:
+        """How logs name the point: by its repeat in a search, by its seed (``seeds``) in a final
+        evaluation, where repeat N is seed N."""
         what = "baseline (no SimAM)" if self.baseline else f"lambda={format_lambda(self.e_lambda)}"
+        if seeds:
+            return f"{what} seed {self.repeat}"
         return what if self.repeat == 0 else f"{what} repeat {self.repeat}"
 
 

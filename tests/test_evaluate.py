@@ -140,6 +140,8 @@ def test_evaluate_trains_each_network_and_seed_once_and_reports_the_table(search
     ev = json.loads(out)  # stdout: the JSON alone; the progress went to stderr
     chosen = ls.select(ls.study_status(ls.open_store(url), "tiny"))["one_se"]["e_lambda"]
     assert "final evaluation of study 'tiny'" in err and ev["e_lambda"] == chosen
+    assert "lambda=" in err and " seed 1: test acc " in err and "trainings done" in err  # seeds, not folds
+    assert "val acc" not in err and "folds done" not in err
     assert ev["chosen_by"] == "chosen by the one-SE rule (prefer larger)" and ev["finished"]
     expected = _expected(config, chosen, 2)
     simam, base = ev["networks"]

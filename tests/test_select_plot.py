@@ -347,3 +347,12 @@ def test_the_standard_error_with_repeats_allows_for_their_overlap(holdout):
             assert s.sem == pytest.approx(std / math.sqrt(n))
         else:
             assert s.sem == pytest.approx(std * math.sqrt(1 / n + ratio))
+
+
+def test_a_difference_that_rounds_to_zero_is_never_minus_zero():
+    from lambda_search.points import signed_pp
+
+    assert [signed_pp(x) for x in (-1e-18, 0.0, -0.00004, 0.01234, -0.0049999)] == [
+        "+0.00", "+0.00", "+0.00", "+1.23", "-0.50"]
+    status = _hand({1e-1: [0.5, 0.6, 0.7], None: [0.5 + 1e-17, 0.6, 0.7]})
+    assert "-0.00" not in _select.format_selection(_select.select(status))

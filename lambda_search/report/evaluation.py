@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..config import HELD_OUT_TEST, ROOT_IS_DATA, TEST_SPLITS, Config, DataSection, final_parts
 from ..configfile import IDENTITY_EXEMPT, config_diff
 from ..nn.registry import MODEL_LABELS
-from ..points import format_lambda, summarize
+from ..points import format_lambda, signed_pp, summarize
 from ..store.status import (
     CONFIG_ATTR,
     EVALUATE_ATTR,
@@ -114,7 +114,7 @@ def _column(store: Store, name: str, fname: str) -> dict:
     if len(networks) == 2:
         a, b = ({f"s{i}": x for i, x in enumerate(n["seeds"]) if x is not None} for n in networks)
         pair = corrected_t_test(a, b, 0.0)  # n_test/n_train = 0: the plain paired t-test over seeds
-        pair["reason"] = pair["reason"] and pair["reason"].replace("fold", "seed")
+        pair["reason"] = pair["reason"] and pair["reason"].replace("fold", "seed").replace("corrected", "paired")
     config = final.config
     column = final_parts(fname)[1]
     return {"study": name, "final_study": fname, "column": column,
@@ -167,7 +167,7 @@ def format_evaluation(ev: dict) -> str:
     d = ev["difference"]
     if d and d["diff"] is not None:
         test = (f"t = {d['t']:.2f}, p = {d['p']:.3f}" if d["p"] is not None else d["reason"])
-        lines.append(f"SimAM - baseline: {100 * d['diff']:+.2f} pp (paired t-test over {plural(d['seeds'], 'seed')}: "
+        lines.append(f"SimAM - baseline: {signed_pp(d['diff'])} pp (paired t-test over {plural(d['seeds'], 'seed')}: "
                      f"{test})")
     elif len(ev["networks"]) == 1:
         lines.append("the study has no baseline (search.baseline = false): the lambda is evaluated alone")
@@ -200,7 +200,7 @@ def _table2_cells(column: dict, correction: str | None, diverged: bool) -> list[
     d = column["difference"] or {}
     p = "-" if d.get("p") is None else f"{d['p']:.3f}"
     cells = [_cell(column_arm(column, "none")), _cell(column_arm(column, "simam")),
-             "-" if d.get("diff") is None else f"{100 * d['diff']:+.2f}", p]
+             "-" if d.get("diff") is None else f"{signed_pp(d['diff'])}", p]
     if correction:
         cells.append("-" if d.get("p_holm") is None else f"{d['p_holm']:.3f}")
     if diverged:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..nn.registry import MODEL_LABELS
-from ..points import format_lambda
+from ..points import format_lambda, signed_pp
 from .evaluation import column_arm
 from .plot import PLOT_FORMATS
 
@@ -37,7 +37,7 @@ def evaluation_figure_data(table: dict) -> dict:
     for c in table["columns"]:
         d = c["difference"] or {}
         p = d.get("p_holm") if table["correction"] else d.get("p")
-        note = "" if d.get("diff") is None else f"{100 * d['diff']:+.2f} pp" + (
+        note = "" if d.get("diff") is None else f"{signed_pp(d['diff'])} pp" + (
             "" if p is None else f", p = {p:.3f}" + (" (Holm)" if table["correction"] else ""))
         panels.append({"title": f"{MODEL_LABELS.get(c['model'], c['model'])}, {c.get('data_label', c['dataset'])}",
                        "note": note,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from scipy import stats as _stats
 
 from ..config import Config, ConfigError
-from ..points import format_lambda, summarize
+from ..points import format_lambda, signed_pp, summarize
 from ..store.status import CHOSEN_ATTR, StudyStatus
 from ..store.storage import Store
 
@@ -188,7 +188,7 @@ def verdict_short(v: dict) -> str | None:
     if v is None or v["verdict"] is None:
         return None
     head = {"helps": "SimAM helps", "hurts": "SimAM hurts", "no difference": "no difference shown"}[v["verdict"]]
-    return f"{head}: {100 * v['diff']:+.2f} pp vs no SimAM ({_verdict_p(v)})"
+    return f"{head}: {signed_pp(v['diff'])} pp vs no SimAM ({_verdict_p(v)})"
 
 
 def verdict_text(v: dict) -> str:
@@ -196,10 +196,10 @@ def verdict_text(v: dict) -> str:
     (p = 0.031, 5 folds, alpha 0.05); the baseline is not within one SE of the best mean"."""
     if v["verdict"] is None:
         return f"verdict: none ({v['reason']})"
-    lam, diff = format_lambda(v["e_lambda"]), 100 * v["diff"]
-    head = {"helps": f"SimAM helps: lambda = {lam} beats the baseline by {diff:+.2f} pp",
-            "hurts": f"SimAM hurts: lambda = {lam} trails the baseline by {diff:+.2f} pp",
-            "no difference": f"no difference shown at these folds: lambda = {lam} vs the baseline {diff:+.2f} pp"}
+    lam, diff = format_lambda(v["e_lambda"]), signed_pp(v["diff"])
+    head = {"helps": f"SimAM helps: lambda = {lam} beats the baseline by {diff} pp",
+            "hurts": f"SimAM hurts: lambda = {lam} trails the baseline by {diff} pp",
+            "no difference": f"no difference shown at these folds: lambda = {lam} vs the baseline {diff} pp"}
     within = "within" if v["baseline_within_one_se"] else "not within"
     return (f"verdict: {head[v['verdict']]} ({_verdict_p(v)}, alpha {v['alpha']}); "
             f"the baseline is {within} one SE of the best mean")
@@ -274,8 +274,8 @@ def _p(test) -> str:
         return "n/a"
     if test["p"] is None:
         why = "(undefined*)" if "every fold" in (test["reason"] or "") else "(1 fold)"
-        return f"{100 * test['diff']:+.2f} {why}"
-    return f"{100 * test['diff']:+.2f} (p={test['p']:.3f})"
+        return f"{signed_pp(test['diff'])} {why}"
+    return f"{signed_pp(test['diff'])} (p={test['p']:.3f})"
 
 
 UNDEFINED_NOTE = ("* the same difference on every fold: the corrected t-test is undefined; more folds (data.folds) "

@@ -87,26 +87,32 @@ def _eta(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def _tell(store: Store, claim: Claim, outcome, names: list[str], checkpoint_dir, log) -> None:
+# what the logs call things: in a search (validation folds), in a final evaluation (a test per seed)
+WORDS = {False: {"acc": "val acc", "mean": "mean val acc", "done": "folds done",
+                 "kept": "finished folds and checkpoint"},
+         True: {"acc": "test acc", "mean": "test acc", "done": "trainings done", "kept": "checkpoint"}}
+
+
+def _tell(store: Store, claim: Claim, outcome, names: list[str], checkpoint_dir, log, test: bool) -> None:
     """Record how the point ended, then drop its checkpoints where it is done (complete, or
     diverged: a result, never retried)."""
     record_outcome(store, claim, outcome, names)
-    point, number = claim.point, claim.number
+    point, number, words = claim.point, claim.number, WORDS[test]
     if outcome.status == "completed":
         remove_checkpoints(checkpoint_dir, point)
         summary = outcome.summary
         std = f" +- {summary['std']:.4f}" if summary["std"] is not None else ""
-        log(f"trial {number} complete: {point.label()} mean val acc {summary['mean']:.4f}{std}")
+        log(f"trial {number} complete: {point.label(test)} {words['mean']} {summary['mean']:.4f}{std}")
     elif outcome.status == "diverged":
         remove_checkpoints(checkpoint_dir, point)
-        log(f"trial {number} FAILED: {point.label()} {outcome.reason}")
+        log(f"trial {number} FAILED: {point.label(test)} {outcome.reason}")
     else:
-        log(f"trial {number} interrupted: {point.label()}; finished folds and checkpoint kept")
+        log(f"trial {number} interrupted: {point.label(test)}; {words['kept']} kept")
 
 
 def _run_claim(store: Store, plan: Plan, claim: Claim, engines: Engines, *, checkpoint_dir, log, progress,
                should_stop, stats: dict, label: str, n_workers: int, pack: int = 1) -> str:
-    tid, point = claim.trial_id, claim.point
+    tid, point, test = claim.trial_id, claim.point, plan.config.data.test  # test: a final evaluation's seed
     names = fold_names(plan.config, point.repeat)
     epochs = None
     claim_done = sum(r.get("status") == "completed" for r in claim.done.values())
@@ -119,10 +125,10 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engines: Engines, *, chec
         total_folds = claim.folds_total  # as the study stood when the point was claimed, and this point since
         done_folds = claim.folds_done + sum(r["status"] == "completed" for r in records.values()) - claim_done
         eta = (total_folds - done_folds) * stats["seconds"] / stats["folds"] / max(1, n_workers)
-        acc = record["val_accuracy"]
-        shown = f"val acc {acc:.4f}" if acc is not None else record["status"]
-        log(f"{label}{point.label()} fold {fold.name}: {shown} in {record['seconds']:.1f} s | "
-            f"{done_folds}/{total_folds} folds done, ETA {_eta(eta)}")
+        acc, words = record["val_accuracy"], WORDS[test]
+        shown = f"{words['acc']} {acc:.4f}" if acc is not None else record["status"]
+        log(f"{label}{point.label(test)}{'' if test else f' fold {fold.name}'}: {shown} in {record['seconds']:.1f} s | "
+            f"{done_folds}/{total_folds} {words['done']}, ETA {_eta(eta)}")
 
     def on_epoch(fold, m):
         nonlocal epochs
@@ -133,11 +139,12 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engines: Engines, *, chec
                 plan.train.total_iterations(len(fold.train)) / (len(fold.train) // plan.train.batch_size)
             )
         val = f" val {m.val_accuracy:.4f}" if m.val_accuracy is not None else ""
-        progress(f"{label}{point.label()} fold {fold.name} epoch {m.epoch}/{epochs} loss {m.train_loss:.4f}{val}")
+        progress(f"{label}{point.label(test)}{'' if test else f' fold {fold.name}'} epoch {m.epoch}/{epochs} "
+                 f"loss {m.train_loss:.4f}{val}")
 
     reused = [n for n in names if n in claim.done]
     log(
-        f"{label}{'baseline ' if point.baseline else ''}trial {claim.number}: {point.label()}"
+        f"{label}{'baseline ' if point.baseline else ''}trial {claim.number}: {point.label(test)}"
         + (f" (keeps finished folds {', '.join(reused)})" if reused else "")
     )
     try:
@@ -147,7 +154,7 @@ def _run_claim(store: Store, plan: Plan, claim: Claim, engines: Engines, *, chec
             log(f"{label}warning: {note}")
         outcome = run_point(plan, point, claim.done, engine=engine, checkpoint_dir=checkpoint_dir,
                             on_fold=on_fold, on_epoch=on_epoch, should_stop=should_stop, pack=pack, packs=pack_cache)
-        _tell(store, claim, outcome, names, checkpoint_dir, lambda text: log(label + text))
+        _tell(store, claim, outcome, names, checkpoint_dir, lambda text: log(label + text), test)
         return outcome.status
     except optuna.exceptions.UpdateFinishedTrialError:
         log(f"{label}trial {claim.number} was declared lost by another worker; its folds are kept for the re-run")
