@@ -304,6 +304,29 @@ def test_a_journal_file_storage(tiny_config, tmp_path, capsys):
     assert "3 of 3 points complete" in capsys.readouterr().out
 
 
+def test_a_search_whose_every_lambda_diverged_has_no_answer(tiny_config, capsys, monkeypatch):
+    """One rule for exit codes: every lambda diverged, so the finished search has no answer:
+    exit 1, as select and plot, saying why."""
+    from lambda_search.train import groups as _runs
+
+    real = _runs.train_fold
+
+    def train_fold(data, fold, e_lambda, config, **kw):
+        if e_lambda is not None:
+            config = dataclasses.replace(config, lr=1e6)
+        return real(data, fold, e_lambda, config, **kw)
+
+    monkeypatch.setattr(_runs, "train_fold", train_fold)
+    path = tiny_config(lambdas="[1e-3, 1e-1]", baseline="true")
+    capsys.readouterr()
+    assert main(["search", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "lambda-search: every lambda diverged (2 of 2): nothing to select" in err, err
+    url = ls.load_config(path).study.storage
+    for command in (["select"], ["plot", "-o", str(path.with_suffix(".png"))]):
+        assert main([command[0], "--storage", url, "--study", "tiny", *command[1:]]) == 1
+
+
 def test_a_diverging_point_fails_once_and_the_rest_completes(tiny_config, capsys, monkeypatch):
     """lambda=0.1 trains at a learning rate of 1e6 (as if that lambda made training blow up):
     its point ends FAILED "diverged" after its first fold, is never retried, and status,

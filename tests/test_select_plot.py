@@ -48,7 +48,7 @@ def test_lambda_stats_by_hand():
     s = stats[1e-3]
     assert s.state == "complete" and s.mean == pytest.approx(0.92)
     assert s.std == pytest.approx(0.02) and s.sem == pytest.approx(0.02 / math.sqrt(3))
-    assert stats[1e-4].state == "running" and stats[1e-4].mean == 0.95 and stats[1e-4].std is None
+    assert stats[1e-4].state == "interrupted" and stats[1e-4].mean == 0.95 and stats[1e-4].std is None
     assert stats[1e-6].state == "diverged" and stats[1e-6].mean is None
     assert stats[None].mean == pytest.approx(0.89) and stats[None].std == pytest.approx(0.01)
 
@@ -105,8 +105,8 @@ def test_no_verdict_against_a_baseline_that_is_not_complete():
                                     {"r0f0": {"status": "completed", "val_accuracy": 0.5}}, names)
     v = ls.select(status)["verdict"]
     assert v["verdict"] is None and v["baseline_within_one_se"] is None
-    assert v["reason"] == "the baseline is running (1 of 3 folds): no verdict until it is complete"
-    assert "verdict: none (the baseline is running (1 of 3 folds)" in ls.format_selection(ls.select(status))
+    assert v["reason"] == "the baseline is interrupted (1 of 3 folds): no verdict until it is complete"
+    assert "verdict: none (the baseline is interrupted (1 of 3 folds)" in ls.format_selection(ls.select(status))
     assert ls.figure4_data(status)["verdict"] is None
 
 
@@ -205,7 +205,7 @@ def test_figure4_data_by_hand():
     p = {p["e_lambda"]: p for p in data["points"]}
     assert p[1e-3]["mean"] == pytest.approx(92.0) and p[1e-3]["std"] == pytest.approx(2.0)
     assert p[1e-3]["folds"] == pytest.approx([90.0, 92.0, 94.0]) and p[1e-3]["state"] == "complete"
-    assert (p[1e-4]["state"], p[1e-4]["folds_done"], p[1e-4]["n_folds"]) == ("running", 1, 3)
+    assert (p[1e-4]["state"], p[1e-4]["folds_done"], p[1e-4]["n_folds"]) == ("interrupted", 1, 3)
     assert p[1e-6]["state"] == "diverged" and p[1e-6]["mean"] is None
     assert data["baseline"]["mean"] == pytest.approx(89.0) and data["baseline"]["std"] == pytest.approx(1.0)
     assert (data["chosen"], data["best"], data["finished"]) == (1e-2, 1e-3, False)

@@ -119,10 +119,11 @@ def _finish(status, stop) -> int:
         print(f"{status.total - status.complete} points are not complete; resume with: lambda-search resume "
               f"--storage {status.storage} --study {status.name}", file=sys.stderr)
         return 1
+    selection = select(status)
     print()
-    print(format_selection(select(status)))
+    print(format_selection(selection))
     print(f"\nFigure 4: {_write_plot(status, default_plot_path(status), make_folder=True)}")
-    return 0
+    return _answer(selection)  # (every lambda diverged: finished, but no answer, as select and plot say)
 
 
 def _search(args: argparse.Namespace) -> int:

@@ -123,7 +123,7 @@ def draw_figure4(data: dict, path) -> Path:
                 ax.scatter([p["e_lambda"]] * len(p["folds"]), p["folds"], s=10, color="tab:blue", alpha=0.25,
                            lw=0, zorder=2)
         done = [p for p in pts if p["state"] == "complete"]
-        partial = [p for p in pts if p["state"] == "running" and p["mean"] is not None]
+        partial = [p for p in pts if p["state"] in ("running", "interrupted") and p["mean"] is not None]
         if done:
             ax.errorbar([p["e_lambda"] for p in done], [p["mean"] for p in done],
                         yerr=[p["std"] or 0 for p in done], fmt="o-", color="tab:blue", capsize=4, lw=1.5,
@@ -137,7 +137,8 @@ def draw_figure4(data: dict, path) -> Path:
                             xytext=(6, -10), fontsize=7, color="tab:blue")
         ymin, ymax = ax.get_ylim()
         for p in pts:
-            if p["state"] in ("pending", "diverged") or (p["state"] == "running" and p["mean"] is None):
+            unfinished = p["state"] in ("running", "interrupted")
+            if p["state"] in ("pending", "diverged") or (unfinished and p["mean"] is None):
                 ax.annotate("diverged" if p["state"] == "diverged" else "pending", (p["e_lambda"], ymin),
                             textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, color="tab:red",
                             rotation=90)
@@ -185,6 +186,8 @@ def _dress(ax, data: dict) -> None:
             ax.set_xticklabels(data["tick_labels"], fontsize=8)
         ax.minorticks_off()
         ax.invert_xaxis()  # as the paper: from 1e-1 on the left down to the smallest lambda
+    if all(p["mean"] is None for p in pts) and data["baseline"] is None and not data["test"]:
+        ax.set_ylim(0, 100)  # nothing to show (every lambda diverged, or none finished a fold): the axis in %
     title = data["title"] + ("" if data["finished"] else " (still running)")
     ax.set_title(title + (f"\n{data['verdict']}" if data["verdict"] else ""), fontsize=10)
     ax.set_xlabel(data["xlabel"])

@@ -28,7 +28,8 @@ PREFER = ("larger", "smaller")
 @dataclass
 class LambdaStats:
     """One lambda (or the baseline, ``e_lambda=None``) over every fold of every repeat.
-    ``state``: "complete", "running" (some folds missing), "diverged" or "pending"."""
+    ``state``: "complete", "running" (some folds missing), "interrupted" (some folds missing and
+    nothing training it now: resumable), "diverged" or "pending"."""
 
     e_lambda: float | None
     state: str
@@ -64,7 +65,9 @@ def lambda_stats(status: StudyStatus) -> list[LambdaStats]:
             state = "diverged"
         elif states == {"complete"}:
             state = "complete"
-        elif folds or states & {"running", "complete", "interrupted"}:
+        elif "interrupted" in states and "running" not in states:
+            state = "interrupted"  # stopped or killed, resumable: nothing trains it now
+        elif folds or states & {"running", "complete"}:
             state = "running"
         else:
             state = "pending"
