@@ -272,3 +272,26 @@ def test_json_stays_alone_on_stdout_with_several_workers(tmp_path, cli_env):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["finished"] is True
     assert "[w0]" in result.stderr and "[w1]" in result.stderr
+
+
+@pytest.mark.slow
+def test_plot_and_figure4_follow_the_evaluation(tmp_path, capsys, monkeypatch):
+    """`plot` stars the lambda evaluate chose (its --prefer) unless told otherwise; evaluate
+    redraws the study's Figure 4 with the test marks, titled so."""
+    path = write_config(tmp_path, name="p", lambdas="[1e-4, 1e-1]", baseline="true")
+    assert main(["search", str(path)]) == 0
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    assert main(["evaluate", "--storage", url, "--study", "p", "--seeds", "1", "--prefer", "smaller"]) == 0
+    out = capsys.readouterr().out
+    assert f"figure: {tmp_path / 'p.png'}" in out and f"figure: {tmp_path / 'p-evaluation.png'}" in out
+    ev = ls.read_evaluation(ls.open_store(url), "p")
+    assert ev["prefer"] == "smaller"
+    data = ls.figure4_data(ls.study_status(ls.open_store(url), "p"), "smaller", evaluation=ev)
+    assert data["title"].startswith("Cross-validation and test accuracy on ") and data["test"]["simam"]
+    seen = []
+    from lambda_search.cli import commands
+
+    monkeypatch.setattr(commands, "plot_figure4", lambda status, out, prefer, *a: seen.append(prefer) or out)
+    for extra, prefer in (([], "smaller"), (["--prefer", "larger"], "larger")):
+        main(["plot", "--storage", url, "--study", "p", "-o", str(tmp_path / "x.png"), *extra])
+        assert seen[-1] == prefer

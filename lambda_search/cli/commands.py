@@ -283,9 +283,10 @@ def _export(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     store = open_store(_url(args))
-    status = study_status(store, args.study)
-    print(f"wrote {_write_plot(status, args.output, args.prefer, evaluation=read_evaluation(store, args.study))}")
-    return _answer(select(status, args.prefer))
+    status, evaluation = study_status(store, args.study), read_evaluation(store, args.study)
+    prefer = args.prefer or (evaluation or {}).get("prefer") or "larger"  # (the lambda evaluate chose, starred)
+    print(f"wrote {_write_plot(status, args.output, prefer, evaluation=evaluation)}")
+    return _answer(select(status, prefer))
 
 
 def _select(args: argparse.Namespace) -> int:

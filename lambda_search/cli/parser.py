@@ -150,7 +150,8 @@ def _read_commands(commands) -> None:
                                "it shows no chosen lambda yet)")
     _study_args(plot)
     plot.add_argument("-o", "--output", required=True, metavar="FILE.png", help="the picture: .png, .svg or .pdf")
-    plot.add_argument("--prefer", choices=("larger", "smaller"), default="larger", help=PREFER_HELP)
+    plot.add_argument("--prefer", choices=("larger", "smaller"),
+                      help=PREFER_HELP + "; default: as the study's final evaluation chose, else larger")
 
     export = commands.add_parser("export", help="write the per-point and per-fold tables (CSV or JSON)")
     _study_args(export)

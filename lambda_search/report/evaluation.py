@@ -120,7 +120,7 @@ def _column(store: Store, name: str, fname: str) -> dict:
     return {"study": name, "final_study": fname, "column": column,
             "data_tag": column.split("@", 1)[1] if column and "@" in column else None,
             "data_label": _data_label(study_status(store, name).config, config),
-            "e_lambda": config.search.lambdas[0], "chosen_by": attrs.get("chosen_by"),
+            "e_lambda": config.search.lambdas[0], "chosen_by": attrs.get("chosen_by"), "prefer": attrs.get("prefer"),
             "seeds": config.search.repeats, "model": config.model.name, "dataset": config.data.dataset,
             "test_split": _test_split(config.data), "networks": networks,
             "difference": {"diff": pair.get("diff"), "t": pair.get("t"), "p": pair.get("p"),

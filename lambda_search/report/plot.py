@@ -81,8 +81,9 @@ def figure4_data(status: StudyStatus, prefer: str = "larger", evaluation: dict |
                     "state": base.state, "folds_done": len(base.folds), "n_folds": base.n_folds}
     n = max((p["n_folds"] for p in points), default=0)
     test = _test_marks(evaluation)
+    title = plot_title(status.config)
     return {
-        "title": plot_title(status.config),
+        "title": title.replace("Cross-validation accuracy", "Cross-validation and test accuracy") if test else title,
         "xlabel": "lambda (log scale, decreasing)",
         "ylabel": "accuracy (%): validation (blue), test (green)" if test else "validation accuracy (%)",
         "bar_label": f"mean +- std over {n} folds (ddof=1)",
@@ -118,10 +119,12 @@ def draw_figure4(data: dict, path) -> Path:
             ax.axhline(b["mean"], color="0.35", lw=1, ls="--", label=label)
             if b["std"] is not None:
                 ax.axhspan(b["mean"] - b["std"], b["mean"] + b["std"], color="0.5", alpha=0.15, lw=0)
+        labelled = False
         for p in pts:
             if p["folds"]:
                 ax.scatter([p["e_lambda"]] * len(p["folds"]), p["folds"], s=10, color="tab:blue", alpha=0.25,
-                           lw=0, zorder=2)
+                           lw=0, zorder=2, label=None if labelled else "a fold's validation accuracy")
+                labelled = True
         done = [p for p in pts if p["state"] == "complete"]
         partial = [p for p in pts if p["state"] in ("running", "interrupted") and p["mean"] is not None]
         if done:
@@ -156,19 +159,26 @@ def draw_figure4(data: dict, path) -> Path:
     return path
 
 
+TEST_OFFSET = 1.6  # the test diamond sits this factor right of its lambda on the (inverted) log axis: beside the star
+
+
 def _draw_test(ax, test: dict | None) -> None:
-    """The final evaluation's test accuracies: a green diamond at the chosen lambda, a green
-    dotted line for the baseline."""
+    """The final evaluation's test accuracies: a green diamond beside the chosen lambda (mean
+    +- std over seeds), a green dotted line and band for the baseline (mean +- std)."""
     if not test:
         return
     seeds = f"{test['seeds']} seed{'s' if test['seeds'] > 1 else ''}"
     if test["baseline"]:
-        ax.axhline(test["baseline"]["mean"], color="tab:green", lw=1, ls=":",
-                   label=f"baseline, test accuracy (mean over {seeds})")
+        b = test["baseline"]
+        ax.axhline(b["mean"], color="tab:green", lw=1, ls=":",
+                   label=f"baseline, test accuracy (mean{' +- std' if b['std'] is not None else ''}, {seeds})")
+        if b["std"] is not None:
+            ax.axhspan(b["mean"] - b["std"], b["mean"] + b["std"], color="tab:green", alpha=0.08, lw=0)
     if test["simam"]:
         s = test["simam"]
-        ax.errorbar([s["e_lambda"]], [s["mean"]], yerr=[s["std"] or 0], fmt="D", color="tab:green", capsize=4,
-                    zorder=5, label=f"lambda = {format_lambda(s['e_lambda'])}, test accuracy (mean +- std, {seeds})")
+        ax.errorbar([s["e_lambda"] / TEST_OFFSET], [s["mean"]], yerr=[s["std"] or 0], fmt="D", color="tab:green",
+                    capsize=4, zorder=5, label=f"lambda = {format_lambda(s['e_lambda'])}, test accuracy (mean +- std, "
+                                               f"{seeds})")
 
 
 def _dress(ax, data: dict) -> None:
@@ -177,7 +187,8 @@ def _dress(ax, data: dict) -> None:
     ax.set_xscale("log")
     if pts:
         xs = [p["e_lambda"] for p in pts]
-        tested = [data["test"]["simam"]["e_lambda"]] if data["test"] and data["test"]["simam"] else []
+        tested = ([data["test"]["simam"]["e_lambda"] / TEST_OFFSET] if data["test"] and data["test"]["simam"]
+                  else [])
         ax.set_xlim(min(xs + tested) / 2.5, max(xs + tested) * 2.5)  # (a lambda given to evaluate: in sight)
         ax.set_xticks(xs)
         if data["crowded_ticks"]:

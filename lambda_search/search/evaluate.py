@@ -154,7 +154,8 @@ def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | Non
     lam, how = _choice(status, e_lambda, prefer)
     moved = any(parse_override(o)[:2] == ("study", "checkpoint_dir") for o in overrides)
     finals = _finals(store, status, config, lam, seeds, networks, data, moved)
-    chosen = {EVALUATE_ATTR: {"e_lambda": lam, "chosen_by": how, "seeds": seeds}}  # stored before the first trial
+    chosen = {EVALUATE_ATTR: {"e_lambda": lam, "chosen_by": how, "seeds": seeds,  # stored before the first trial
+                              "prefer": None if e_lambda is not None else prefer}}
     log(f"final evaluation of study {name!r}: lambda = {format_lambda(lam)}, {how}, and "
         f"{'the baseline' if config.search.baseline else 'no baseline (search.baseline = false)'}, "
         f"{plural(seeds, 'seed')} each (seed N is repeat N), as "
