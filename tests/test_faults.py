@@ -145,3 +145,37 @@ def test_every_torch_load_is_weights_only():
     sources = Path(ls.__file__).parent.rglob("*.py")
     calls = [line for p in sources for line in p.read_text().splitlines() if "torch.load(" in line]
     assert calls and all("weights_only=True" in line for line in calls), calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["the search starting", "its workers importing", "its workers training"])
+def test_ctrl_c_at_any_stage_of_start_up_is_one_line_and_resumable(tiny_config, cli_env, stage):
+    """Ctrl-C reaches the whole process group (the search and its workers): at each stage of
+    start-up it ends in one line, no traceback, and the same command finishes the study with
+    every point exactly once and the accuracies of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import SCRIPT
+
+    path = tiny_config(lambdas="[1e-3, 1e-1]", baseline="true")
+    command = [str(SCRIPT), "search", str(path), "--workers", "2"]
+    proc = subprocess.Popen(command, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's job
+    wait_for = {"the search starting": "study 'tiny' created", "its workers importing": "started 2 worker processes",
+                "its workers training": "] trial "}[stage]
+    seen = ""
+    while wait_for not in seen:
+        line = proc.stdout.readline()
+        assert line, (seen, proc.stderr.read())
+        seen += line
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    out, err = proc.communicate(timeout=240)
+    assert "Traceback" not in err + out and "KeyboardInterrupt" not in err + out, err
+    assert proc.returncode in (130, 0), (proc.returncode, err)  # 0: it had finished before the signal came
+    if proc.returncode == 130:  # the last line says so (the lines before: what ran)
+        assert "interrupted" in err.strip().splitlines()[-1], err
+    config = ls.load_config(path)
+    assert ls.run_search(config, workers=1, log=lambda s: None)[1].finished  # the resume (here: in this process)
+    assert fold_accuracies(config) == expected_accuracies(config)

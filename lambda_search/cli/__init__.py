@@ -3,6 +3,23 @@
 types to exit codes). No logic of its own; it may import every other layer, and loads the
 training stack only for the commands that train."""
 
-from .commands import build_parser, main
+import sys
 
 __all__ = ["main", "build_parser"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The entry point: the commands are imported here, so that a Ctrl-C while they load is one
+    line too (exit 130), as it is once they run."""
+    try:
+        from .commands import main as run
+    except KeyboardInterrupt:
+        sys.stderr.write("lambda-search: interrupted as it started; nothing was done\n")
+        return 130
+    return run(argv)
+
+
+def build_parser():
+    from .parser import build_parser as build
+
+    return build()

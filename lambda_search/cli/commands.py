@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageFailure as exc:
         sys.stderr.write(f"lambda-search {args.command}: error: {exc}\n")
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before a command set its own handlers (or a second one): nothing half-stored
+        sys.stderr.write(f"lambda-search {args.command}: interrupted; run the same command again to go on\n")
+        return 128 + signal.SIGINT
     except BrokenPipeError:  # the reader went away (| head): stop quietly, as Unix tools do
         _quiet_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a tool a closed pipe stopped

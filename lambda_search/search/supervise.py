@@ -32,7 +32,7 @@ def _spawn(name: str, url: str, label: str, device: str, workers: int, overrides
            "--device", device, "--workers-total", str(workers)]
     for o in overrides:
         cmd += ["--set", o]
-    env = {**os.environ, STORAGE_ENV: url}
+    env = {**os.environ, STORAGE_ENV: url, "LAMBDA_SEARCH_SUPERVISED": "1"}  # (see lambda_search.__main__)
     return subprocess.Popen(cmd, env=env)
 
 
