@@ -20,6 +20,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser():
-    from .parser import build_parser as build
+    from .commands import build_parser as build
 
     return build()
