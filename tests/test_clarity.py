@@ -167,3 +167,42 @@ def test_a_closed_pipe_stops_a_command_quietly(tmp_path, cli_env):
         proc.stdout.close()  # before the command writes a byte: it meets a closed pipe, every time
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=120) == 141 and err == "", (args, err)
+
+
+@pytest.mark.slow
+def test_delete_removes_a_study_with_its_companions_checkpoints_and_plots(tmp_path, capsys, monkeypatch):
+    """`delete` lists what it removes (the study, its companions, its checkpoint folders with
+    what was set aside in them, its plots), asks first (--yes for scripts, refused where no one
+    can answer), and leaves what is not the study's: another study, another run's checkpoints."""
+    path = write_config(tmp_path, name="d", lambdas="[1e-1]", baseline="true")
+    assert main(["search", str(path)]) == 0
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    assert main(["evaluate", "--storage", url, "--study", "d", "--seeds", "1", "--networks", "resnet20,preresnet20"]) == 0
+    other = write_config(tmp_path, name="o", lambdas="[1e-1]")
+    assert main(["search", str(other), "--storage", url]) == 0
+    ckpt = tmp_path / "d.ckpt"
+    (ckpt / "lambda-0.1-r0.stale-1").mkdir(parents=True)  # set aside in it: the study's to remove
+    (ckpt / "foreign-r0").mkdir()
+    (ckpt / "foreign-r0" / "RUN").write_text("another-run\n")  # another run's (a folder shared): kept
+    db = (tmp_path / "d.db").read_bytes()
+    capsys.readouterr()
+    assert main(["delete", "--storage", url, "--study", "d", "--dry-run"]) == 0
+    listed = capsys.readouterr().out
+    for shown in ("study 'd'", "study 'd:baseline'", "study 'd:final'", "study 'd:final:preresnet20:baseline'",
+                  f"folder {ckpt / 'lambda-0.1-r0.stale-1'}", f"folder {ckpt / 'final'}",
+                  f"file {tmp_path / 'd.png'}", f"file {tmp_path / 'd-evaluation.png'}"):
+        assert shown in listed, (shown, listed)
+    assert "study 'o'" not in listed and "foreign" not in listed and (tmp_path / "d.db").read_bytes() == db
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no one to answer
+    assert main(["delete", "--storage", url, "--study", "d"]) == 2
+    assert "give --yes to delete without asking" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert main(["delete", "--storage", url, "--study", "d"]) == 1 and (tmp_path / "d.db").read_bytes() == db
+    assert main(["delete", "--storage", url, "--study", "d:final"]) == 2
+    assert "is a companion of study 'd': delete it with --study d" in capsys.readouterr().err
+    assert main(["delete", "--storage", url, "--study", "d", "--yes"]) == 0
+    assert ls.open_store(url).study_names() == ["o"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["foreign-r0"]
+    assert not (tmp_path / "d.png").exists() and not (tmp_path / "d-evaluation.png").exists()
+    assert ls.study_status(ls.open_store(url), "o").finished

@@ -24,7 +24,7 @@ LAYERS = {
     "store": ["failures", "locks", "storage", "status", "claims"],
     "bench": ["projection", "measure", "run"],
     "report": ["select", "tables", "plot", "evaluation", "evaluation_plot"],
-    "search": ["worker", "supervise", "study", "columns", "evaluate"],
+    "search": ["worker", "supervise", "study", "columns", "evaluate", "delete"],
     "cli": ["parser", "commands"],
 }
 ORDER = [f"{pkg}.{m}" if pkg else m for pkg, modules in LAYERS.items() for m in modules]

@@ -268,6 +268,26 @@ def _studies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delete(args: argparse.Namespace) -> int:
+    from ..search.delete import carry_out, plan_delete
+
+    store = open_store(_url(args), write=True)
+    plan = plan_delete(store, args.study)
+    print(plan.describe())
+    if args.dry_run:
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("delete asks before it deletes, and no one can answer here: give --yes to delete "
+                              "without asking (or --dry-run to list)")
+        if input("delete all of it? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    carry_out(store, plan)
+    print(f"deleted study {args.study!r}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     status = study_status(open_store(_url(args)), args.study)
     if args.output == "-":
@@ -318,8 +338,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 READS_A_SEARCH = ("resume", "status", "select", "plot", "export")  # (a final evaluation's study is read by status)
 COMMANDS = {"search": _search, "resume": _resume, "evaluate": _evaluate, "worker": _worker, "bench": _bench,
-            "studies": _studies, "status": _status, "select": _select, "plot": _plot, "export": _export,
-            "models": _models}
+            "delete": _delete, "studies": _studies, "status": _status, "select": _select, "plot": _plot,
+            "export": _export, "models": _models}
 
 
 def build_parser() -> argparse.ArgumentParser:

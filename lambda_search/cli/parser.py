@@ -153,6 +153,12 @@ def _read_commands(commands) -> None:
     plot.add_argument("--prefer", choices=("larger", "smaller"),
                       help=PREFER_HELP + "; default: as the study's final evaluation chose, else larger")
 
+    delete = commands.add_parser("delete", help="delete a study with its companions, checkpoints and plots "
+                                 "(asks first)")
+    _study_args(delete)
+    delete.add_argument("--yes", action="store_true", help="delete without asking (for scripts)")
+    delete.add_argument("--dry-run", action="store_true", help="only list what would be deleted")
+
     export = commands.add_parser("export", help="write the per-point and per-fold tables (CSV or JSON)")
     _study_args(export)
     export.add_argument("-o", "--output", required=True, metavar="FILE",

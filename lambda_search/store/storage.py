@@ -57,6 +57,12 @@ class Store:
     def set_study_attr(self, name: str, key: str, value) -> None:
         self.storage.set_study_user_attr(self.storage.get_study_id_from_name(name), key, value)
 
+    def delete_study(self, name: str) -> None:
+        """Delete study ``name`` and its trials (where it exists)."""
+        sid = self.study_id(name)
+        if sid is not None:
+            self.storage.delete_study(sid)
+
     def create_study(self, name: str) -> None:
         """A new study that maximizes one value, named METRIC_NAME for Optuna's tools."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
