@@ -177,7 +177,8 @@ def test_delete_removes_a_study_with_its_companions_checkpoints_and_plots(tmp_pa
     path = write_config(tmp_path, name="d", lambdas="[1e-1]", baseline="true")
     assert main(["search", str(path)]) == 0
     url = f"sqlite:///{tmp_path / 'd.db'}"
-    assert main(["evaluate", "--storage", url, "--study", "d", "--seeds", "1", "--networks", "resnet20,preresnet20"]) == 0
+    assert main(["evaluate", "--storage", url, "--study", "d", "--seeds", "1",
+                 "--networks", "resnet20,preresnet20"]) == 0
     other = write_config(tmp_path, name="o", lambdas="[1e-1]")
     assert main(["search", str(other), "--storage", url]) == 0
     ckpt = tmp_path / "d.ckpt"
