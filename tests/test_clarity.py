@@ -207,3 +207,26 @@ def test_delete_removes_a_study_with_its_companions_checkpoints_and_plots(tmp_pa
     assert sorted(p.name for p in ckpt.iterdir()) == ["foreign-r0"]
     assert not (tmp_path / "d.png").exists() and not (tmp_path / "d-evaluation.png").exists()
     assert ls.study_status(ls.open_store(url), "o").finished
+
+
+@pytest.mark.slow
+def test_dry_run_says_what_would_be_trained_and_stores_nothing(tmp_path, capsys):
+    path = write_config(tmp_path, name="dr", lambdas="[1e-3, 1e-1]", baseline="true")
+    assert main(["search", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "study 'dr' in sqlite:///" in out and "not made yet" in out
+    assert "would train 3 points of 3: lambda=1e-03, lambda=1e-01, baseline (no SimAM)" in out
+    assert "projected for the whole study on one cpu worker: 6 trainings" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dr.toml"]  # nothing stored, nothing written
+    assert main(["search", str(path)]) == 0
+    url = f"sqlite:///{tmp_path / 'dr.db'}"
+    db = (tmp_path / "dr.db").read_bytes()
+    capsys.readouterr()
+    assert main(["search", str(path), "--dry-run", "--set", "train.lr=0.5"]) == 2  # what search refuses, refused
+    assert "config conflicts with study 'dr'" in capsys.readouterr().err
+    assert main(["evaluate", "--storage", url, "--study", "dr", "--seeds", "2", "--networks", "resnet20,preresnet20",
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "study 'dr:final:preresnet20' in " in out and "not made yet" in out
+    assert "would train 4 points of 4: lambda=1e-01 seed 0, baseline (no SimAM) seed 0, lambda=1e-01 seed 1" in out
+    assert (tmp_path / "dr.db").read_bytes() == db and ls.open_store(url).study_names() == ["dr", "dr:baseline"]

@@ -133,7 +133,11 @@ def _search(args: argparse.Namespace) -> int:
     if args.study is not None:
         overrides.append(f"study.name={json.dumps(args.study)}")
     config = load_config(args.config, overrides)
-    from ..search.study import run_search
+    from ..search.study import dry_run, run_search
+
+    if args.dry_run:
+        print("\n".join(dry_run(config)))
+        return 0
 
     with stop_on_signals() as stop:
         _, status = run_search(config, workers=args.workers, log=_say, progress=_progress(), should_stop=stop)
@@ -182,7 +186,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     with stop_on_signals() as stop, _stdout_to_stderr(args.json):
         table = run_evaluation(_url(args), args.study, seeds=args.seeds, e_lambda=args.e_lambda,
                                prefer=args.prefer, networks=args.networks, overrides=args.set, workers=args.workers,
-                               holm=args.holm, log=log, progress=_progress(), should_stop=stop)
+                               holm=args.holm, log=log, progress=_progress(), should_stop=stop,
+                               dry_run=args.dry_run)
+        if args.dry_run:
+            return 0
         figures = _evaluation_figures(args, table)
     one = _one_column(table)
     if args.json:

@@ -89,6 +89,8 @@ def _run_commands(commands) -> None:
         "(per GPU on CUDA); default search.workers, 'auto' unless set",
     )
     _set_arg(search, "override a config value (a TOML value, or a plain string); repeatable")
+    search.add_argument("--dry-run", action="store_true",
+                        help="check everything, print what it would train and the projected time; store nothing")
 
     resume = commands.add_parser("resume", help="continue a study from its database alone")
     _study_args(resume)
@@ -107,6 +109,8 @@ def _run_commands(commands) -> None:
     evaluate.add_argument("--networks", type=_names, metavar="A,B,...",
                           help="evaluate these networks instead of the searched one (`models` lists them), each a "
                                "column of the table")
+    evaluate.add_argument("--dry-run", action="store_true",
+                          help="check everything, print what it would train and the projected time; store nothing")
     evaluate.add_argument("--holm", action="store_true",
                           help="also correct the columns' p-values for their number (Holm's step-down method)")
     evaluate.add_argument("--json", action="store_true",

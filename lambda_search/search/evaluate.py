@@ -38,6 +38,7 @@ from ..store.storage import Store, open_store
 from ..train.plan import make_plan
 from .columns import data_tag, final_config, held_checkpoints, other_data, searched_data
 from .study import check_resumable, resume_config, run_search
+from .study import dry_run as study_dry_run
 
 __all__ = ["run_evaluation"]
 
@@ -131,6 +132,7 @@ def _finals(store: Store, status: StudyStatus, config: Config, lam: float, seeds
 
 def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | None = None, prefer: str = "larger",
                    networks=None, overrides=(), workers: int | str | None = None, holm: bool = False,
+                   dry_run: bool = False,
                    log: Callable[[str], None] = print, progress: Callable[[str], None] | None = None,
                    should_stop: Callable[[], bool] | None = None) -> dict:
     """Train the lambda ``select`` chooses (or ``e_lambda``) and the baseline, ``seeds`` seeds
@@ -140,7 +142,8 @@ def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | Non
     data.KEY=...`` among ``overrides``, on that data set (:func:`other_data`): each (network,
     data set) its own companion study, so a later run with more of them reuses what is done.
     Everything is checked before anything is stored; the other ``overrides`` change where
-    and how fast it runs, as for ``resume``."""
+    and how fast it runs, as for ``resume``. With ``dry_run``, what each would train and its
+    projection are logged, and nothing is stored or trained."""
     _check(seeds, e_lambda, prefer, networks)
     if final_parts(name) is not None:
         raise StudyError(f"study {name!r} is a final evaluation: evaluate its search, --study {final_parts(name)[0]}")
@@ -164,5 +167,9 @@ def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | Non
     for final in finals:
         if should_stop is not None and should_stop():
             break
+        if dry_run:  # what it would train, and the projection: nothing stored
+            for line in study_dry_run(final):
+                log("  " + line)
+            continue
         run_search(final, workers=workers, log=log, progress=progress, should_stop=should_stop, attrs=chosen)
     return asked_table(read_evaluations(store, name, holm=holm), name, [f.study.name for f in finals])

@@ -19,7 +19,7 @@ from ..config import Config
 from ..configfile import config_diff
 from ..nn.kernels import use_kernels
 from ..report.select import record_choice
-from ..store.failures import failures, redact
+from ..store.failures import StorageError, failures, redact
 from ..store.status import (
     CONFIG_ATTR,
     FINGERPRINT_ATTR,
@@ -38,7 +38,7 @@ from ..train.plan import Plan, make_plan
 from .supervise import run_processes, worker_count
 from .worker import describe_pin, pin_numerics, run_worker, worker_config
 
-__all__ = ["create_or_resume", "check_resumable", "run_search", "resume_config"]
+__all__ = ["create_or_resume", "check_resumable", "run_search", "resume_config", "dry_run"]
 
 
 def _versions() -> dict:
@@ -200,6 +200,32 @@ def _run_search(config: Config, *, workers: int | str | None = None, log: Callab
     else:
         run_processes(store, name, plan.config, workers, log, should_stop)
     return how, _effective(study_status(store, name), plan.config)
+
+
+def dry_run(config: Config) -> list[str]:
+    """What running the study of ``config`` would train, and how long the whole study is
+    projected to take on one worker here (a quick measurement: a few untimed steps trained and
+    thrown away): every value checked, nothing stored or written."""
+    plan = make_plan(config)
+    name = config.study.name
+    try:
+        store = open_store(config.study.storage)
+        made = store.study_id(name) is not None and CONFIG_ATTR in store.study_attrs(name)
+        if made:
+            check_resumable(store, config, plan)  # what search would refuse, refused here too
+        status = study_status(store, name) if made else None
+    except StorageError as exc:  # (no database file yet, or none to reach from here)
+        status, made = None, f"not made yet ({exc})"
+    done = {p.point for p in status.points if p.state in ("complete", "diverged")} if status else set()
+    todo = [p for p in plan.points if p not in done]
+    said = (f"{status.complete} of {status.total} points complete" if status else
+            made if isinstance(made, str) else "not made yet")
+    projection = quick_projection(plan)
+    return [f"study {name!r} in {redact(config.study.storage)}: {said}",
+            f"would train {len(todo)} point{'s' if len(todo) != 1 else ''} of {len(plan.points)}"
+            + (": " + ", ".join(p.label(config.data.test) for p in todo[:12]) + (", ..." if len(todo) > 12 else "")
+               if todo else ""),
+            f"projected for the whole study on one {plan.train.device} worker: {projection.describe()}"]
 
 
 def _effective(status: StudyStatus, config: Config) -> StudyStatus:
