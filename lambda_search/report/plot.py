@@ -12,6 +12,7 @@ from ..config import Config, ConfigError
 from ..nn.registry import MODEL_LABELS
 from ..points import format_lambda
 from ..store.status import StudyStatus
+from ..store.storage import storage_file
 from .select import lambda_stats, select, verdict_short
 
 __all__ = ["figure4_data", "draw_figure4", "plot_figure4", "plot_title", "default_plot_path", "PLOT_FORMATS"]
@@ -209,7 +210,13 @@ def _dress(ax, data: dict) -> None:
 
 
 def default_plot_path(status: StudyStatus) -> Path:
-    """Where a search leaves its plot: beside its checkpoints, ``<study>.png``."""
+    """Where a search leaves its plot: beside its database (or journal) file, named after it,
+    ``<file>.png`` (``<file>-<study>.png`` where the file is named otherwise), so that a copied
+    database never writes over the original's plot, nor two storages in one folder over each
+    other's; for a server storage (PostgreSQL), beside the checkpoint folder."""
+    file = storage_file(status.storage)
+    if file is not None:
+        return file.with_name((file.stem if file.stem == status.name else f"{file.stem}-{status.name}") + ".png")
     return Path(status.config.study.checkpoint_dir).with_suffix(".png")
 
 

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from .failures import StorageError, redact, scrub
 from .locks import FileLocks, PgLocks
 
-__all__ = ["Store", "open_store"]
+__all__ = ["Store", "open_store", "storage_file"]
 
 SQLITE_TIMEOUT_S = 600  # SQLite's own lock timeout: generous, writers queue instead of failing
 METRIC_NAME = "val_accuracy"  # what a trial's value is, named for Optuna's tools (the dashboard, trials_dataframe)
@@ -110,6 +110,17 @@ class Store:
             self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
         except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
             pass
+
+
+def storage_file(url: str) -> Path | None:
+    """The file of a file storage URL (``sqlite:///PATH``, ``journal:PATH``); None for a server
+    (PostgreSQL) or an in-memory database."""
+    if url.startswith("sqlite:///") and ":memory:" not in url:
+        return Path(url[len("sqlite:///"):].split("?", 1)[0]) if url[len("sqlite:///"):] else None
+    if url.startswith("journal:"):
+        rest = url[len("journal:"):].removeprefix("//")
+        return Path(rest) if rest else None
+    return None
 
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
