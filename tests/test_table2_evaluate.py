@@ -21,7 +21,7 @@ from lambda_search.config import final_parts, study_name_ok
 from lambda_search.report.evaluation import asked_table, format_table2, holm_correction
 from lambda_search.report.evaluation_plot import evaluation_figure_data
 from lambda_search.search.columns import data_tag, final_config, held_checkpoints, other_data, searched_data
-from lambda_search.store.status import CONFIG_ATTR
+from lambda_search.store.status import CONFIG_ATTR, EVALUATE_ATTR
 from lambda_search.train import plan as _plan
 
 from conftest import SCRIPT, poll, write_config
@@ -219,6 +219,8 @@ def test_networks_killed_and_resumed_train_each_network_seed_and_arm_once(quick,
     assert poll(lambda: any(ckpt.glob("*/r0f0.pt")), timeout=300), proc.communicate()
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
+    held = ls.open_store(url).study_attrs("quick:final:preresnet20")[EVALUATE_ATTR]  # stored before its first trial
+    assert held["chosen_by"] == "chosen by the one-SE rule (prefer larger)" and held["prefer"] == "larger"
     result = subprocess.run([*command, "--json"], env=cli_env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads(result.stdout)
