@@ -85,6 +85,8 @@ CASES = [
     (["evaluate", "--storage", DB, "--study", "tiny", "--seeds", "0"], "argument --seeds: must be an integer >= 1"),
     (["models", "--num-classes", "0"], "argument --num-classes: must be an integer >= 1, got '0'"),
     (["studies", "--storage", "sqlite:///{tmp}/junk.db"], "is not an SQLite database"),
+    (["delete", "--storage", DB, "--study", "tiny:final"], "is a companion of study 'tiny': delete it with --study"),
+    (["delete", "--storage", DB, "--study", "tiny"], "no one can answer here: give --yes to delete without asking"),
     (["search", "{tmp}/tiny.toml", "--set", "study.name='no way'"], "study.name must be a name of letters, digits"),
 ]
 
