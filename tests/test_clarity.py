@@ -4,6 +4,7 @@ what it did, a progress line that fits the terminal."""
 
 import io
 import json
+import shutil
 import subprocess
 
 import optuna
@@ -185,13 +186,23 @@ def test_delete_removes_a_study_with_its_companions_checkpoints_and_plots(tmp_pa
     (ckpt / "lambda-0.1-r0.stale-1").mkdir(parents=True)  # set aside in it: the study's to remove
     (ckpt / "foreign-r0").mkdir()
     (ckpt / "foreign-r0" / "RUN").write_text("another-run\n")  # another run's (a folder shared): kept
+    (ckpt / "photos" / "2023").mkdir(parents=True)  # a user's: kept, as a file, and a link's target
+    (ckpt / "notes.txt").write_text("mine")
+    (tmp_path / "elsewhere" / "lambda-0.1-r0").mkdir(parents=True)
+    (ckpt / "photos" / "link").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tmp_path / "d.db", tmp_path / "copy" / "d.db")  # a copy: its checkpoint folder is the original's
+    capsys.readouterr()
+    assert main(["delete", "--storage", f"sqlite:///{tmp_path / 'copy' / 'd.db'}", "--study", "d", "--yes"]) == 0
+    assert f"kept: {ckpt}: not beside this database" in capsys.readouterr().out
+    assert (ckpt / "lambda-0.1-r0.stale-1").is_dir() and (tmp_path / "d.png").exists()
     db = (tmp_path / "d.db").read_bytes()
     capsys.readouterr()
     assert main(["delete", "--storage", url, "--study", "d", "--dry-run"]) == 0
     listed = capsys.readouterr().out
     for shown in ("study 'd'", "study 'd:baseline'", "study 'd:final'", "study 'd:final:preresnet20:baseline'",
-                  f"folder {ckpt / 'lambda-0.1-r0.stale-1'}", f"folder {ckpt / 'final'}",
-                  f"file {tmp_path / 'd.png'}", f"file {tmp_path / 'd-evaluation.png'}"):
+                  f"folder {ckpt / 'lambda-0.1-r0.stale-1'}", f"file {tmp_path / 'd.png'}",
+                  f"file {tmp_path / 'd+evaluation.png'}"):
         assert shown in listed, (shown, listed)
     assert "study 'o'" not in listed and "foreign" not in listed and (tmp_path / "d.db").read_bytes() == db
     monkeypatch.setattr("sys.stdin", io.StringIO(""))  # no one to answer
@@ -204,9 +215,14 @@ def test_delete_removes_a_study_with_its_companions_checkpoints_and_plots(tmp_pa
     assert "is a companion of study 'd': delete it with --study d" in capsys.readouterr().err
     assert main(["delete", "--storage", url, "--study", "d", "--yes"]) == 0
     assert ls.open_store(url).study_names() == ["o"]
-    assert sorted(p.name for p in ckpt.iterdir()) == ["foreign-r0"]
-    assert not (tmp_path / "d.png").exists() and not (tmp_path / "d-evaluation.png").exists()
-    assert ls.study_status(ls.open_store(url), "o").finished
+    assert sorted(p.name for p in ckpt.iterdir()) == ["foreign-r0", "notes.txt", "photos"]  # not the study's: kept
+    assert not (tmp_path / "d.png").exists() and not (tmp_path / "d+evaluation.png").exists()
+    assert ls.study_status(ls.open_store(url), "o").finished and (tmp_path / "elsewhere" / "lambda-0.1-r0").is_dir()
+    import optuna
+
+    optuna.create_study(study_name="o:tuning", storage=url)  # not a companion of o's, though named so
+    assert main(["delete", "--storage", url, "--study", "o", "--yes"]) == 0
+    assert ls.open_store(url).study_names() == ["o:tuning"]
 
 
 @pytest.mark.slow

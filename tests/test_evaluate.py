@@ -283,7 +283,7 @@ def test_plot_and_figure4_follow_the_evaluation(tmp_path, capsys, monkeypatch):
     url = f"sqlite:///{tmp_path / 'p.db'}"
     assert main(["evaluate", "--storage", url, "--study", "p", "--seeds", "1", "--prefer", "smaller"]) == 0
     out = capsys.readouterr().out
-    assert f"figure: {tmp_path / 'p.png'}" in out and f"figure: {tmp_path / 'p-evaluation.png'}" in out
+    assert f"figure: {tmp_path / 'p.png'}" in out and f"figure: {tmp_path / 'p+evaluation.png'}" in out
     ev = ls.read_evaluation(ls.open_store(url), "p")
     assert ev["prefer"] == "smaller"
     data = ls.figure4_data(ls.study_status(ls.open_store(url), "p"), "smaller", evaluation=ev)

@@ -73,7 +73,7 @@ def test_two_storages_in_one_folder_keep_apart(tiny_config, tmp_path, capsys):
     out = capsys.readouterr().out
     tag = ls.load_config(path, [f"study.storage={other!r}"]).study.checkpoint_dir.rsplit("-", 1)[1]
     assert tag == f"{storage_tag(other)}.ckpt"
-    assert f"Figure 4: {tmp_path / 'tiny.png'}" in out and f"Figure 4: {tmp_path / 'other-tiny.png'}" in out
+    assert f"Figure 4: {tmp_path / 'tiny.png'}" in out and f"Figure 4: {tmp_path / 'other+tiny.png'}" in out
     # the same storage with a password gives the same folder: the password is not part of it
     assert storage_tag("postgresql://u:secret@h/db") == storage_tag("postgresql://u:other@h/db")
 

@@ -239,7 +239,7 @@ def test_networks_killed_and_resumed_train_each_network_seed_and_arm_once(quick,
             assert column["difference"]["p"] == pytest.approx(1 - 2 * math.atan(abs(t)) / math.pi, rel=1e-9)
     assert "FAIL" in [s for v in _trials(url, "quick:final:preresnet20").values() for s in v]  # the killed one
     assert table["columns"][0]["chosen_by"] == "chosen by the one-SE rule (prefer larger)"  # kept from the start
-    assert (folder / "quick-evaluation.png").stat().st_size > 0
+    assert (folder / "quick+evaluation.png").stat().st_size > 0
 
     before = {n: len(_trials(url, n)) for n in ("quick:final", "quick:final:preresnet20")}
     result = subprocess.run([*command, "--holm"], env=cli_env, capture_output=True, text=True, timeout=300)
@@ -250,7 +250,7 @@ def test_networks_killed_and_resumed_train_each_network_seed_and_arm_once(quick,
     table_text = out[out.index("final evaluation of study 'quick': test accuracy"):]
     assert "digits: 360 test images" in table_text and "p (Holm)" in table_text
     assert table_text.splitlines()[3].split() == ["ResNet-20", "PreResNet-20"]
-    assert f"figure: {folder / 'quick-evaluation.png'}" in out
+    assert f"figure: {folder / 'quick+evaluation.png'}" in out
 
     nbformat, nbclient = pytest.importorskip("nbformat"), pytest.importorskip("nbclient")
     nb = nbformat.read(NOTEBOOK, as_version=4)

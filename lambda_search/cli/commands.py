@@ -278,7 +278,7 @@ def _studies(args: argparse.Namespace) -> int:
 def _delete(args: argparse.Namespace) -> int:
     from ..search.delete import carry_out, plan_delete
 
-    store = open_store(_url(args), write=True)
+    store = open_store(_url(args), write=not args.dry_run)
     plan = plan_delete(store, args.study)
     print(plan.describe())
     if args.dry_run:

@@ -102,9 +102,10 @@ def _panel(ax, panel: dict, data: dict, legend: bool) -> None:
 
 
 def evaluation_plot_path(search_plot: Path) -> Path:
-    """Where ``evaluate`` leaves the figure: beside the search's plot, ``<study>-evaluation.png``."""
+    """Where ``evaluate`` leaves the figure: beside the search's plot, ``<study>+evaluation.png``
+    (no study name holds a '+': no study's plot can be it)."""
     search_plot = Path(search_plot)
-    return search_plot.with_name(search_plot.stem + "-evaluation" + search_plot.suffix)
+    return search_plot.with_name(search_plot.stem + "+evaluation" + search_plot.suffix)
 
 
 def plot_evaluation(table: dict, path, make_folder: bool = False) -> Path:

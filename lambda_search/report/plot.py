@@ -211,12 +211,13 @@ def _dress(ax, data: dict) -> None:
 
 def default_plot_path(status: StudyStatus) -> Path:
     """Where a search leaves its plot: beside its database (or journal) file, named after it,
-    ``<file>.png`` (``<file>-<study>.png`` where the file is named otherwise), so that a copied
+    ``<file>.png`` (``<file>+<study>.png`` where the file is named otherwise: no study name holds
+    a '+'), so that a copied
     database never writes over the original's plot, nor two storages in one folder over each
     other's; for a server storage (PostgreSQL), beside the checkpoint folder."""
     file = storage_file(status.storage)
     if file is not None:
-        return file.with_name((file.stem if file.stem == status.name else f"{file.stem}-{status.name}") + ".png")
+        return file.with_name((file.stem if file.stem == status.name else f"{file.stem}+{status.name}") + ".png")
     return Path(status.config.study.checkpoint_dir).with_suffix(".png")
 
 

@@ -147,7 +147,7 @@ def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | Non
     _check(seeds, e_lambda, prefer, networks)
     if final_parts(name) is not None:
         raise StudyError(f"study {name!r} is a final evaluation: evaluate its search, --study {final_parts(name)[0]}")
-    store = open_store(url, write=True)
+    store = open_store(url, write=not dry_run)  # (a dry run reads: it repairs nothing, stores nothing)
     status = study_status(store, name)
     data = other_data(status.config, overrides)
     config = resume_config(url, name, [o for o in overrides if data is None or parse_override(o)[0] != "data"])

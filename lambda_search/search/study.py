@@ -213,6 +213,8 @@ def dry_run(config: Config) -> list[str]:
         made = store.study_id(name) is not None and CONFIG_ATTR in store.study_attrs(name)
         if made:
             check_resumable(store, config, plan)  # what search would refuse, refused here too
+        elif store.study_id(name) is not None:
+            _check_adoptable(store, name)
         status = study_status(store, name) if made else None
     except StorageError as exc:  # (no database file yet, or none to reach from here)
         status, made = None, f"not made yet ({exc})"

@@ -27,7 +27,7 @@ from .failures import failures
 from .storage import REASON_ATTR, Store
 
 __all__ = ["StudyError", "PointStatus", "StudyStatus", "baseline_study_name", "final_study_name", "final_study_names",
-           "check_search_name",
+           "check_search_name", "is_companion",
            "load_study_config",
            "study_status", "list_studies", "STORAGE_ENV"]
 
@@ -63,6 +63,14 @@ def final_study_names(store: Store, name: str) -> list[str]:
     names = [n for n in store.study_names() if (final_parts(n) or (None,))[0] == name
              and not n.endswith(":baseline") and CONFIG_ATTR in store.study_attrs(n)]
     return sorted(names, key=lambda n: (n != final_study_name(name), store.study_id(n)))
+
+
+def is_companion(name: str, of: str) -> bool:
+    """Whether study ``name`` is a companion of study ``of``: its baseline's (``of:baseline``),
+    a final evaluation of it (``of:final...``) or such a final evaluation's baseline."""
+    base = name[: -len(":baseline")] if name.endswith(":baseline") else name
+    parts = final_parts(base)
+    return base == of and name != of or (parts is not None and parts[0] == of)
 
 
 def check_search_name(name: str, command: str) -> None:
@@ -258,10 +266,10 @@ def _list_studies(store: Store) -> list[dict]:
     names = store.study_names()
     out = []
     for name in names:
-        if ":" in name and name.split(":", 1)[0] in names:
+        if any(is_companion(name, n) for n in names if n != name):
             continue  # a companion (NAME:baseline, NAME:final and its NAME:final:baseline), listed under its study
         entry = {"study": name, "lambda_search": False, "trials": None, "complete": None, "total": None,
-                 "finished": None, "companions": [n for n in names if n.startswith(name + ":")]}
+                 "finished": None, "companions": [n for n in names if is_companion(n, name)]}
         if CONFIG_ATTR in store.study_attrs(name):
             status = study_status(store, name)
             entry.update(lambda_search=True, complete=status.complete, total=status.total, finished=status.finished)
