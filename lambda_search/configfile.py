@@ -15,6 +15,7 @@ import tomllib
 
 from .config import (
     FINAL_SUFFIX,
+    ROOT_IS_DATA,
     SECTIONS,
     Config,
     ConfigError,
@@ -25,7 +26,8 @@ from .config import (
     study_name_ok,
 )
 
-__all__ = ["load_config", "resolve_config", "parse_override", "config_diff", "storage_tag", "IDENTITY_EXEMPT"]
+__all__ = ["load_config", "resolve_config", "parse_override", "config_diff", "data_differences", "storage_tag",
+           "IDENTITY_EXEMPT"]
 
 # Keys that say where and how fast a study runs, not what it computes: they may differ when
 # a study is resumed or joined by a worker on another machine. What changes the rounding of
@@ -231,3 +233,13 @@ def config_diff(stored, given, exempt=IDENTITY_EXEMPT) -> list[tuple[str, object
     (``stored``, ``given``: Configs, or their TOML tables)."""
     a, b = (_flatten(c.to_dict() if isinstance(c, Config) else c) for c in (stored, given))
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in exempt and a.get(k) != b.get(k)]
+
+
+def data_differences(stored, given: Config) -> list[tuple[str, object, object]]:
+    """The ``data.*`` keys (as :func:`config_diff` gives them) in which ``given`` names other
+    images than ``stored``: where they lie aside (data.root, data.download), except for a data
+    set that is its folder (an image folder), and data.test (the final evaluation's own)."""
+    exempt = IDENTITY_EXEMPT | {"data.test"}
+    if given.data.dataset in ROOT_IS_DATA:
+        exempt = exempt - {"data.root"}
+    return [d for d in config_diff(stored, given, exempt) if d[0].startswith("data.")]

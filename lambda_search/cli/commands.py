@@ -223,7 +223,7 @@ def _evaluation_figures(args: argparse.Namespace, table: dict) -> list:
     status = study_status(store, args.study)
     search_plot = default_plot_path(status)
     paths = [_written(plot_evaluation, table, evaluation_plot_path(search_plot), make_folder=True)]
-    evaluation = read_evaluation(store, args.study)
+    evaluation = next((c for c in table["columns"] if c["column"] is None), None)  # (the searched one, as read)
     if evaluation:
         paths.append(_write_plot(status, search_plot, args.prefer, make_folder=True, evaluation=evaluation))
     return paths

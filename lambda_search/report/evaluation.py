@@ -5,8 +5,8 @@ that ``lambda_search.search.evaluate`` runs), as the paper's Table 2 shows it. N
 
 from __future__ import annotations
 
-from ..config import HELD_OUT_TEST, ROOT_IS_DATA, TEST_SPLITS, Config, DataSection, final_parts
-from ..configfile import IDENTITY_EXEMPT, config_diff
+from ..config import HELD_OUT_TEST, TEST_SPLITS, Config, DataSection, final_parts
+from ..configfile import data_differences
 from ..nn.registry import MODEL_LABELS
 from ..points import format_lambda, signed_pp, summarize
 from ..store.status import (
@@ -47,7 +47,7 @@ def read_evaluation(store: Store, name: str) -> dict | None:
     fname = final_study_name(name)
     if CONFIG_ATTR not in store.study_attrs(fname):  # none, or killed as it was made
         return None
-    return _column(store, name, fname)
+    return _column(store, study_status(store, name), fname)
 
 
 def read_evaluations(store: Store, name: str, holm: bool = False) -> dict | None:
@@ -58,7 +58,8 @@ def read_evaluations(store: Store, name: str, holm: bool = False) -> dict | None
     names = final_study_names(store, name)
     if not names:
         return None
-    columns = [_column(store, name, fname) for fname in names]
+    search = study_status(store, name)  # (read once: each column shows its cross-validation or data against it)
+    columns = [_column(store, search, fname) for fname in names]
     if holm:
         diffs = [c["difference"] or {} for c in columns]
         for d, p in zip(diffs, holm_correction([d.get("p") for d in diffs])):
@@ -71,9 +72,7 @@ def read_evaluations(store: Store, name: str, holm: bool = False) -> dict | None
 
 def _data_label(search: Config, final: Config) -> str:
     """The data set of a final evaluation, and what of its data section differs from the search's."""
-    exempt = IDENTITY_EXEMPT - {"data.root"} if final.data.dataset in ROOT_IS_DATA else IDENTITY_EXEMPT
-    diffs = [f"{k[5:]}={v}" for k, _, v in config_diff(search, final, exempt)
-             if k.startswith("data.") and k not in ("data.test", "data.dataset") and v is not None]
+    diffs = [f"{k[5:]}={v}" for k, _, v in data_differences(search, final) if k != "data.dataset" and v is not None]
     return final.data.dataset + (f" ({', '.join(diffs)})" if diffs else "")
 
 
@@ -98,11 +97,11 @@ def holm_correction(ps: list) -> list:
     return out
 
 
-def _column(store: Store, name: str, fname: str) -> dict:
-    final = study_status(store, fname)
+def _column(store: Store, search: StudyStatus, fname: str) -> dict:
+    final, name = study_status(store, fname), search.name
     attrs = store.study_attrs(fname).get(EVALUATE_ATTR, {})
     searched = fname == final_study_name(name)  # the cross-validated accuracies are of this network and data
-    cv = {s.e_lambda: s for s in lambda_stats(study_status(store, name))} if searched else {}
+    cv = {s.e_lambda: s for s in lambda_stats(search)} if searched else {}
     networks = []
     for attention in ("simam", "none"):
         if any(p.point.attention == attention for p in final.points):
@@ -119,7 +118,7 @@ def _column(store: Store, name: str, fname: str) -> dict:
     column = final_parts(fname)[1]
     return {"study": name, "final_study": fname, "column": column,
             "data_tag": column.split("@", 1)[1] if column and "@" in column else None,
-            "data_label": _data_label(study_status(store, name).config, config),
+            "data_label": _data_label(search.config, config),
             "e_lambda": config.search.lambdas[0], "chosen_by": attrs.get("chosen_by"), "prefer": attrs.get("prefer"),
             "seeds": config.search.repeats, "model": config.model.name, "dataset": config.data.dataset,
             "test_split": _test_split(config.data), "networks": networks,

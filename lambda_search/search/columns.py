@@ -8,12 +8,11 @@ user's study name (which holds no ':') can be one.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import fields
 from pathlib import Path
 
-from ..config import ROOT_IS_DATA, Config, ConfigError, DataSection, ModelSection
-from ..configfile import parse_override, resolve_config
+from ..config import Config, ConfigError, DataSection, ModelSection
+from ..configfile import data_differences, parse_override, resolve_config
 from ..data.datasets import dataset_fingerprint
 from ..data.folds import folds_fingerprint
 from ..nn.registry import network_spec
@@ -87,11 +86,7 @@ def other_data(config: Config, overrides) -> DataSection | None:
 def searched_data(config: Config, data: DataSection) -> bool:
     """Whether ``data`` is the searched data set, wherever it lies (``data.root`` and
     ``data.download`` aside, except for a data set that is its folder: an image folder)."""
-    def identity(d: DataSection) -> dict:
-        where = ("download", "test") if d.dataset in ROOT_IS_DATA else ("root", "download", "test")
-        return {k: v for k, v in dataclasses.asdict(d).items() if k not in where}
-
-    return identity(data) == identity(config.data)
+    return not data_differences(config, config.replace("data", **{f.name: getattr(data, f.name) for f in fields(data)}))
 
 
 def data_tag(plan: Plan) -> str:

@@ -32,8 +32,15 @@ def _spawn(name: str, url: str, label: str, device: str, workers: int, overrides
            "--device", device, "--workers-total", str(workers)]
     for o in overrides:
         cmd += ["--set", o]
-    env = {**os.environ, STORAGE_ENV: url, "LAMBDA_SEARCH_SUPERVISED": "1"}  # (see lambda_search.__main__)
-    return subprocess.Popen(cmd, env=env)
+    env = {**os.environ, STORAGE_ENV: url}
+    # born ignoring SIGINT (kept across exec; Python leaves it so): a Ctrl-C in the terminal, which reaches the
+    # whole process group, must not kill a worker still starting Python; its search stops it (SIGTERM), and once
+    # the worker runs, its own handlers take SIGINT as a clean stop
+    return subprocess.Popen(cmd, env=env, preexec_fn=_ignore_sigint)
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _cores() -> int:
