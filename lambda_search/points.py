@@ -108,6 +108,7 @@ class PointStatus:
     trial_number: int | None = None
     attempts: int = 0
     reason: str | None = None
+    worker: str | None = None  # a running point's: who runs it (host:pid, its Slurm job)
 
     @property
     def fold_accuracies(self) -> list[float | None]:
@@ -125,7 +126,8 @@ class PointStatus:
                 "fold_accuracies": self.fold_accuracies,
                 "fold_seconds": [self.folds.get(n, {}).get("seconds") for n in self.fold_names],
                 "fold_numerics": [self.folds.get(n, {}).get("numerics") for n in self.fold_names],
-                "trial": self.trial_number, "attempts": self.attempts, "reason": self.reason}
+                "trial": self.trial_number, "attempts": self.attempts, "reason": self.reason,
+                "worker": self.worker}
 
 
 def fold_accuracies(records: dict, names: list[str]) -> list[float | None]:
@@ -148,6 +150,8 @@ def numerics_label(numerics: dict | None) -> str:
     """One line: where and how a fold was trained."""
     if not numerics:
         return "not recorded (trained before lambda_search recorded numerics)"
+    if "resumed_under" in numerics:  # a fold resumed from a checkpoint made under other numerics
+        return "resumed under other numerics: " + ", then ".join(numerics_label(n) for n in numerics["resumed_under"])
     n = numerics
     parts = [f"{n['device']} ({n['processor']}" + (f", {n['isa']})" if n.get("isa") else ")"), n["dtype"]]
     if n.get("autocast"):

@@ -88,6 +88,19 @@ CASES = [
     (["delete", "--storage", DB, "--study", "tiny:final"], "is a companion of study 'tiny': delete it with --study"),
     (["delete", "--storage", DB, "--study", "tiny"], "no one can answer here: give --yes to delete without asking"),
     (["search", "{tmp}/tiny.toml", "--set", "study.name='no way'"], "study.name must be a name of letters, digits"),
+    # a Slurm job array: what its tasks could not share, values Slurm would not take
+    (["submit", "search", "{tmp}/tiny.toml", "--tasks", "2"], "SQLite is one machine's database"),
+    (["submit", "search", "{tmp}/tiny.toml", "--tasks", "0"], "argument --tasks: must be an integer >= 1, got '0'"),
+    (["submit", "resume", "--storage", DB, "--study", "tiny", "--tasks", "2", "--node", "n1", "--time", "25h"],
+     "--time must be one of Slurm's time formats"),
+    (["submit", "search", "{tmp}/tiny.toml", "--tasks", "2", "--node", "n1", "--mem", "lots"], "got 'lots'"),
+    (["submit", "search", "{tmp}/tiny.toml", "--tasks", "2", "--node", "n1", "--time", "5", "--warn-seconds", "600"],
+     "--warn-seconds 600 must be shorter than the time limit (--time 5: 300 s)"),
+    (["submit", "evaluate", "--storage", DB, "--study", "nope", "--tasks", "2", "--node", "n1"],
+     "no study named 'nope'"),
+    (["submit", "resume", "--storage", DB, "--study", "tiny:final", "--tasks", "2", "--node", "n1"], "tiny:final"),
+    (["submit", "search", "{tmp}/tiny.toml", "--tasks", "2", "--node", "n1", "--sbatch", "constraint=a100"],
+     "--sbatch takes an sbatch option such as --constraint=a100, got 'constraint=a100'"),
 ]
 
 

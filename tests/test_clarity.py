@@ -12,8 +12,7 @@ import pandas as pd
 import pytest
 
 import lambda_search as ls
-from lambda_search.cli import commands as cli
-from lambda_search.cli import main
+from lambda_search.cli import common, main
 from lambda_search.report import select as _select
 from lambda_search.store import status as _status
 
@@ -146,9 +145,10 @@ def test_the_progress_line_fits_the_terminal(monkeypatch, columns):
         def write(self, text):
             written.append(text)
 
-    monkeypatch.setattr(cli.sys, "stderr", Tty())
-    monkeypatch.setattr(cli.shutil, "get_terminal_size", lambda fallback: __import__("os").terminal_size((columns, 24)))
-    show = cli._progress()
+    monkeypatch.setattr(common.sys, "stderr", Tty())
+    monkeypatch.setattr(common.shutil, "get_terminal_size",
+                        lambda fallback: __import__("os").terminal_size((columns, 24)))
+    show = common.progress()
     show("x" * 300)
     line = written[0].strip("\r")
     assert len(line) == columns - 1

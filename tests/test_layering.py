@@ -24,8 +24,8 @@ LAYERS = {
     "store": ["failures", "locks", "storage", "status", "claims"],
     "bench": ["projection", "measure", "run"],
     "report": ["select", "tables", "plot", "evaluation", "evaluation_plot"],
-    "search": ["worker", "supervise", "study", "columns", "evaluate", "delete"],
-    "cli": ["parser", "commands"],
+    "search": ["worker", "supervise", "study", "columns", "evaluate", "delete", "slurm", "submit"],
+    "cli": ["parser", "common", "cluster", "commands"],
 }
 ORDER = [f"{pkg}.{m}" if pkg else m for pkg, modules in LAYERS.items() for m in modules]
 GROUND = ("config", "configfile", "points", "strategy")

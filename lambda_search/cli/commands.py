@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
 import warnings
@@ -22,42 +21,21 @@ from ..report.plot import default_plot_path, plot_figure4
 from ..report.select import format_selection, nothing_selected, select
 from ..report.tables import export_tables, format_studies, status_table, table_text
 from ..store.failures import StorageError, StorageFailure
-from ..store.status import STORAGE_ENV, StudyError, check_search_name, list_studies, study_status
+from ..store.status import StudyError, check_search_name, list_studies, study_status
 from ..store.storage import open_store
 from . import parser as _parser
+from .cluster import run_submit, run_worker
+from .common import interrupted as _interrupted
+from .common import note as _note
+from .common import progress as _progress
+from .common import say as _say
+from .common import stop_on_signals
+from .common import url_of as _url
 
 # The commands that train import the training stack (torch) when they run: the reading
 # commands (status, studies, select, plot, export) work where torch is not installed.
 
 USER_ERRORS = (ConfigError, StorageError, StudyError)
-
-
-class _Stop:
-    """A flag set by SIGINT or SIGTERM; a second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.signal = None
-
-    def __call__(self) -> bool:
-        return self.signal is not None
-
-    def handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = signum
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """Within the block, SIGINT and SIGTERM ask for a clean stop: the fold in flight saves
-    its checkpoint, the trial is marked interrupted and the process can exit."""
-    stop = _Stop()
-    previous = {s: signal.signal(s, stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -76,28 +54,6 @@ def _models(args: argparse.Namespace) -> int:
             count = sum(p.numel() for p in model.parameters())
             print(f"{name:<{width}} {shortcut or '-':>8} {args.num_classes:>8} {count:>12,}")
     return 0
-
-
-def _say(text: str) -> None:
-    print(text, flush=True)
-
-
-def _progress():
-    """Per-epoch progress, on a terminal only: one line, rewritten."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(text: str) -> None:
-        width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)  # never wraps, however narrow
-        sys.stderr.write("\r" + text[:width].ljust(width) + "\r")
-        sys.stderr.flush()
-    return show
-
-
-def _interrupted(stop) -> int:
-    print("interrupted: finished folds and checkpoints are kept; run the same command again to resume",
-          file=sys.stderr)
-    return 128 + int(stop.signal)
 
 
 def _write_plot(status, path, prefer="larger", make_folder=False, evaluation=None):
@@ -142,13 +98,6 @@ def _search(args: argparse.Namespace) -> int:
     with stop_on_signals() as stop:
         _, status = run_search(config, workers=args.workers, log=_say, progress=_progress(), should_stop=stop)
     return _finish(status, stop)
-
-
-def _url(args: argparse.Namespace) -> str:
-    url = args.storage or os.environ.get(STORAGE_ENV)
-    if not url:
-        raise StorageError(f"{args.command} needs --storage URL (or the {STORAGE_ENV} environment variable)")
-    return url
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -227,27 +176,6 @@ def _evaluation_figures(args: argparse.Namespace, table: dict) -> list:
     if evaluation:
         paths.append(_write_plot(status, search_plot, args.prefer, make_folder=True, evaluation=evaluation))
     return paths
-
-
-def _note(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def _worker(args: argparse.Namespace) -> int:
-    from ..search.worker import run_worker
-
-    store = open_store(_url(args), write=True)
-    label = f"[{args.label}] " if args.label else ""
-    with stop_on_signals() as stop:
-        counts = run_worker(store, args.study, overrides=args.set, device=args.device, label=label,
-                            log=_say, progress=_progress(), should_stop=stop, n_workers=args.workers_total or 1)
-    if stop():
-        return _interrupted(stop)
-    status = study_status(store, args.study)
-    ran = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no point"
-    _say(f"{label}worker done: ran {ran}; study {args.study!r}: {status.complete} of {status.total} points complete"
-         + (", finished" if status.finished else ""))
-    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -344,9 +272,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 READS_A_SEARCH = ("resume", "status", "select", "plot", "export")  # (a final evaluation's study is read by status)
-COMMANDS = {"search": _search, "resume": _resume, "evaluate": _evaluate, "worker": _worker, "bench": _bench,
-            "delete": _delete, "studies": _studies, "status": _status, "select": _select, "plot": _plot,
-            "export": _export, "models": _models}
+COMMANDS = {"search": _search, "resume": _resume, "evaluate": _evaluate, "worker": run_worker, "submit": run_submit,
+            "bench": _bench, "delete": _delete, "studies": _studies, "status": _status, "select": _select,
+            "plot": _plot, "export": _export, "models": _models}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,9 @@ def _lam(point) -> str:
 def status_table(status: StudyStatus) -> str:
     """A plain-text table of the points: lambda, repeat, state, folds done, mean +- std (%)."""
     repeats = status.config.search.repeats > 1
-    head = ["lambda"] + (["repeat"] if repeats else []) + ["state", "folds", "val acc % (mean +- std)"]
+    held = any(p.worker for p in status.points)
+    head = (["lambda"] + (["repeat"] if repeats else []) + ["state", "folds", "val acc % (mean +- std)"]
+            + (["run by"] if held else []))
     rows = []
     for p in status.points:
         acc = ""
@@ -34,7 +36,7 @@ def status_table(status: StudyStatus) -> str:
         elif p.state == "diverged":
             acc = "diverged"
         rows.append([_lam(p.point)] + ([str(p.point.repeat)] if repeats else [])
-                    + [p.state, f"{p.folds_done}/{len(p.fold_names)}", acc])
+                    + [p.state, f"{p.folds_done}/{len(p.fold_names)}", acc] + ([p.worker or ""] if held else []))
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows]
     ddof = "std over folds, ddof=1"

@@ -16,6 +16,7 @@ run the same way; a study name of a user's holds no ':', so none can collide wit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from ..config import HELD_OUT_TEST, Config, ConfigError, DataSection, check_lambda, final_parts
@@ -40,7 +41,7 @@ from .columns import data_tag, final_config, held_checkpoints, other_data, searc
 from .study import check_resumable, resume_config, run_search
 from .study import dry_run as study_dry_run
 
-__all__ = ["run_evaluation"]
+__all__ = ["run_evaluation", "plan_evaluation", "EvaluationPlan"]
 
 def _check(seeds: int, e_lambda: float | None, prefer: str, networks) -> None:
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
@@ -79,10 +80,10 @@ def _testable(data: DataSection, search: str, searched: bool) -> None:
                           "fraction in (0, 1)")
 
 
-def _same_data(store: Store, name: str, config: Config) -> None:
+def _same_data(store: Store, name: str, config: Config, device: str | None) -> None:
     """The training set the search cross-validated, whatever ``--set data.root`` says: the
     folds' fingerprint of ``config`` must be the stored one."""
-    if make_plan(config).fingerprint != store.study_attrs(name).get(FINGERPRINT_ATTR):
+    if make_plan(config, device).fingerprint != store.study_attrs(name).get(FINGERPRINT_ATTR):
         raise StudyError(f"the data set or its folds differ from those study {name!r} was made with; check data.root "
                          "(--set data.root=...): the final evaluation trains on the images the search saw")
 
@@ -114,20 +115,64 @@ def _check_final(store: Store, name: str, final: str, e_lambda: float, seeds: in
 
 
 def _finals(store: Store, status: StudyStatus, config: Config, lam: float, seeds: int, networks,
-            data: DataSection | None, moved: bool) -> list[Config]:
+            data: DataSection | None, moved: bool, device: str | None) -> list[Config]:
     """Every final evaluation asked for, each checked (its data and network loaded, a column
     made before against it) before any is stored or trained."""
     _testable(data or config.data, status.name, data is None)
     if data is None:
-        _same_data(store, status.name, config)
-    tag = data_tag(make_plan(final_config(config, lam, 1, data=data, tag="probe"))) if data is not None else None
+        _same_data(store, status.name, config, device)
+    tag = None if data is None else data_tag(make_plan(final_config(config, lam, 1, data=data, tag="probe"), device))
     finals = [final_config(config, lam, seeds, network, data, tag) for network in networks or [config.model.name]]
     if not moved:  # (--set study.checkpoint_dir moves them all)
         finals = [held_checkpoints(store, final) for final in finals]
     for final in finals:
         _check_final(store, status.name, final.study.name, lam, seeds)
-        check_resumable(store, final, make_plan(final))  # the data set, the network, its smallest input, every value
+        check_resumable(store, final, make_plan(final, device))  # data, network, smallest input, every value
     return finals
+
+
+@dataclass
+class EvaluationPlan:
+    """The final evaluations asked for, each checked: their configs (one study each), the
+    choice stored with each before its first trial, the storage."""
+
+    store: Store
+    name: str
+    finals: list[Config]
+    chosen: dict
+    said: str  # what it evaluates, one line
+
+    @property
+    def studies(self) -> list[str]:
+        return [f.study.name for f in self.finals]
+
+
+def plan_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | None = None, prefer: str = "larger",
+                    networks=None, overrides=(), write: bool = True, device: str | None = None) -> EvaluationPlan:
+    """Check everything :func:`run_evaluation` would train (the study finished, the lambda,
+    the networks, the data), storing nothing. ``device``: the device to check the plans on
+    instead of train.device (``submit`` on a login node without the study's GPU)."""
+    _check(seeds, e_lambda, prefer, networks)
+    if final_parts(name) is not None:
+        raise StudyError(f"study {name!r} is a final evaluation: evaluate its search, --study {final_parts(name)[0]}")
+    store = open_store(url, write=write)  # (a dry run reads: it repairs nothing, stores nothing)
+    status = study_status(store, name)
+    data = other_data(status.config, overrides)
+    config = resume_config(url, name, [o for o in overrides if data is None or parse_override(o)[0] != "data"])
+    if data is not None and searched_data(config, data):  # the searched data set, where the overrides say it lies
+        config, data = config.replace("data", root=data.root, download=data.download), None
+    _evaluable(status)
+    lam, how = _choice(status, e_lambda, prefer)
+    moved = any(parse_override(o)[:2] == ("study", "checkpoint_dir") for o in overrides)
+    finals = _finals(store, status, config, lam, seeds, networks, data, moved, device)
+    chosen = {EVALUATE_ATTR: {"e_lambda": lam, "chosen_by": how, "seeds": seeds,  # stored before the first trial
+                              "prefer": None if e_lambda is not None else prefer}}
+    said = (f"final evaluation of study {name!r}: lambda = {format_lambda(lam)}, {how}, and "
+            f"{'the baseline' if config.search.baseline else 'no baseline (search.baseline = false)'}, "
+            f"{plural(seeds, 'seed')} each (seed N is repeat N), as "
+            + ", ".join(f"study {f.study.name!r} ({MODEL_LABELS.get(f.model.name, f.model.name)}, {f.data.dataset})"
+                        for f in finals))
+    return EvaluationPlan(store, name, finals, chosen, said)
 
 
 def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | None = None, prefer: str = "larger",
@@ -141,35 +186,18 @@ def run_evaluation(url: str, name: str, *, seeds: int = 3, e_lambda: float | Non
     ``networks`` (names), each of them instead of the searched network; with ``--set
     data.KEY=...`` among ``overrides``, on that data set (:func:`other_data`): each (network,
     data set) its own companion study, so a later run with more of them reuses what is done.
-    Everything is checked before anything is stored; the other ``overrides`` change where
-    and how fast it runs, as for ``resume``. With ``dry_run``, what each would train and its
-    projection are logged, and nothing is stored or trained."""
-    _check(seeds, e_lambda, prefer, networks)
-    if final_parts(name) is not None:
-        raise StudyError(f"study {name!r} is a final evaluation: evaluate its search, --study {final_parts(name)[0]}")
-    store = open_store(url, write=not dry_run)  # (a dry run reads: it repairs nothing, stores nothing)
-    status = study_status(store, name)
-    data = other_data(status.config, overrides)
-    config = resume_config(url, name, [o for o in overrides if data is None or parse_override(o)[0] != "data"])
-    if data is not None and searched_data(config, data):  # the searched data set, where the overrides say it lies
-        config, data = config.replace("data", root=data.root, download=data.download), None
-    _evaluable(status)
-    lam, how = _choice(status, e_lambda, prefer)
-    moved = any(parse_override(o)[:2] == ("study", "checkpoint_dir") for o in overrides)
-    finals = _finals(store, status, config, lam, seeds, networks, data, moved)
-    chosen = {EVALUATE_ATTR: {"e_lambda": lam, "chosen_by": how, "seeds": seeds,  # stored before the first trial
-                              "prefer": None if e_lambda is not None else prefer}}
-    log(f"final evaluation of study {name!r}: lambda = {format_lambda(lam)}, {how}, and "
-        f"{'the baseline' if config.search.baseline else 'no baseline (search.baseline = false)'}, "
-        f"{plural(seeds, 'seed')} each (seed N is repeat N), as "
-        + ", ".join(f"study {f.study.name!r} ({MODEL_LABELS.get(f.model.name, f.model.name)}, {f.data.dataset})"
-                    for f in finals))
-    for final in finals:
+    Everything is checked before anything is stored (:func:`plan_evaluation`); the other
+    ``overrides`` change where and how fast it runs, as for ``resume``. With ``dry_run``, what
+    each would train and its projection are logged, and nothing is stored or trained."""
+    ev = plan_evaluation(url, name, seeds=seeds, e_lambda=e_lambda, prefer=prefer, networks=networks,
+                         overrides=overrides, write=not dry_run)
+    log(ev.said)
+    for final in ev.finals:
         if should_stop is not None and should_stop():
             break
         if dry_run:  # what it would train, and the projection: nothing stored
             for line in study_dry_run(final):
                 log("  " + line)
             continue
-        run_search(final, workers=workers, log=log, progress=progress, should_stop=should_stop, attrs=chosen)
-    return asked_table(read_evaluations(store, name, holm=holm), name, [f.study.name for f in finals])
+        run_search(final, workers=workers, log=log, progress=progress, should_stop=should_stop, attrs=ev.chosen)
+    return asked_table(read_evaluations(ev.store, name, holm=holm), name, ev.studies)

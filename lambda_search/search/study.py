@@ -38,7 +38,7 @@ from ..train.plan import Plan, make_plan
 from .supervise import run_processes, worker_count
 from .worker import describe_pin, pin_numerics, run_worker, worker_config
 
-__all__ = ["create_or_resume", "check_resumable", "run_search", "resume_config", "dry_run"]
+__all__ = ["create_or_resume", "check_resumable", "prepare_search", "run_search", "resume_config", "dry_run"]
 
 
 def _versions() -> dict:
@@ -153,6 +153,19 @@ def resume_config(url: str, name: str, overrides=()) -> Config:
     return worker_config(store, name, overrides).replace("study", storage=url)
 
 
+def prepare_search(config: Config, *, resume_only: bool = False, attrs: dict | None = None,
+                   device: str | None = None) -> tuple[Store, Plan, str]:
+    """What every run of ``config``'s study does first: check everything (the data, folds and
+    every value), then create the study or check the stored one against ``config``, training
+    nothing. ``device``: where to check the plan instead of train.device (``submit`` on a
+    login node without the study's GPU). Returns (the store, the plan, "created"|"resumed")."""
+    plan = make_plan(config, device)  # data, folds and every value checked first
+    store = open_store(config.study.storage, create=not resume_only, write=True)
+    how = create_or_resume(store, config, plan, attrs)
+    plan.config = _absolute(config)
+    return store, plan, how
+
+
 def run_search(config: Config, *, workers: int | str | None = None, log: Callable[[str], None] = print,
                progress: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
                resume_only: bool = False, attrs: dict | None = None) -> tuple[str, StudyStatus]:
@@ -170,11 +183,8 @@ def _run_search(config: Config, *, workers: int | str | None = None, log: Callab
                 progress: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
                 resume_only: bool = False, attrs: dict | None = None) -> tuple[str, StudyStatus]:
     should_stop = should_stop or (lambda: False)
-    plan = make_plan(config)  # data, folds and every value checked first
+    store, plan, how = prepare_search(config, resume_only=resume_only, attrs=attrs)
     name = config.study.name
-    store = open_store(config.study.storage, create=not resume_only, write=True)
-    how = create_or_resume(store, config, plan, attrs)
-    plan.config = _absolute(config)
     status = _effective(study_status(store, name), plan.config)
     log(f"study {name!r} {how} in {store.shown}: {status.complete} of {status.total} points complete")
     if status.finished:

@@ -107,7 +107,7 @@ def _tell(store: Store, claim: Claim, outcome, names: list[str], checkpoint_dir,
         remove_checkpoints(checkpoint_dir, point)
         log(f"trial {number} FAILED: {point.label(test)} {outcome.reason}")
     else:
-        log(f"trial {number} interrupted: {point.label(test)}; {words['kept']} kept")
+        log(f"trial {number} interrupted: {point.label(test)}, {outcome.reason}; {words['kept']} kept")
 
 
 def _run_claim(store: Store, plan: Plan, claim: Claim, engines: Engines, *, checkpoint_dir, log, progress,

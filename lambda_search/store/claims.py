@@ -19,10 +19,10 @@ from optuna.trial import TrialState, create_trial
 
 from ..config import Config
 from ..points import Point
-from .status import POINT_ATTR, all_trials, baseline_study_name, live_trials, point_statuses
+from .status import POINT_ATTR, WORKER_ATTR, all_trials, baseline_study_name, live_trials, point_statuses
 from .storage import Store
 
-__all__ = ["Claim", "claim_next", "record_outcome"]
+__all__ = ["Claim", "claim_next", "record_outcome", "holder"]
 
 
 @dataclass
@@ -34,6 +34,22 @@ class Claim:
     lease: object
     folds_done: int = 0  # of the study's points, when it was claimed (for progress lines)
     folds_total: int = 0
+
+
+def holder(environ=None) -> str:
+    """Who runs a point: ``host:pid``, and the Slurm job (``JOB_TASK`` of a job array, and how
+    often it was requeued) where the worker runs in one."""
+    env = os.environ if environ is None else environ
+    who = f"{socket.gethostname()}:{os.getpid()}"
+    array, task, job = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID"), env.get("SLURM_JOB_ID")
+    if array and task:
+        who += f", slurm job {array}_{task}"
+    elif job:
+        who += f", slurm job {job}"
+    restarts = env.get("SLURM_RESTART_COUNT", "0")
+    if (array or job) and restarts not in ("", "0"):
+        who += f" (requeued {restarts}x)"
+    return who
 
 
 def claim_next(store: Store, name: str, config: Config) -> Claim | str:
@@ -74,7 +90,7 @@ def _open(store: Store, name: str, config: Config, s) -> Claim:
         dists["repeat"] = IntDistribution(0, config.search.repeats - 1)
     template = create_trial(
         state=TrialState.RUNNING, params=params, distributions=dists,
-        system_attrs={POINT_ATTR: point.key, "lambda_search:worker": f"{socket.gethostname()}:{os.getpid()}"},
+        system_attrs={POINT_ATTR: point.key, WORKER_ATTR: holder()},
         user_attrs={"e_lambda": point.e_lambda, "repeat": point.repeat, "attention": point.attention,
                     "fold_names": s.fold_names, "fold_results": s.folds, "fold_accuracies": s.fold_accuracies})
     trial_id = store.add_trial(study, template)

@@ -35,6 +35,7 @@ CONFIG_ATTR = "lambda_search:config"
 FINGERPRINT_ATTR = "lambda_search:fingerprint"
 VERSIONS_ATTR = "lambda_search:versions"
 POINT_ATTR = "lambda_search:point"
+WORKER_ATTR = "lambda_search:worker"  # on a trial: who runs it (claims.holder: host:pid, its Slurm job)
 RUN_ATTR = "lambda_search:run"  # a study's own id: its checkpoint folders carry it (never another's adopted)
 NUMERICS_ATTR = "lambda_search:numerics"  # device kind -> the pin its workers use (see _numerics)
 EVALUATE_ATTR = "lambda_search:evaluate"  # on NAME:final: its lambda and how it was chosen
@@ -188,8 +189,10 @@ def _point_status(
             if record.get("status") in ("completed", "diverged"):
                 status.folds[fold] = record
     running = [t for t in trials if t.state == TrialState.RUNNING]
-    if any(alive(t._trial_id) for t in running):
-        status.state, status.trial_number = "running", running[-1].number
+    held = [t for t in running if alive(t._trial_id)]
+    if held:
+        status.state, status.trial_number = "running", held[-1].number
+        status.worker = held[-1].system_attrs.get(WORKER_ATTR)
     elif trials:
         status.state = "interrupted"
         last = max(trials, key=lambda t: t.number)

@@ -9,6 +9,7 @@ is stored. No Optuna here: the store and search layers keep what this layer comp
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -248,24 +249,49 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
         if not group:
             continue
         paths = [folder / f"{f.name}.pt" if folder is not None else None for f in group]
+        numerics = training_numerics(engine, plan.train, len(group))
+        trained_under = [resumed_numerics(path, numerics) for path in paths]
         results = train_group(plan.data, group, point.e_lambda, plan.train, seeds=[plan.train_seed(f) for f in group],
                               model=model.name, attention=point.attention, shortcut=model.shortcut,
                               engine=engine, checkpoints=paths, on_epoch=on_epoch, should_stop=should_stop,
                               packs=packs)
-        numerics = training_numerics(engine, plan.train, len(group))
-        for fold, result in zip(group, results):  # finished folds are kept, also when others stopped
+        for fold, result, under in zip(group, results, trained_under):  # finished folds kept, also when others stopped
             if result.status != "stopped":
-                records[fold.name] = fold_record(result, numerics, len(fold.val))
+                records[fold.name] = fold_record(result, under, len(fold.val))
                 if on_fold is not None:
                     on_fold(fold, records[fold.name], records)
         for fold, result in zip(group, results):
             if result.status == "diverged":
                 return PointOutcome("diverged", records, reason=_diverged(fold.name, records[fold.name]))
-        stopped = [f.name for f, r in zip(group, results) if r.status == "stopped"]
-        if stopped:
+        stopped = [f"{f.name} at step {r.iterations}" for f, r in zip(group, results) if r.status == "stopped"]
+        if stopped:  # (each at the step it stopped at: its checkpoint's, where it has one)
             return PointOutcome("stopped", records, reason=f"interrupted in fold {', '.join(stopped)}")
     accuracies = [records[f.name]["val_accuracy"] for f in plan.folds_of(point.repeat)]
     return PointOutcome("completed", records, summary=summarize(accuracies))
+
+
+def resumed_numerics(path: Path | None, numerics: dict) -> dict:
+    """What a fold about to train from its checkpoint ``path`` (where there is one) is trained
+    under: ``numerics``, or ``{"resumed_under": [...]}`` where the checkpoint was made under
+    other numerics (a task requeued onto another kind of device, another thread count: the
+    fold is then reported as trained under mixed numerics). The numerics a checkpoint was
+    made under lie beside it, written before it trains on."""
+    if path is None:
+        return numerics
+    beside = path.with_name(path.name + ".numerics")
+    history = []
+    if path.exists():
+        try:
+            history = json.loads(beside.read_text())
+        except (OSError, ValueError):
+            history = []
+    if not history or history[-1] != numerics:
+        history.append(numerics)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = beside.with_name(f".{beside.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(history))
+        os.replace(tmp, beside)
+    return history[0] if len(history) == 1 else {"resumed_under": history}
 
 
 def _diverged(fold: str, record: dict) -> str:

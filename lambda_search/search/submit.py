@@ -1,0 +1,121 @@
+"""``lambda-search submit``: a study's workers as one Slurm job array (see ``slurm``).
+
+Everything is checked before anything is stored or submitted: the job's options, the config
+or study (its data and values, on the CPU where this machine lacks the study's GPU: a login
+node), that every task can share the storage and the checkpoint folder, and the job itself
+(``sbatch --test-only``). Then the study is made (for an evaluation, each final study with the
+chosen lambda), so that the tasks only join it, and the job is submitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..config import Config
+from ..configfile import IDENTITY_EXEMPT, parse_override
+from ..store.failures import failures
+from ..store.status import check_search_name
+from ..train.numerics import device_kind
+from .evaluate import plan_evaluation
+from .slurm import SlurmJob, check_shared, job_script, password_free, sbatch
+from .study import prepare_search, resume_config
+
+__all__ = ["Submission", "submit_search", "submit_resume", "submit_evaluate"]
+
+
+@dataclass
+class Submission:
+    """What ``submit`` made: the script, the studies its workers run, the job id (None where
+    only printed) and the commands to watch it."""
+
+    script: str
+    studies: list[str]
+    url: str
+    job_id: str | None = None
+    logs: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def watch(self) -> list[str]:
+        url = password_free(self.url)
+        return [f"squeue -j {self.job_id}          # its tasks: pending, running, requeued",
+                f"lambda-search status --storage {url} --study {self.studies[0]}   # its points, who runs each",
+                f"scancel {self.job_id}            # stop every task (each saves its checkpoint first)",
+                f"logs: {self.logs}/<job name>-{self.job_id}_<task>.out"]
+
+
+def _check_device(config: Config) -> str | None:
+    """Where to check the study's plans here: its own device, or the CPU where it asks for a
+    GPU this machine lacks (a login node: the tasks' GPUs are checked by the workers)."""
+    if device_kind(config.train.device) == "cuda" and not torch.cuda.is_available():
+        return "cpu"
+    return None
+
+
+def _worker_overrides(overrides) -> list[str]:
+    """The --set each worker takes: those that change where and how fast it runs."""
+    return [o for o in overrides if ".".join(parse_override(o)[:2]) in IDENTITY_EXEMPT]
+
+
+def _submit(job: SlurmJob, url: str, studies: list[str], what: str, config: Config, overrides,
+            make: Callable[[], None], print_only: bool, log) -> Submission:
+    """The steps every submission takes, in order: check that the tasks can share the study,
+    write the script, have Slurm check it, make the study, submit."""
+    check_shared(url, {"study.checkpoint_dir": config.study.checkpoint_dir, "--logs": job.logs}, job.node)
+    script = job_script(job, studies, url, what, _worker_overrides(overrides))
+    done = Submission(script, studies, url, logs=str(Path(job.logs).expanduser().resolve()))
+    if print_only:
+        return done
+    sbatch(script, url, test_only=True)  # Slurm's own checks (partition, account, limits) before anything is stored
+    with failures():
+        make()
+    Path(done.logs).mkdir(parents=True, exist_ok=True)  # (Slurm does not make it: a task would fail unseen)
+    done.job_id = sbatch(script, url)
+    log(f"submitted job {done.job_id}: {job.tasks} worker{'s' if job.tasks > 1 else ''} of {what}")
+    return done
+
+
+def submit_search(config: Config, job: SlurmJob, *, print_only: bool = False, log=print) -> Submission:
+    """Submit ``job.tasks`` workers of the search of ``config`` (made here, or resumed as
+    ``search`` would: the same config and data)."""
+    job.check()
+    device = _check_device(config)
+    url, name = config.study.storage, config.study.name
+
+    def make():
+        store, _, how = prepare_search(config, device=device)
+        log(f"study {name!r} {how} in {store.shown}")
+
+    return _submit(job, url, [name], f"study {name!r} (search)", config, [], make, print_only, log)
+
+
+def submit_resume(url: str, name: str, job: SlurmJob, overrides=(), *, print_only: bool = False,
+                  log=print) -> Submission:
+    """Submit ``job.tasks`` workers of stored study ``name`` (``resume``'s, on a cluster)."""
+    job.check()
+    check_search_name(name, "submit resume")
+    config = resume_config(url, name, overrides)
+    return _submit(job, url, [name], f"study {name!r} (resumed)", config, overrides, lambda: None, print_only, log)
+
+
+def submit_evaluate(url: str, name: str, job: SlurmJob, *, seeds: int = 3, e_lambda: float | None = None,
+                    prefer: str = "larger", networks=None, overrides=(), print_only: bool = False,
+                    log=print) -> Submission:
+    """Submit ``job.tasks`` workers of study ``name``'s final evaluation (``evaluate``'s, on a
+    cluster): every final study asked for is made here with the chosen lambda, and each task
+    works through them in order."""
+    job.check()
+    config = resume_config(url, name, [o for o in overrides if parse_override(o)[0] != "data"])
+    ev = plan_evaluation(url, name, seeds=seeds, e_lambda=e_lambda, prefer=prefer, networks=networks,
+                         overrides=overrides, write=not print_only, device=_check_device(config))
+    log(ev.said)
+
+    def make():
+        for final in ev.finals:
+            prepare_search(final, attrs=ev.chosen, device=_check_device(final))
+
+    return _submit(job, url, ev.studies, f"study {name!r} (final evaluation)", config, overrides, make, print_only,
+                   log)

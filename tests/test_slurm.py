@@ -1,0 +1,189 @@
+"""``lambda-search submit`` without a cluster: the batch script, what tasks on many nodes can
+share, a task's requeue on Slurm's warning (a stand-in scontrol), who holds a point, and a
+fold resumed under other numerics. The real cluster: tests/test_slurm_cluster.py."""
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import lambda_search as ls
+from lambda_search.cli import main
+from lambda_search.config import ConfigError
+from lambda_search.points import numerics_label
+from lambda_search.report.tables import status_table
+from lambda_search.search.slurm import SlurmJob, check_shared, file_system, job_script, requeue_task
+from lambda_search.store.claims import holder
+from lambda_search.train.plan import make_plan, resumed_numerics, run_point
+
+from conftest import SCRIPT, poll
+
+MOUNTS = """/dev/vda / ext4 rw,relatime 0 0
+tmpfs /tmp tmpfs rw 0 0
+nfs1:/home /home nfs4 rw,vers=4.2 0 0
+mds@tcp:/scratch /scratch lustre rw,flock 0 0
+mds@tcp:/work /lus/local lustre rw,localflock 0 0
+gpfs0 /gpfs gpfs rw 0 0
+nfs1:/with\\040space /my\\040data nfs rw 0 0
+"""
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    path = tmp_path / "mounts"
+    path.write_text(MOUNTS)
+    return str(path)
+
+
+def test_the_file_system_of_a_path_is_its_longest_mount(mounts):
+    assert file_system("/home/u/study.ckpt", mounts)[1] == "nfs4"
+    assert file_system("/my data/x", mounts)[:2] == ("/my data", "nfs")
+    assert file_system("/homer", mounts)[1] == "ext4"
+    assert file_system("/scratch/new/folder/not/made", mounts)[1] == "lustre"
+
+
+@pytest.mark.parametrize("url, folder, node, refused", [
+    ("sqlite:////home/u/s.db", "/home/u/c", None, "SQLite is one machine's database"),
+    ("journal:/home/u/s.log", "/home/u/c", None, "lies on nfs4 (/home), whose file locks"),
+    ("journal:/lus/local/s.log", "/scratch/c", None, "lies on lustre (/lus/local), whose file locks"),
+    ("journal:/scratch/s.log", "/scratch/c", None, None),
+    ("journal:/gpfs/s.log", "/gpfs/c", None, None),
+    ("postgresql://u:pw@db/x", "/home/u/c", None, None),
+    ("postgresql://u:pw@db/x", "/tmp/c", None, "study.checkpoint_dir '/tmp/c' lies on tmpfs (/tmp), a node's own"),
+    ("postgresql://u:pw@db/x", "/var/c", None, "lies on ext4 (/)"),
+    ("sqlite:////tmp/s.db", "/tmp/c", "n1", None),
+    ("journal:/tmp/s.log", "/var/c", "n1", None),
+])
+def test_what_tasks_on_many_nodes_can_share(mounts, url, folder, node, refused):
+    if refused is None:
+        check_shared(url, {"study.checkpoint_dir": folder}, node, mounts)
+    else:
+        with pytest.raises(ConfigError) as exc:
+            check_shared(url, {"study.checkpoint_dir": folder}, node, mounts)
+        assert refused in str(exc.value)
+        assert "--node NAME" in str(exc.value) and "pw" not in str(exc.value)
+
+
+def test_the_batch_script(tmp_path):
+    job = SlurmJob(tasks=3, partition="gpu", gpus_per_task=1, cpus_per_task=8, mem="32G", time="1-00:00:00",
+                   account="lab", qos="normal", sbatch=("--constraint=a100", "#SBATCH --exclude=n9"),
+                   setup=("module load cuda", "source ~/venv/bin/activate"), logs=str(tmp_path / "logs"),
+                   max_requeues=5, warn_seconds=300, python="/opt/py/bin/python")
+    job.check()
+    url = "postgresql://me:s3cr$t@db.example.org:5432/ls"
+    script = job_script(job, ["x", "x:final:resnet56"], url, "study 'x' (final evaluation)",
+                        ['train.device="cuda"'])
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    directives = [line for line in lines if line.startswith("#SBATCH")]
+    for wanted in ("--array=0-2", "--requeue", "--signal=B:USR1@300", "--partition=gpu", "--gpus-per-task=1",
+                   "--cpus-per-task=8", "--mem=32G", "--time=1-00:00:00", "--account=lab", "--qos=normal",
+                   "--constraint=a100", "--exclude=n9", "--open-mode=append", f"--output={tmp_path}/logs/%x-%A_%a.out",
+                   "--job-name=ls-x"):
+        assert f"#SBATCH {wanted}" in directives, (wanted, directives)
+    # every directive before the first command (sbatch reads no #SBATCH line after it)
+    first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
+    assert max(lines.index(d) for d in directives) < first_command
+    assert "s3cr" not in script  # the password reaches the tasks through sbatch's environment, never the script
+    assert 'LAMBDA_SEARCH_STORAGE="${LAMBDA_SEARCH_STORAGE:-postgresql://me@db.example.org:5432/ls}"' in script
+    assert lines[-1].startswith("exec /opt/py/bin/python -m lambda_search worker --study=x --study=x:final:resnet56 "
+                                "--max-requeues=5 ")
+    assert "--set='train.device=\"cuda\"'" in lines[-1]
+    assert lines.index("module load cuda") < lines.index("source ~/venv/bin/activate") < len(lines) - 1
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # a script bash can read
+
+
+def test_submit_print_shows_the_script_and_stores_nothing(tmp_path, tiny_config, capsys):
+    path = tiny_config(tmp_path)
+    code = main(["submit", "search", str(path), "--tasks", "2", "--node", "n1", "--print", "--time", "30",
+                 "--logs", str(tmp_path / "logs")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.startswith("#!/bin/bash") and "#SBATCH --nodelist=n1" in out and "#SBATCH --array=0-1" in out
+    assert f"sqlite:///{tmp_path}/tiny.db" in out and "--study=tiny" in out
+    assert not (tmp_path / "tiny.db").exists() and not (tmp_path / "logs").exists()
+
+
+def test_a_task_requeues_itself_until_its_limit(tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    env = {"SLURM_JOB_ID": "58", "SLURM_ARRAY_JOB_ID": "57", "SLURM_ARRAY_TASK_ID": "1", "SLURM_RESTART_COUNT": "1"}
+    assert requeue_task(3, {}) == "not in a Slurm job: nothing to requeue"
+    assert requeue_task(3, env) == "slurm job 57_1 requeued (2 of at most 3): it resumes from the checkpoint"
+    assert calls.read_text() == "requeue 58\n"
+    assert "not requeued: requeued 3 times already (--max-requeues 3)" in requeue_task(3, {**env,
+                                                                                          "SLURM_RESTART_COUNT": "3"})
+    assert calls.read_text() == "requeue 58\n"
+
+
+def test_who_holds_a_point():
+    host_pid = holder({})
+    assert host_pid.endswith(f":{os.getpid()}")
+    assert holder({"SLURM_JOB_ID": "58", "SLURM_ARRAY_JOB_ID": "57", "SLURM_ARRAY_TASK_ID": "1"}) == \
+        f"{host_pid}, slurm job 57_1"
+    assert holder({"SLURM_JOB_ID": "9", "SLURM_RESTART_COUNT": "2"}) == f"{host_pid}, slurm job 9 (requeued 2x)"
+
+
+def test_a_fold_resumed_under_other_numerics_says_so(tmp_path):
+    ckpt = tmp_path / "f0.pt"
+    cpu1 = {"device": "cpu", "processor": "A", "isa": "avx2", "dtype": "float32", "threads": 1, "pack": 1,
+            "torch": "2"}
+    gpu = {"device": "cuda", "processor": "H100", "isa": None, "dtype": "float32", "threads": None, "pack": 1,
+           "torch": "2"}
+    assert resumed_numerics(ckpt, gpu) == gpu  # no checkpoint: a fresh start
+    ckpt.write_bytes(b"checkpoint")
+    assert resumed_numerics(ckpt, gpu) == gpu  # resumed under the same numerics
+    mixed = resumed_numerics(ckpt, cpu1)  # requeued onto a CPU node
+    assert mixed == {"resumed_under": [gpu, cpu1]}
+    assert numerics_label(mixed).startswith("resumed under other numerics: cuda (H100), float32")
+    assert ", then cpu (A, avx2)" in numerics_label(mixed)
+    ckpt.unlink()
+    assert resumed_numerics(ckpt, cpu1) == cpu1  # a new training of the fold starts a new history
+
+
+@pytest.mark.slow
+def test_a_worker_warned_by_slurm_checkpoints_and_requeues_its_task(tmp_path, tiny_config, cli_env):
+    """SIGUSR1 to a worker started as a Slurm task starts it (a stand-in scontrol on PATH):
+    it stops after its current step, its point interrupted with the checkpoint kept, then
+    requeues its task; the task run again finishes with the accuracies of an uninterrupted run."""
+    path = tiny_config(tmp_path, name="warned", lambdas="[1e-2]", samples=96, epochs=40, ckpt_seconds=0.0)
+    config = ls.load_config(path)
+    store_url = config.study.storage
+    assert main(["submit", "search", str(path), "--tasks", "1", "--node", "n1", "--print"]) == 0
+    from lambda_search.search.study import prepare_search
+
+    prepare_search(config)
+    calls = tmp_path / "calls"
+    (tmp_path / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    env = {**cli_env, "PATH": f"{tmp_path}:{os.environ['PATH']}", "LAMBDA_SEARCH_STORAGE": store_url,
+           "SLURM_JOB_ID": "58", "SLURM_ARRAY_JOB_ID": "57", "SLURM_ARRAY_TASK_ID": "0", "SLURM_RESTART_COUNT": "0"}
+    cmd = [str(SCRIPT), "worker", "--study", "warned", "--max-requeues", "2", "--label", "57_0"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = Path(config.study.checkpoint_dir)
+    assert poll(lambda: any(ckpt.glob("*/*.pt")), timeout=120)
+    table = status_table(ls.study_status(ls.open_store(store_url), "warned"))
+    assert "run by" in table.splitlines()[0] and ", slurm job 57_0" in table, table
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR1, out
+    stopped = re.search(r"interrupted: lambda=1e-02, interrupted in fold (\S+) at step (\d+)", out)
+    assert stopped, out
+    assert "slurm job 57_0 requeued (1 of at most 2)" in out and calls.read_text() == "requeue 58\n"
+    again = subprocess.run(cmd, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    status = ls.study_status(ls.open_store(store_url), "warned")
+    point = status.points[0]
+    assert status.finished and point.attempts == 2
+    # no step lost: the fold resumed at the step it stopped at
+    assert point.folds[stopped.group(1)]["resumed_from_iteration"] == int(stopped.group(2)) > 0
+    direct = run_point(make_plan(config), point.point)
+    assert point.fold_accuracies == [direct.folds[n]["val_accuracy"] for n in point.fold_names]
+    assert not status.mixed_numerics
