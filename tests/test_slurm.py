@@ -116,10 +116,11 @@ def test_a_task_requeues_itself_until_its_limit(tmp_path, monkeypatch):
     env = {"SLURM_JOB_ID": "58", "SLURM_ARRAY_JOB_ID": "57", "SLURM_ARRAY_TASK_ID": "1", "SLURM_RESTART_COUNT": "1"}
     assert requeue_task(3, {}) == "not in a Slurm job: nothing to requeue"
     assert requeue_task(3, env) == "slurm job 57_1 requeued (2 of at most 3): it resumes from the checkpoint"
-    assert calls.read_text() == "requeue 58\n"
+    assert calls.read_text() == "requeue 57_1\n"  # (not SLURM_JOB_ID: that of the last task is the whole array's)
+    assert requeue_task(3, {"SLURM_JOB_ID": "9"}).startswith("slurm job 9 requeued (1 of at most 3)")
     assert "not requeued: requeued 3 times already (--max-requeues 3)" in requeue_task(3, {**env,
                                                                                           "SLURM_RESTART_COUNT": "3"})
-    assert calls.read_text() == "requeue 58\n"
+    assert calls.read_text() == "requeue 57_1\nrequeue 9\n"
 
 
 def test_who_holds_a_point():
@@ -175,7 +176,7 @@ def test_a_worker_warned_by_slurm_checkpoints_and_requeues_its_task(tmp_path, ti
     assert proc.returncode == 128 + signal.SIGUSR1, out
     stopped = re.search(r"interrupted: lambda=1e-02, interrupted in fold (\S+) at step (\d+)", out)
     assert stopped, out
-    assert "slurm job 57_0 requeued (1 of at most 2)" in out and calls.read_text() == "requeue 58\n"
+    assert "slurm job 57_0 requeued (1 of at most 2)" in out and calls.read_text() == "requeue 57_0\n"
     again = subprocess.run(cmd, env={**env, "SLURM_RESTART_COUNT": "1"}, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr

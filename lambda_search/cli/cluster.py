@@ -28,14 +28,14 @@ def run_worker(args: argparse.Namespace) -> int:
         for name in args.study:
             counts = work(store, name, overrides=args.set, device=args.device, label=label, log=say,
                           progress=progress(), should_stop=stop, n_workers=args.workers_total or 1)
-            if stop():
-                break
             status = study_status(store, name)
+            if stop() and not status.finished:
+                break
             ran = ", ".join(f"{n} {k}" for k, n in counts.items() if n) or "no point"
             say(f"{label}worker done: ran {ran}; study {name!r}: {status.complete} of {status.total} points complete"
                 + (", finished" if status.finished else ""))
-    if not stop():
-        return 0
+        else:  # every study finished (a signal after the last point asks for nothing more)
+            return 0
     if stop.signal in warned:  # Slurm's warning: requeue this task, which resumes from the checkpoint
         say(f"{label}{requeue_task(args.max_requeues)}")
     return interrupted(stop)

@@ -245,7 +245,8 @@ def requeue_task(max_requeues: int, environ=None) -> str:
     if restarts >= max_requeues:
         return f"slurm job {task} not requeued: requeued {restarts} times already (--max-requeues {max_requeues})"
     try:
-        result = _slurm(["scontrol", "requeue", job], timeout=60)
+        result = _slurm(["scontrol", "requeue", task], timeout=60)  # (an array task's SLURM_JOB_ID may be the
+        # array's own id, which names every task: requeue JOB_TASK)
     except (SlurmError, subprocess.TimeoutExpired, OSError) as exc:
         return f"slurm job {task} could not be requeued: {exc}"
     if result.returncode != 0:

@@ -289,8 +289,12 @@ def resumed_numerics(path: Path | None, numerics: dict) -> dict:
         history.append(numerics)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = beside.with_name(f".{beside.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(history))
-        os.replace(tmp, beside)
+        try:
+            tmp.write_text(json.dumps(history))
+            os.replace(tmp, beside)
+        except BaseException:  # (a full disk: no partial file left)
+            tmp.unlink(missing_ok=True)
+            raise
     return history[0] if len(history) == 1 else {"resumed_under": history}
 
 
