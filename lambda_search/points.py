@@ -181,5 +181,7 @@ def distinct_numerics(records) -> list[dict]:
 def mixed_folds(records: dict[str, list[dict]]) -> list[str]:
     """The folds (fold name -> the records of every point on that fold) that were trained
     under more than one numerics: there the points are not compared bit for bit. Folds may
-    differ from each other (the last, shorter pack of a point, say): they are never compared."""
-    return [name for name, rs in records.items() if len({_key(r.get("numerics")) for r in rs}) > 1]
+    differ from each other (the last, shorter pack of a point, say): they are never compared. A
+    fold resumed from a checkpoint made under other numerics is one such, whatever the others."""
+    return [name for name, rs in records.items() if len({_key(r.get("numerics")) for r in rs}) > 1
+            or any("resumed_under" in (r.get("numerics") or {}) for r in rs)]

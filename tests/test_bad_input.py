@@ -99,6 +99,8 @@ CASES = [
     (["submit", "evaluate", "--storage", DB, "--study", "nope", "--tasks", "2", "--node", "n1"],
      "no study named 'nope'"),
     (["submit", "resume", "--storage", DB, "--study", "tiny:final", "--tasks", "2", "--node", "n1"], "tiny:final"),
+    (["submit", "search", "{tmp}/tiny.toml", "--tasks", "2", "--node", "n1", "--logs", "{tmp}/my logs"],
+     "--logs must hold no space, '#', '%', quote or backslash"),
     (["submit", "search", "{tmp}/tiny.toml", "--tasks", "2", "--node", "n1", "--sbatch", "constraint=a100"],
      "--sbatch takes an sbatch option such as --constraint=a100, got 'constraint=a100'"),
 ]

@@ -3,7 +3,6 @@ checkpoints that could carry code. Each ends in a clear message, and a resume co
 study with the uninterrupted run's numbers."""
 
 import errno
-import json
 import pickle
 import re
 import shutil
@@ -54,9 +53,7 @@ def test_a_full_disk_while_a_checkpoint_is_written(tiny_config, capsys, monkeypa
     assert len(err) == 1 and "no space left on the device writing" in err[0] and ".pt" in err[0], err
     folder = Path(config.study.checkpoint_dir)
     files = sorted(p.name for p in folder.rglob("*") if p.is_file())
-    assert files and all(n.endswith((".pt", ".pt.prev", ".pt.numerics")) or n == "RUN" for n in files), files
-    for p in folder.rglob("*.pt.numerics"):  # (what each fold's checkpoint is trained under)
-        json.loads(p.read_text())
+    assert files and all(n.endswith((".pt", ".pt.prev")) or n == "RUN" for n in files), files  # no partial file left
     for p in [*folder.rglob("*.pt"), *folder.rglob("*.pt.prev")]:
         torch.load(p, weights_only=True)  # every checkpoint on disk is whole
     monkeypatch.setattr(_train.torch, "save", real_save)  # space freed

@@ -13,11 +13,12 @@ import pytest
 import lambda_search as ls
 from lambda_search.cli import main
 from lambda_search.config import ConfigError
-from lambda_search.points import numerics_label
+from lambda_search.points import mixed_folds, numerics_label
 from lambda_search.report.tables import status_table
 from lambda_search.search.slurm import SlurmJob, check_shared, file_system, job_script, requeue_task
+from lambda_search.search.submit import _worker_overrides
 from lambda_search.store.claims import holder
-from lambda_search.train.plan import make_plan, resumed_numerics, run_point
+from lambda_search.train.plan import make_plan, run_point, trained_under
 
 from conftest import SCRIPT, poll
 
@@ -28,6 +29,8 @@ mds@tcp:/scratch /scratch lustre rw,flock 0 0
 mds@tcp:/work /lus/local lustre rw,localflock 0 0
 gpfs0 /gpfs gpfs rw 0 0
 nfs1:/with\\040space /my\\040data nfs rw 0 0
+systemd-1 /shared autofs rw 0 0
+srv:/shared /shared nfs4 rw 0 0
 """
 
 
@@ -43,6 +46,7 @@ def test_the_file_system_of_a_path_is_its_longest_mount(mounts):
     assert file_system("/my data/x", mounts)[:2] == ("/my data", "nfs")
     assert file_system("/homer", mounts)[1] == "ext4"
     assert file_system("/scratch/new/folder/not/made", mounts)[1] == "lustre"
+    assert file_system("/shared/ckpt", mounts)[1] == "nfs4"  # (mounted over the automount point)
 
 
 @pytest.mark.parametrize("url, folder, node, refused", [
@@ -56,6 +60,10 @@ def test_the_file_system_of_a_path_is_its_longest_mount(mounts):
     ("postgresql://u:pw@db/x", "/var/c", None, "lies on ext4 (/)"),
     ("sqlite:////tmp/s.db", "/tmp/c", "n1", None),
     ("journal:/tmp/s.log", "/var/c", "n1", None),
+    ("postgresql://u:pw@localhost/x", "/home/u/c", None, "names this machine's own server (localhost)"),
+    ("postgresql://u:pw@127.0.0.1:5432/x", "/home/u/c", None, "own server (127.0.0.1)"),
+    ("postgresql:///x?host=/var/run/postgresql", "/home/u/c", None, "own server (/var/run/postgresql)"),
+    ("postgresql://u:pw@localhost/x", "/tmp/c", "n1", None),
 ])
 def test_what_tasks_on_many_nodes_can_share(mounts, url, folder, node, refused):
     if refused is None:
@@ -65,6 +73,47 @@ def test_what_tasks_on_many_nodes_can_share(mounts, url, folder, node, refused):
             check_shared(url, {"study.checkpoint_dir": folder}, node, mounts)
         assert refused in str(exc.value)
         assert "--node NAME" in str(exc.value) and "pw" not in str(exc.value)
+
+
+def test_a_journal_is_judged_where_its_link_leads(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/vda / ext4 rw 0 0\ngpfs0 {tmp_path}/g gpfs rw 0 0\n")
+    (tmp_path / "g").mkdir()
+    (tmp_path / "local").mkdir()
+    (tmp_path / "g" / "s.log").symlink_to(tmp_path / "local" / "s.log")
+    with pytest.raises(ConfigError, match="lies on ext4"):  # (its locks are taken where the link leads)
+        check_shared(f"journal:{tmp_path}/g/s.log", {}, None, str(mounts))
+    check_shared(f"journal:{tmp_path}/g/t.log", {}, None, str(mounts))
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://me:pa/ss@db/ls", "postgresql://me@db/ls"),
+    ("postgresql://me@db/ls?password=s3cret", "postgresql://me@db/ls"),
+    ("postgresql+psycopg://me:s%2F3cret@db:5433/ls", "postgresql+psycopg://me@db:5433/ls"),
+])
+def test_no_password_form_reaches_the_script(url, shown, tmp_path):
+    script = job_script(SlurmJob(tasks=1, logs=str(tmp_path)), ["x"], url, "x")
+    assert f"LAMBDA_SEARCH_STORAGE:-{shown}}}" in script
+    assert "pa/ss" not in script and "s3cret" not in script and "s%2F3" not in script
+    assert "pa/ss" not in ls.store.failures.redact(url) and "s3cret" not in ls.store.failures.redact(url)
+
+
+def test_an_evaluations_workers_keep_each_final_studys_own_folders():
+    given = ["study.checkpoint_dir=/x", "data.root=/c10", "data.dataset=cifar10", 'train.device="cuda"',
+             "study.storage=/y"]
+    assert _worker_overrides(given, stored=("study.checkpoint_dir", "data")) == ['train.device="cuda"',
+                                                                                  "study.storage=/y"]
+    assert _worker_overrides(given) == ["study.checkpoint_dir=/x", "data.root=/c10", 'train.device="cuda"',
+                                        "study.storage=/y"]
+
+
+def test_submit_says_sbatch_is_missing_in_one_line_and_stores_nothing(tmp_path, tiny_config, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch
+    path = tiny_config(tmp_path)
+    assert main(["submit", "search", str(path), "--tasks", "2", "--node", "n1", "--logs", str(tmp_path / "l")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [err.strip()] and "sbatch not found" in err and "Traceback" not in err
+    assert not (tmp_path / "tiny.db").exists() and not (tmp_path / "l").exists()
 
 
 def test_the_batch_script(tmp_path):
@@ -132,20 +181,32 @@ def test_who_holds_a_point():
 
 
 def test_a_fold_resumed_under_other_numerics_says_so(tmp_path):
-    ckpt = tmp_path / "f0.pt"
-    cpu1 = {"device": "cpu", "processor": "A", "isa": "avx2", "dtype": "float32", "threads": 1, "pack": 1,
-            "torch": "2"}
+    """The numerics a fold trained under travel in its checkpoint: a fold resumed under others
+    (a task requeued onto another kind of device) lists each, and the study reports it as
+    mixed; one resumed under the same, or started afresh, lists one."""
+    data = ls.load_dataset("synthetic", num_samples=48, num_classes=3, image_size=8)
+    fold = ls.make_folds(data.labels, n_splits=2, seed=0)[0]
+    cfg = ls.TrainConfig(epochs=3, batch_size=8, lr=0.05, checkpoint_every_seconds=None)
     gpu = {"device": "cuda", "processor": "H100", "isa": None, "dtype": "float32", "threads": None, "pack": 1,
            "torch": "2"}
-    assert resumed_numerics(ckpt, gpu) == gpu  # no checkpoint: a fresh start
-    ckpt.write_bytes(b"checkpoint")
-    assert resumed_numerics(ckpt, gpu) == gpu  # resumed under the same numerics
-    mixed = resumed_numerics(ckpt, cpu1)  # requeued onto a CPU node
-    assert mixed == {"resumed_under": [gpu, cpu1]}
-    assert numerics_label(mixed).startswith("resumed under other numerics: cuda (H100), float32")
-    assert ", then cpu (A, avx2)" in numerics_label(mixed)
-    ckpt.unlink()
-    assert resumed_numerics(ckpt, cpu1) == cpu1  # a new training of the fold starts a new history
+    cpu = {"device": "cpu", "processor": "A", "isa": "avx2", "dtype": "float32", "threads": 1, "pack": 1, "torch": "2"}
+    ckpt = tmp_path / "f0.pt"
+    steps = iter(range(1000))
+    stopped = ls.train_fold(data, fold, 1e-4, cfg, checkpoint=ckpt, numerics=gpu,
+                            should_stop=lambda: next(steps) >= 4)
+    assert stopped.status == "stopped" and stopped.trained_under == [gpu]
+    done = ls.train_fold(data, fold, 1e-4, cfg, checkpoint=ckpt, numerics=cpu)  # requeued onto a CPU node
+    assert done.status == "completed" and done.resumed_from_iteration == stopped.iterations > 0
+    assert done.trained_under == [gpu, cpu]
+    record = trained_under(done, cpu)
+    assert record == {"resumed_under": [gpu, cpu]} and mixed_folds({"f0": [{"numerics": record}]}) == ["f0"]
+    assert numerics_label(record).startswith("resumed under other numerics: cuda (H100), float32")
+    assert ", then cpu (A, avx2)" in numerics_label(record)
+    again = ls.train_fold(data, fold, 1e-4, cfg, checkpoint=ckpt, numerics=cpu)  # its finished checkpoint: resumed
+    assert again.trained_under == [gpu, cpu]
+    fresh = ls.train_fold(data, fold, 1e-4, cfg, numerics=cpu)
+    assert trained_under(fresh, cpu) == cpu and fresh.val_accuracy == done.val_accuracy  # the same bits
+    assert mixed_folds({"f0": [{"numerics": cpu}, {"numerics": cpu}]}) == []
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from ..report.evaluation_plot import evaluation_plot_path, plot_evaluation
 from ..report.plot import default_plot_path, plot_figure4
 from ..report.select import format_selection, nothing_selected, select
 from ..report.tables import export_tables, format_studies, status_table, table_text
+from ..search.slurm import SlurmError  # (no torch: the submit checks)
 from ..store.failures import StorageError, StorageFailure
 from ..store.status import StudyError, check_search_name, list_studies, study_status
 from ..store.storage import open_store
@@ -35,7 +36,7 @@ from .common import url_of as _url
 # The commands that train import the training stack (torch) when they run: the reading
 # commands (status, studies, select, plot, export) work where torch is not installed.
 
-USER_ERRORS = (ConfigError, StorageError, StudyError)
+USER_ERRORS = (ConfigError, StorageError, StudyError, SlurmError)
 
 
 def _models(args: argparse.Namespace) -> int:

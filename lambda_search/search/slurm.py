@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError
+from ..store.failures import password_free
 from ..store.storage import storage_file
 
-__all__ = ["SlurmJob", "SlurmError", "job_script", "check_shared", "sbatch", "requeue_task", "password_free"]
+__all__ = ["SlurmJob", "SlurmError", "job_script", "check_shared", "sbatch", "requeue_task"]
 
 # file systems that every node of a cluster mounts (checkpoints, logs and a journal may lie there)
 SHARED_FS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cephfs", "ceph", "fuse.ceph", "cifs", "smb3",
@@ -34,6 +35,8 @@ SHARED_FS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cephfs", "cep
                        "fuse.juicefs", "vast", "fuse.sshfs"})
 TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2})$")
 MEM = re.compile(r"^\d+[KMGT]?$")
+PLAIN = re.compile(r"^[^\s#%\"'\\]+$")  # a directive's value: sbatch splits at spaces, cuts at '#', reads '%'
+LOCAL_HOSTS = ("", "localhost", "::1")
 
 
 class SlurmError(ValueError):
@@ -85,6 +88,12 @@ class SlurmJob:
                                                               self.job_name) if v)):
             if "\n" in line or "\r" in line:
                 raise ConfigError(f"one line each: {line!r} holds a line break")
+        for flag, value in (("--partition", self.partition), ("--account", self.account), ("--qos", self.qos),
+                            ("--node", self.node), ("--job-name", self.job_name),
+                            ("--logs", str(Path(self.logs).expanduser().resolve()))):
+            if value is not None and not PLAIN.match(value):
+                raise ConfigError(f"{flag} must hold no space, '#', '%', quote or backslash (sbatch would misread "
+                                  f"the directive), got {value!r}")
         for line in self.sbatch:
             if not _directive(line).startswith("--"):
                 raise ConfigError(f"--sbatch takes an sbatch option such as --constraint=a100, got {line!r}")
@@ -106,12 +115,6 @@ def _seconds(time: str) -> int:
 
 def _directive(line: str) -> str:
     return line.strip().removeprefix("#SBATCH").strip()
-
-
-def password_free(url: str) -> str:
-    """``url`` without its password (the script names the storage; the password comes from
-    the environment submit passes, or PGPASSWORD / ~/.pgpass on the nodes)."""
-    return re.sub(r"(://[^/@:]*):[^@/]*@", r"\1@", str(url))
 
 
 def job_script(job: SlurmJob, studies: list[str], url: str, what: str, overrides=()) -> str:
@@ -162,7 +165,8 @@ def _mounts(mounts_file: str) -> list[tuple[str, str, set[str]]]:
         if len(parts) >= 4:
             point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])
             out.append((point, parts[2], set(parts[3].split(","))))
-    return sorted(out, key=lambda m: len(m[0]), reverse=True)
+    # longest mount point first; of two on one point, the one listed last (mounted over the other: autofs)
+    return [m for _, m in sorted(enumerate(out), key=lambda im: (len(im[1][0]), im[0]), reverse=True)]
 
 
 def file_system(path, mounts_file: str = "/proc/self/mounts") -> tuple[str, str, set[str]]:
@@ -173,6 +177,25 @@ def file_system(path, mounts_file: str = "/proc/self/mounts") -> tuple[str, str,
         if text == point or text.startswith(point.rstrip("/") + "/"):
             return point, kind, options
     return "?", "unknown", set()
+
+
+def _check_server(url: str) -> None:
+    """Refuse a database server that only this machine reaches as named (localhost, a socket)."""
+    if not url.startswith("postgres"):
+        return
+    try:
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+    except Exception:
+        return  # (open_store says what is wrong with it)
+    host = parsed.host or parsed.query.get("host") or ""
+    host = host if isinstance(host, str) else host[0]
+    if host in LOCAL_HOSTS or host.startswith(("127.", "/")):
+        where = host or "a local socket"
+        raise ConfigError(f"storage {password_free(url)!r} names this machine's own server ({where}): "
+                          "tasks on other nodes would each reach their own; name the server's host, or --node NAME to "
+                          "run every task on one node")
 
 
 def _locks_across_nodes(kind: str, options: set[str]) -> bool:
@@ -190,12 +213,13 @@ def check_shared(url: str, folders: dict[str, str | None], node: str | None,
     if node is not None:
         return
     many = "use postgresql://USER@HOST/DB for tasks on several nodes, or --node NAME to run every task on one node"
+    _check_server(url)
     file = storage_file(url)
     if url.startswith("sqlite"):
         raise ConfigError(f"storage {url!r}: SQLite is one machine's database (its locks do not hold across nodes, "
                           f"and on a network file system it can be corrupted); {many}")
     if file is not None:
-        point, kind, options = file_system(file.parent, mounts_file)
+        point, kind, options = file_system(Path(file).expanduser().resolve().parent, mounts_file)  # (a link followed)
         if not _locks_across_nodes(kind, options):
             raise ConfigError(f"storage {url!r} lies on {kind} ({point}), whose file locks (the workers' leases) do "
                               f"not hold across nodes; {many}")

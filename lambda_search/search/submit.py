@@ -15,13 +15,13 @@ from typing import Callable
 
 import torch
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..configfile import IDENTITY_EXEMPT, parse_override
-from ..store.failures import failures
+from ..store.failures import failures, password_free
 from ..store.status import check_search_name
 from ..train.numerics import device_kind
 from .evaluate import plan_evaluation
-from .slurm import SlurmJob, check_shared, job_script, password_free, sbatch
+from .slurm import SlurmError, SlurmJob, check_shared, job_script, sbatch
 from .study import prepare_search, resume_config
 
 __all__ = ["Submission", "submit_search", "submit_resume", "submit_evaluate"]
@@ -35,6 +35,7 @@ class Submission:
     script: str
     studies: list[str]
     url: str
+    name: str  # the study status reads (the search, for its final evaluations)
     job_id: str | None = None
     logs: str = ""
     notes: list[str] = field(default_factory=list)
@@ -42,7 +43,7 @@ class Submission:
     def watch(self) -> list[str]:
         url = password_free(self.url)
         return [f"squeue -j {self.job_id}          # its tasks: pending, running, requeued",
-                f"lambda-search status --storage {url} --study {self.studies[0]}   # its points, who runs each",
+                f"lambda-search status --storage {url} --study {self.name}   # its points, who runs each",
                 f"scancel {self.job_id}            # stop every task (each saves its checkpoint first)",
                 f"logs: {self.logs}/<job name>-{self.job_id}_<task>.out"]
 
@@ -55,25 +56,33 @@ def _check_device(config: Config) -> str | None:
     return None
 
 
-def _worker_overrides(overrides) -> list[str]:
-    """The --set each worker takes: those that change where and how fast it runs."""
-    return [o for o in overrides if ".".join(parse_override(o)[:2]) in IDENTITY_EXEMPT]
+def _worker_overrides(overrides, stored=()) -> list[str]:
+    """The --set each worker takes: those that change where and how fast it runs, but for the
+    keys in ``stored`` (each study made by submit holds its own)."""
+    return [o for o in overrides if ".".join(parse_override(o)[:2]) in IDENTITY_EXEMPT - set(stored)
+            and parse_override(o)[0] not in stored]
 
 
 def _submit(job: SlurmJob, url: str, studies: list[str], what: str, config: Config, overrides,
             make: Callable[[], None], print_only: bool, log) -> Submission:
     """The steps every submission takes, in order: check that the tasks can share the study,
-    write the script, have Slurm check it, make the study, submit."""
+    write the script, have Slurm check it, make the logs folder and the study, submit."""
     check_shared(url, {"study.checkpoint_dir": config.study.checkpoint_dir, "--logs": job.logs}, job.node)
-    script = job_script(job, studies, url, what, _worker_overrides(overrides))
-    done = Submission(script, studies, url, logs=str(Path(job.logs).expanduser().resolve()))
+    script = job_script(job, studies, url, what, overrides)
+    done = Submission(script, studies, url, config.study.name, logs=str(Path(job.logs).expanduser().resolve()))
     if print_only:
         return done
     sbatch(script, url, test_only=True)  # Slurm's own checks (partition, account, limits) before anything is stored
+    try:
+        Path(done.logs).mkdir(parents=True, exist_ok=True)  # (Slurm does not make it: a task would fail unseen)
+    except OSError as exc:
+        raise ConfigError(f"--logs {done.logs!r}: cannot make the folder ({exc.strerror or exc})") from None
     with failures():
         make()
-    Path(done.logs).mkdir(parents=True, exist_ok=True)  # (Slurm does not make it: a task would fail unseen)
-    done.job_id = sbatch(script, url)
+    try:
+        done.job_id = sbatch(script, url)
+    except SlurmError as exc:
+        raise SlurmError(f"{exc} (the study is made: submit again once that is mended)") from None
     log(f"submitted job {done.job_id}: {job.tasks} worker{'s' if job.tasks > 1 else ''} of {what}")
     return done
 
@@ -98,7 +107,12 @@ def submit_resume(url: str, name: str, job: SlurmJob, overrides=(), *, print_onl
     job.check()
     check_search_name(name, "submit resume")
     config = resume_config(url, name, overrides)
-    return _submit(job, url, [name], f"study {name!r} (resumed)", config, overrides, lambda: None, print_only, log)
+
+    def make():  # the data and folds checked against the stored ones (a wrong data.root, say), as resume does
+        prepare_search(config, resume_only=True, device=_check_device(config))
+
+    return _submit(job, url, [name], f"study {name!r} (resumed)", config, _worker_overrides(overrides), make,
+                   print_only, log)
 
 
 def submit_evaluate(url: str, name: str, job: SlurmJob, *, seeds: int = 3, e_lambda: float | None = None,
@@ -117,5 +131,5 @@ def submit_evaluate(url: str, name: str, job: SlurmJob, *, seeds: int = 3, e_lam
         for final in ev.finals:
             prepare_search(final, attrs=ev.chosen, device=_check_device(final))
 
-    return _submit(job, url, ev.studies, f"study {name!r} (final evaluation)", config, overrides, make, print_only,
-                   log)
+    workers = _worker_overrides(overrides, stored=("study.checkpoint_dir", "data"))  # (each final study holds its own)
+    return _submit(job, url, ev.studies, f"study {name!r} (final evaluation)", config, workers, make, print_only, log)

@@ -9,7 +9,7 @@ import contextlib
 import errno
 import re
 
-__all__ = ["StorageError", "StorageFailure", "DiskFull", "StorageLost", "failures", "redact", "scrub"]
+__all__ = ["StorageError", "StorageFailure", "DiskFull", "StorageLost", "failures", "redact", "password_free", "scrub"]
 
 
 class StorageError(ValueError):
@@ -81,9 +81,38 @@ def failures():
         raise failure from exc
 
 
+def _server_url(text: str):
+    """``text`` parsed as SQLAlchemy parses a PostgreSQL URL (as the storage will read it),
+    or None where it is not one."""
+    if not re.match(r"^postgres(ql)?(\+\w+)?://", text):
+        return None
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(text)
+    except Exception:
+        return None
+
+
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    return re.sub(r"(://[^/@:]*:)[^@/]*@", r"\1***@", str(url))
+    """``url`` with any password (``USER:PASSWORD@``, or ``?password=``) replaced by ``***``."""
+    text = str(url)
+    parsed = _server_url(text)
+    if parsed is not None and (parsed.password is not None or "password" in parsed.query):
+        if "password" in parsed.query:
+            parsed = parsed.update_query_dict({"password": "***"})
+        return parsed.render_as_string(hide_password=True)
+    return re.sub(r"(://[^/@:]*:)[^@/]*@", r"\1***@", text)
+
+
+def password_free(url: str) -> str:
+    """``url`` without its password (where another process takes it from its environment:
+    PGPASSWORD, ~/.pgpass)."""
+    text = str(url)
+    parsed = _server_url(text)
+    if parsed is None or (parsed.password is None and "password" not in parsed.query):
+        return re.sub(r"(://[^/@:]*):[^@/]*@", r"\1@", text)
+    return parsed._replace(password=None).difference_update_query(["password"]).render_as_string(hide_password=False)
 
 
 def scrub(text: str, url: str) -> str:

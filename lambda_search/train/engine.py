@@ -51,6 +51,7 @@ class FoldResult:
     fold: str = ""
     resumed_from_iteration: int | None = None
     score_seconds: float | None = None  # the final model's validation pass (scikit-learn's score time)
+    trained_under: list | None = None  # the numerics it trained under, oldest first (more than one: resumed so)
 
     def to_dict(self) -> dict:
         return asdict(self)

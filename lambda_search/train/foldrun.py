@@ -9,6 +9,7 @@ network, or a pack of them) gives it the model's state and the validation as cal
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -169,7 +170,7 @@ class FoldRun:
                  tracked: tuple[torch.Tensor, torch.Tensor, torch.Tensor], slot: int,
                  weights: Callable[[FoldRun], tuple[dict, dict]], evaluate: Callable[[FoldRun], tuple[float, float]],
                  callback: Callable[[EpochMetrics], bool | None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None, numerics: dict | None = None) -> None:
         self.fold, self.e_lambda, self.seed, self.config = fold, e_lambda, seed, config
         self.path, self.key = path, key
         self.weights, self.evaluate, self.callback, self.should_stop = weights, evaluate, callback, should_stop
@@ -184,6 +185,8 @@ class FoldRun:
         self.epoch_steps = 0  # steps of the partial epoch (zero at an epoch's end)
         self.started = self.last_save = time.monotonic()
         self.result: FoldResult | None = None
+        # the numerics it trains under, oldest first: its checkpoint's, then this run's where they differ
+        self.trained_under = None if numerics is None else [numerics]
         self._perm, self._perm_epoch = None, -1
 
     # ------------------------------------------------------------ checkpoints
@@ -197,6 +200,9 @@ class FoldRun:
             self.iteration, self.seconds_before = payload["iteration"], payload["seconds"]
             self.curve = [EpochMetrics(**m) for m in payload["curve"]]
             self.resumed_from = self.iteration
+            before = json.loads(payload.get("trained_under") or "null")  # (none in one made before they were kept)
+            if before and self.trained_under:
+                self.trained_under = before + ([] if before[-1] == self.trained_under[0] else self.trained_under)
             self.loss_sum.fill_(payload["epoch_loss"])
             self.epoch_steps = payload["epoch_steps"]
             self.steps.fill_(self.iteration)
@@ -215,7 +221,7 @@ class FoldRun:
         return dict(version=CHECKPOINT_VERSION, key=self.key, model=model, optimizer=optimizer,
                     generator=self.generator.get_state(), iteration=self.iteration, seconds=self.elapsed(),
                     curve=[asdict(m) for m in self.curve], epoch_loss=self.loss_sum.item(),
-                    epoch_steps=self.epoch_steps)
+                    epoch_steps=self.epoch_steps, trained_under=json.dumps(self.trained_under))  # (as stored: JSON)
 
     def save(self) -> None:
         save_checkpoint(self.path, self.payload())
@@ -258,7 +264,7 @@ class FoldRun:
     def finish(self, status: str, accuracy=None, loss=None, diverged_at=None, score_seconds=None) -> FoldResult:
         self.result = FoldResult(status, accuracy, loss, self.elapsed(), self.iteration, list(self.curve),
                                  diverged_at, self.e_lambda, self.seed, self.fold.name, self.resumed_from,
-                                 score_seconds)
+                                 score_seconds, self.trained_under)
         return self.result
 
     def _timed_evaluate(self) -> tuple[float, float, float]:

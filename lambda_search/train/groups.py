@@ -69,11 +69,13 @@ def train_group(data: ImageData, group: list[Fold], e_lambda: float | None, conf
                 seeds: list[int], model: str, attention: str, shortcut: str, engine: Engine,
                 checkpoints: list[str | os.PathLike | None],
                 on_epoch: Callable[[Fold, EpochMetrics], None] | None = None,
-                should_stop: Callable[[], bool] | None = None, packs: Packs | None = None) -> list[FoldResult]:
+                should_stop: Callable[[], bool] | None = None, packs: Packs | None = None,
+                numerics: dict | None = None) -> list[FoldResult]:
     """Train the folds of ``group`` (one group of a point, as :func:`chunk_sizes` cuts them)
     alone or packed, as :func:`trains_alone` says; one result per fold. ``packs``: the
     engine's packs, reused from point to point (built for this call where not given)."""
-    common = dict(model=model, attention=attention, shortcut=shortcut, engine=engine, should_stop=should_stop)
+    common = dict(model=model, attention=attention, shortcut=shortcut, engine=engine, should_stop=should_stop,
+                  numerics=numerics)
     if trains_alone(len(group), engine.device, engine.network.packs):
         fold = group[0]
         callback = (lambda m: on_epoch(fold, m)) if on_epoch is not None else None

@@ -55,7 +55,7 @@ def training_numerics(engine: Engine, config: TrainConfig, pack: int) -> dict:
         "pack": pack,
         "compile": engine.compile,
         "channels_last": engine.channels_last,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
     }
 
 

@@ -136,6 +136,7 @@ def train_pack(
     checkpoints: list[str | os.PathLike | None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     packs: Packs | None = None,
+    numerics: dict | None = None,
 ) -> list[FoldResult]:
     """Train ``len(folds)`` (lambda, fold) pairs at once as one packed network; what
     :func:`train_fold` does for each, with the same results to float rounding.
@@ -157,11 +158,11 @@ def train_pack(
         engine = packs.engine
     with cpu_threads(config):
         return _train_pack(data, folds, e_lambdas, config, seeds, model, attention, shortcut, engine, callback,
-                           checkpoints, should_stop, packs)
+                           checkpoints, should_stop, packs, numerics)
 
 
 def _train_pack(data, folds, e_lambdas, config, seeds, model, attention, shortcut, engine, callback, checkpoints,
-                should_stop, packs) -> list[FoldResult]:
+                should_stop, packs, numerics=None) -> list[FoldResult]:
     n = len(folds)
     if n < 1 or len(e_lambdas) != n or len(seeds) != n or (checkpoints is not None and len(checkpoints) != n):
         raise ValueError(f"train_pack needs one lambda, seed (and checkpoint) per fold; got {n} folds, "
@@ -185,7 +186,8 @@ def _train_pack(data, folds, e_lambdas, config, seeds, model, attention, shortcu
         run = FoldRun(fold, lam, seed, config, path=path, key=key, device=device, index_device=data.images.device,
                       tracked=tracked, slot=i, weights=partial(_slot_weights, pack, i),
                       evaluate=partial(_slot_evaluate, pack, i, data),
-                      callback=partial(callback, i) if callback is not None else None, should_stop=should_stop)
+                      callback=partial(callback, i) if callback is not None else None, should_stop=should_stop,
+                      numerics=numerics)
         payload = run.resume()
         if payload is None:
             pack.load(i, engine.fresh(seed).state_dict(), None, lam)

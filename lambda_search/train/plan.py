@@ -9,7 +9,6 @@ is stored. No Optuna here: the store and search layers keep what this layer comp
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -250,14 +249,13 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
             continue
         paths = [folder / f"{f.name}.pt" if folder is not None else None for f in group]
         numerics = training_numerics(engine, plan.train, len(group))
-        trained_under = [resumed_numerics(path, numerics) for path in paths]
         results = train_group(plan.data, group, point.e_lambda, plan.train, seeds=[plan.train_seed(f) for f in group],
                               model=model.name, attention=point.attention, shortcut=model.shortcut,
                               engine=engine, checkpoints=paths, on_epoch=on_epoch, should_stop=should_stop,
-                              packs=packs)
-        for fold, result, under in zip(group, results, trained_under):  # finished folds kept, also when others stopped
+                              packs=packs, numerics=numerics)
+        for fold, result in zip(group, results):  # finished folds are kept, also when others stopped
             if result.status != "stopped":
-                records[fold.name] = fold_record(result, under, len(fold.val))
+                records[fold.name] = fold_record(result, trained_under(result, numerics), len(fold.val))
                 if on_fold is not None:
                     on_fold(fold, records[fold.name], records)
         for fold, result in zip(group, results):
@@ -270,32 +268,12 @@ def run_point(plan: Plan, point: Point, done: dict[str, dict] | None = None, *,
     return PointOutcome("completed", records, summary=summarize(accuracies))
 
 
-def resumed_numerics(path: Path | None, numerics: dict) -> dict:
-    """What a fold about to train from its checkpoint ``path`` (where there is one) is trained
-    under: ``numerics``, or ``{"resumed_under": [...]}`` where the checkpoint was made under
-    other numerics (a task requeued onto another kind of device, another thread count: the
-    fold is then reported as trained under mixed numerics). The numerics a checkpoint was
-    made under lie beside it, written before it trains on."""
-    if path is None:
-        return numerics
-    beside = path.with_name(path.name + ".numerics")
-    history = []
-    if path.exists():
-        try:
-            history = json.loads(beside.read_text())
-        except (OSError, ValueError):
-            history = []
-    if not history or history[-1] != numerics:
-        history.append(numerics)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = beside.with_name(f".{beside.name}.{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(history))
-            os.replace(tmp, beside)
-        except BaseException:  # (a full disk: no partial file left)
-            tmp.unlink(missing_ok=True)
-            raise
-    return history[0] if len(history) == 1 else {"resumed_under": history}
+def trained_under(result: FoldResult, numerics: dict) -> dict:
+    """A fold record's numerics: ``numerics``, or ``{"resumed_under": [...]}`` where the fold
+    resumed from a checkpoint made under other numerics (a task requeued onto another kind of
+    device, say: the study then reports mixed numerics)."""
+    under = result.trained_under or [numerics]
+    return under[0] if len(under) == 1 else {"resumed_under": under}
 
 
 def _diverged(fold: str, record: dict) -> str:

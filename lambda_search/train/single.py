@@ -59,6 +59,7 @@ def train_fold(
     callback: Callable[[EpochMetrics], bool | None] | None = None,
     checkpoint: str | os.PathLike | None = None,
     should_stop: Callable[[], bool] | None = None,
+    numerics: dict | None = None,
 ) -> FoldResult:
     """Train ``model`` with SimAM(``e_lambda``) (or without, ``attention="none"``) on
     ``fold.train`` and evaluate the final model on ``fold.val``.
@@ -72,7 +73,8 @@ def train_fold(
     ``config.checkpoint_every_seconds`` seconds, and a call finds it and resumes: the result
     equals an uninterrupted run's on the CPU. ``should_stop()`` is asked after every step
     (a signal handler's flag, say): when it answers True the fold saves its checkpoint at that
-    step and returns "stopped".
+    step and returns "stopped". ``numerics``: what it trains under (kept in its checkpoint;
+    the result's ``trained_under`` lists each, where a resumed run trained under others).
 
     Example, one fold of the bundled digits (about 10 s on 2 CPU cores)::
 
@@ -84,7 +86,7 @@ def train_fold(
     """
     with cpu_threads(config):
         return _train_fold(data, fold, e_lambda, config, model, attention, shortcut, seed, engine, callback,
-                           checkpoint, should_stop)
+                           checkpoint, should_stop, numerics)
 
 
 @contextlib.contextmanager
@@ -103,7 +105,7 @@ def seeded_step(engine, seed: int, iteration: int):
 
 
 def _train_fold(data, fold, e_lambda, config, model, attention, shortcut, seed, engine, callback, checkpoint,
-                should_stop) -> FoldResult:
+                should_stop, numerics=None) -> FoldResult:
     e_lambda = checked_lambda(e_lambda, attention)
     engine = engine_for(engine, data, config, model, attention, shortcut)
     device = engine.device
@@ -120,7 +122,7 @@ def _train_fold(data, fold, e_lambda, config, model, attention, shortcut, seed, 
     run = FoldRun(fold, e_lambda, seed, config, path=path, key=key, device=device, index_device=data.images.device,
                   tracked=trackers(1, device), slot=0, weights=lambda run: (net.state_dict(), optimizer.state_dict()),
                   evaluate=lambda run: _evaluate(engine, data, run.val_index, config.eval_batch_size),
-                  callback=callback, should_stop=should_stop)
+                  callback=callback, should_stop=should_stop, numerics=numerics)
     payload = run.resume()
     if payload is not None:
         net.load_state_dict(payload["model"])
