@@ -16,7 +16,7 @@ from lambda_search.config import ConfigError
 from lambda_search.points import mixed_folds, numerics_label
 from lambda_search.report.tables import status_table
 from lambda_search.search.slurm import SlurmJob, check_shared, file_system, job_script, requeue_task
-from lambda_search.search.submit import _worker_overrides
+from lambda_search.search.submit import _idle_tasks, _worker_overrides
 from lambda_search.store.claims import holder
 from lambda_search.train.plan import make_plan, run_point, trained_under
 
@@ -221,6 +221,8 @@ def test_a_worker_warned_by_slurm_checkpoints_and_requeues_its_task(tmp_path, ti
     from lambda_search.search.study import prepare_search
 
     prepare_search(config)
+    assert _idle_tasks(store_url, ["warned"], 1) is None
+    assert "3 tasks for 1 unfinished point of study 'warned': 2 will wait" in _idle_tasks(store_url, ["warned"], 3)
     calls = tmp_path / "calls"
     (tmp_path / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
     (tmp_path / "scontrol").chmod(0o755)

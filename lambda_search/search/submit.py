@@ -18,7 +18,8 @@ import torch
 from ..config import Config, ConfigError
 from ..configfile import IDENTITY_EXEMPT, parse_override
 from ..store.failures import failures, password_free
-from ..store.status import check_search_name
+from ..store.status import check_search_name, study_status
+from ..store.storage import open_store
 from ..train.numerics import device_kind
 from .evaluate import plan_evaluation
 from .slurm import SlurmError, SlurmJob, check_shared, job_script, sbatch
@@ -79,12 +80,28 @@ def _submit(job: SlurmJob, url: str, studies: list[str], what: str, config: Conf
         raise ConfigError(f"--logs {done.logs!r}: cannot make the folder ({exc.strerror or exc})") from None
     with failures():
         make()
+        idle = _idle_tasks(url, studies, job.tasks)
+    if idle:
+        log(idle)
     try:
         done.job_id = sbatch(script, url)
     except SlurmError as exc:
         raise SlurmError(f"{exc} (the study is made: submit again once that is mended)") from None
     log(f"submitted job {done.job_id}: {job.tasks} worker{'s' if job.tasks > 1 else ''} of {what}")
     return done
+
+
+def _idle_tasks(url: str, studies: list[str], tasks: int) -> str | None:
+    """A line where more tasks are asked for than the first study has unfinished points: a task
+    with nothing to claim waits for the study's last points (to take one over should its task
+    die) before it moves on."""
+    store = open_store(url)
+    points = study_status(store, studies[0]).points
+    pending = sum(p.state not in ("complete", "diverged") for p in points)
+    if tasks <= pending:
+        return None
+    return (f"note: {tasks} tasks for {pending} unfinished point{'s' if pending != 1 else ''} of study {studies[0]!r}: "
+            f"{tasks - pending} will wait for the others (to take over a point should its task die)")
 
 
 def submit_search(config: Config, job: SlurmJob, *, print_only: bool = False, log=print) -> Submission:
