@@ -15,8 +15,16 @@ from lambda_search.cli import main
 from lambda_search.config import ConfigError
 from lambda_search.points import mixed_folds, numerics_label
 from lambda_search.report.tables import status_table
-from lambda_search.search.slurm import SlurmJob, check_shared, file_system, job_script, requeue_task
-from lambda_search.search.submit import _idle_tasks, _worker_overrides
+from lambda_search.search.slurm import (
+    SlurmError,
+    SlurmJob,
+    check_shared,
+    file_system,
+    job_script,
+    requeue_task,
+    sbatch,
+)
+from lambda_search.search.submit import _left, _worker_overrides
 from lambda_search.store.claims import holder
 from lambda_search.train.plan import make_plan, run_point, trained_under
 
@@ -64,6 +72,8 @@ def test_the_file_system_of_a_path_is_its_longest_mount(mounts):
     ("postgresql://u:pw@127.0.0.1:5432/x", "/home/u/c", None, "own server (127.0.0.1)"),
     ("postgresql:///x?host=/var/run/postgresql", "/home/u/c", None, "own server (/var/run/postgresql)"),
     ("postgresql://u:pw@localhost/x", "/tmp/c", "n1", None),
+    ("postgresql://u:pw@LOCALHOST/x", "/home/u/c", None, "own server (localhost)"),
+    ("postgresql://u:pw@%2Fvar%2Frun%2Fpostgresql/x", "/home/u/c", None, "own server (/var/run/postgresql)"),
 ])
 def test_what_tasks_on_many_nodes_can_share(mounts, url, folder, node, refused):
     if refused is None:
@@ -73,6 +83,47 @@ def test_what_tasks_on_many_nodes_can_share(mounts, url, folder, node, refused):
             check_shared(url, {"study.checkpoint_dir": folder}, node, mounts)
         assert refused in str(exc.value)
         assert "--node NAME" in str(exc.value) and "pw" not in str(exc.value)
+
+
+def test_a_server_named_by_pghost_is_the_tasks_too(mounts, monkeypatch):
+    monkeypatch.setenv("PGHOST", "db.cluster")  # (sbatch hands it to the tasks)
+    check_shared("postgresql://u@/x", {"study.checkpoint_dir": "/home/u/c"}, None, mounts)
+    monkeypatch.setenv("PGHOST", "localhost")
+    with pytest.raises(ConfigError, match="own server"):
+        check_shared("postgresql://u@/x", {"study.checkpoint_dir": "/home/u/c"}, None, mounts)
+
+
+def test_sbatch_that_hangs_is_one_line(monkeypatch, tmp_path):
+    (tmp_path / "sbatch").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+
+    def hang(args, **kwargs):
+        raise subprocess.TimeoutExpired(args, kwargs.get("timeout"))
+
+    monkeypatch.setattr(subprocess, "run", hang)
+    with pytest.raises(SlurmError, match="sbatch gave no answer in 120 s"):
+        sbatch("#!/bin/bash\n", "journal:/x", test_only=True)
+
+
+def test_a_finished_study_is_not_submitted(tmp_path, tiny_config, capsys, monkeypatch):
+    calls = tmp_path / "calls"
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "sbatch").write_text(f"#!/bin/sh\necho \"$1\" >> {calls}\necho 4242\n")
+    (tmp_path / "bin" / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    path = tiny_config(tmp_path, lambdas="[1e-2]", samples=36, epochs=1)
+    assert main(["search", str(path)]) == 0
+    capsys.readouterr()
+    url = f"sqlite:///{tmp_path}/tiny.db"
+    args = ["submit", "resume", "--storage", url, "--study", "tiny", "--tasks", "2", "--node", "n1",
+            "--logs", str(tmp_path / "logs"), "--set", "study.storage='postgresql://me:s3cret@db/ls'"]
+    assert main([*args, "--print"]) == 0
+    assert "s3cret" not in capsys.readouterr().out  # (the storage given to --set reaches no worker line)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "nothing to submit: 'tiny' finished" in out and "submitted" not in out
+    assert calls.read_text() == "--test-only\n"  # Slurm checked the job; nothing was submitted
 
 
 def test_a_journal_is_judged_where_its_link_leads(tmp_path):
@@ -101,10 +152,9 @@ def test_no_password_form_reaches_the_script(url, shown, tmp_path):
 def test_an_evaluations_workers_keep_each_final_studys_own_folders():
     given = ["study.checkpoint_dir=/x", "data.root=/c10", "data.dataset=cifar10", 'train.device="cuda"',
              "study.storage=/y"]
-    assert _worker_overrides(given, stored=("study.checkpoint_dir", "data")) == ['train.device="cuda"',
-                                                                                  "study.storage=/y"]
-    assert _worker_overrides(given) == ["study.checkpoint_dir=/x", "data.root=/c10", 'train.device="cuda"',
-                                        "study.storage=/y"]
+    assert _worker_overrides(given, stored=("study.checkpoint_dir", "data")) == ['train.device="cuda"']
+    # (never the storage: the script names it, without its password)
+    assert _worker_overrides(given) == ["study.checkpoint_dir=/x", "data.root=/c10", 'train.device="cuda"']
 
 
 def test_submit_says_sbatch_is_missing_in_one_line_and_stores_nothing(tmp_path, tiny_config, capsys, monkeypatch):
@@ -221,8 +271,7 @@ def test_a_worker_warned_by_slurm_checkpoints_and_requeues_its_task(tmp_path, ti
     from lambda_search.search.study import prepare_search
 
     prepare_search(config)
-    assert _idle_tasks(store_url, ["warned"], 1) is None
-    assert "3 tasks for 1 unfinished point of study 'warned': 2 will wait" in _idle_tasks(store_url, ["warned"], 3)
+    assert _left(store_url, ["warned"]) == ("warned", 1)
     calls = tmp_path / "calls"
     (tmp_path / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
     (tmp_path / "scontrol").chmod(0o755)
@@ -250,4 +299,4 @@ def test_a_worker_warned_by_slurm_checkpoints_and_requeues_its_task(tmp_path, ti
     assert point.folds[stopped.group(1)]["resumed_from_iteration"] == int(stopped.group(2)) > 0
     direct = run_point(make_plan(config), point.point)
     assert point.fold_accuracies == [direct.folds[n]["val_accuracy"] for n in point.fold_names]
-    assert not status.mixed_numerics
+    assert not status.mixed_numerics and _left(store_url, ["warned"]) is None

@@ -70,5 +70,7 @@ def run_submit(args: argparse.Namespace) -> int:
     if args.print_only:
         print(done.script, end="")
         return 0
+    if done.job_id is None:  # (every study finished)
+        return 0
     say("watch it:\n" + "\n".join(f"  {line}" for line in done.watch()))
     return 0

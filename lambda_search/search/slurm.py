@@ -22,6 +22,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 from ..config import ConfigError
 from ..store.failures import password_free
@@ -36,7 +37,7 @@ SHARED_FS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cephfs", "cep
 TIME = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2})$")
 MEM = re.compile(r"^\d+[KMGT]?$")
 PLAIN = re.compile(r"^[^\s#%\"'\\]+$")  # a directive's value: sbatch splits at spaces, cuts at '#', reads '%'
-LOCAL_HOSTS = ("", "localhost", "::1")
+LOCAL_HOSTS = ("", "localhost", "::1", "0.0.0.0")
 
 
 class SlurmError(ValueError):
@@ -189,8 +190,8 @@ def _check_server(url: str) -> None:
         parsed = make_url(url)
     except Exception:
         return  # (open_store says what is wrong with it)
-    host = parsed.host or parsed.query.get("host") or ""
-    host = host if isinstance(host, str) else host[0]
+    host = parsed.host or parsed.query.get("host") or os.environ.get("PGHOST") or ""  # (libpq's order; the tasks
+    host = unquote(host if isinstance(host, str) else host[0]).lower()                # get PGHOST from sbatch)
     if host in LOCAL_HOSTS or host.startswith(("127.", "/")):
         where = host or "a local socket"
         raise ConfigError(f"storage {password_free(url)!r} names this machine's own server ({where}): "
@@ -240,7 +241,12 @@ def _slurm(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     if shutil.which(args[0]) is None:
         raise SlurmError(f"{args[0]} not found: submit needs Slurm's commands (sbatch, scontrol) on this machine's "
                          "PATH; `--print` shows the script to submit elsewhere")
-    return subprocess.run(args, capture_output=True, text=True, **kwargs)
+    try:
+        return subprocess.run(args, capture_output=True, text=True, **kwargs)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{args[0]} gave no answer in {kwargs.get('timeout')} s (is slurmctld up?)") from None
+    except OSError as exc:
+        raise SlurmError(f"{args[0]} could not be run: {exc.strerror or exc}") from None
 
 
 def sbatch(script: str, url: str, test_only: bool = False) -> str:
@@ -271,7 +277,7 @@ def requeue_task(max_requeues: int, environ=None) -> str:
     try:
         result = _slurm(["scontrol", "requeue", task], timeout=60)  # (an array task's SLURM_JOB_ID may be the
         # array's own id, which names every task: requeue JOB_TASK)
-    except (SlurmError, subprocess.TimeoutExpired, OSError) as exc:
+    except SlurmError as exc:
         return f"slurm job {task} could not be requeued: {exc}"
     if result.returncode != 0:
         return f"slurm job {task} could not be requeued: {(result.stderr or result.stdout).strip()}"

@@ -9,6 +9,7 @@ chosen lambda), so that the tasks only join it, and the job is submitted.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,7 +43,7 @@ class Submission:
     notes: list[str] = field(default_factory=list)
 
     def watch(self) -> list[str]:
-        url = password_free(self.url)
+        url = shlex.quote(password_free(self.url))
         return [f"squeue -j {self.job_id}          # its tasks: pending, running, requeued",
                 f"lambda-search status --storage {url} --study {self.name}   # its points, who runs each",
                 f"scancel {self.job_id}            # stop every task (each saves its checkpoint first)",
@@ -59,16 +60,20 @@ def _check_device(config: Config) -> str | None:
 
 def _worker_overrides(overrides, stored=()) -> list[str]:
     """The --set each worker takes: those that change where and how fast it runs, but for the
-    keys in ``stored`` (each study made by submit holds its own)."""
-    return [o for o in overrides if ".".join(parse_override(o)[:2]) in IDENTITY_EXEMPT - set(stored)
-            and parse_override(o)[0] not in stored]
+    storage (the script names it, without its password) and the keys in ``stored`` (each study
+    made by submit holds its own)."""
+    kept = IDENTITY_EXEMPT - {"study.storage", *stored}
+    return [o for o in overrides if ".".join(parse_override(o)[:2]) in kept and parse_override(o)[0] not in stored]
 
 
 def _submit(job: SlurmJob, url: str, studies: list[str], what: str, config: Config, overrides,
-            make: Callable[[], None], print_only: bool, log) -> Submission:
-    """The steps every submission takes, in order: check that the tasks can share the study,
-    write the script, have Slurm check it, make the logs folder and the study, submit."""
-    check_shared(url, {"study.checkpoint_dir": config.study.checkpoint_dir, "--logs": job.logs}, job.node)
+            make: Callable[[], None], print_only: bool, log, folders=()) -> Submission:
+    """The steps every submission takes, in order: check that the tasks can share the study
+    (and ``folders``: more checkpoint folders), write the script, have Slurm check it, make
+    the logs folder and the study, submit (where anything is left to run)."""
+    shared = {"study.checkpoint_dir": config.study.checkpoint_dir, "--logs": job.logs}
+    shared.update({f"{name}'s checkpoint_dir": folder for name, folder in folders})
+    check_shared(url, shared, job.node)
     script = job_script(job, studies, url, what, overrides)
     done = Submission(script, studies, url, config.study.name, logs=str(Path(job.logs).expanduser().resolve()))
     if print_only:
@@ -80,9 +85,13 @@ def _submit(job: SlurmJob, url: str, studies: list[str], what: str, config: Conf
         raise ConfigError(f"--logs {done.logs!r}: cannot make the folder ({exc.strerror or exc})") from None
     with failures():
         make()
-        idle = _idle_tasks(url, studies, job.tasks)
-    if idle:
-        log(idle)
+        left = _left(url, studies)
+    if not left:
+        log(f"nothing to submit: {', '.join(repr(s) for s in studies)} finished")
+        return done
+    if job.tasks > left[1]:
+        log(f"note: {job.tasks} tasks for {left[1]} unfinished point{'s' if left[1] != 1 else ''} of study "
+            f"{left[0]!r}: {job.tasks - left[1]} will wait for the others (to take over a point should its task die)")
     try:
         done.job_id = sbatch(script, url)
     except SlurmError as exc:
@@ -91,17 +100,16 @@ def _submit(job: SlurmJob, url: str, studies: list[str], what: str, config: Conf
     return done
 
 
-def _idle_tasks(url: str, studies: list[str], tasks: int) -> str | None:
-    """A line where more tasks are asked for than the first study has unfinished points: a task
-    with nothing to claim waits for the study's last points (to take one over should its task
-    die) before it moves on."""
+def _left(url: str, studies: list[str]) -> tuple[str, int] | None:
+    """The first of ``studies`` not finished and its unfinished points (the tasks work through
+    them in turn; one with nothing to claim waits for the study's last points, to take one
+    over should its task die), or None where every one is finished."""
     store = open_store(url)
-    points = study_status(store, studies[0]).points
-    pending = sum(p.state not in ("complete", "diverged") for p in points)
-    if tasks <= pending:
-        return None
-    return (f"note: {tasks} tasks for {pending} unfinished point{'s' if pending != 1 else ''} of study {studies[0]!r}: "
-            f"{tasks - pending} will wait for the others (to take over a point should its task die)")
+    for name in studies:
+        pending = sum(p.state not in ("complete", "diverged") for p in study_status(store, name).points)
+        if pending:
+            return name, pending
+    return None
 
 
 def submit_search(config: Config, job: SlurmJob, *, print_only: bool = False, log=print) -> Submission:
@@ -149,4 +157,5 @@ def submit_evaluate(url: str, name: str, job: SlurmJob, *, seeds: int = 3, e_lam
             prepare_search(final, attrs=ev.chosen, device=_check_device(final))
 
     workers = _worker_overrides(overrides, stored=("study.checkpoint_dir", "data"))  # (each final study holds its own)
-    return _submit(job, url, ev.studies, f"study {name!r} (final evaluation)", config, workers, make, print_only, log)
+    return _submit(job, url, ev.studies, f"study {name!r} (final evaluation)", config, workers, make, print_only, log,
+                   folders=[(f.study.name, f.study.checkpoint_dir) for f in ev.finals])
