@@ -25,7 +25,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from ..config import ConfigError
-from ..store.failures import password_free
+from ..store.failures import password_free, server_url
 from ..store.storage import storage_file
 
 __all__ = ["SlurmJob", "SlurmError", "job_script", "check_shared", "sbatch", "requeue_task"]
@@ -102,9 +102,9 @@ class SlurmJob:
 
 def _seconds(time: str) -> int:
     """A Slurm time limit in seconds (MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)."""
-    days, _, rest = time.rpartition("-") if "-" in time else ("0", "", time)
+    days, _, rest = time.rpartition("-")
     parts = [int(p) for p in rest.split(":")]
-    if days != "0" or "-" in time:
+    if days:  # D-HH[:MM[:SS]]
         h, m, s = (parts + [0, 0])[:3]
         return int(days) * 86400 + h * 3600 + m * 60 + s
     if len(parts) == 1:
@@ -182,14 +182,9 @@ def file_system(path, mounts_file: str = "/proc/self/mounts") -> tuple[str, str,
 
 def _check_server(url: str) -> None:
     """Refuse a database server that only this machine reaches as named (localhost, a socket)."""
-    if not url.startswith("postgres"):
-        return
-    try:
-        from sqlalchemy.engine import make_url
-
-        parsed = make_url(url)
-    except Exception:
-        return  # (open_store says what is wrong with it)
+    parsed = server_url(url)
+    if parsed is None:
+        return  # (not PostgreSQL; or open_store says what is wrong with it)
     host = parsed.host or parsed.query.get("host") or os.environ.get("PGHOST") or ""  # (libpq's order; the tasks
     host = unquote(host if isinstance(host, str) else host[0]).lower()                # get PGHOST from sbatch)
     if host in LOCAL_HOSTS or host.startswith(("127.", "/")):

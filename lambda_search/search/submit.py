@@ -10,7 +10,7 @@ chosen lambda), so that the tasks only join it, and the job is submitted.
 from __future__ import annotations
 
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +40,6 @@ class Submission:
     name: str  # the study status reads (the search, for its final evaluations)
     job_id: str | None = None
     logs: str = ""
-    notes: list[str] = field(default_factory=list)
 
     def watch(self) -> list[str]:
         url = shlex.quote(password_free(self.url))

@@ -9,7 +9,8 @@ import contextlib
 import errno
 import re
 
-__all__ = ["StorageError", "StorageFailure", "DiskFull", "StorageLost", "failures", "redact", "password_free", "scrub"]
+__all__ = ["StorageError", "StorageFailure", "DiskFull", "StorageLost", "failures", "redact", "password_free",
+           "server_url", "scrub"]
 
 
 class StorageError(ValueError):
@@ -81,7 +82,7 @@ def failures():
         raise failure from exc
 
 
-def _server_url(text: str):
+def server_url(text: str):
     """``text`` parsed as SQLAlchemy parses a PostgreSQL URL (as the storage will read it),
     or None where it is not one."""
     if not re.match(r"^postgres(ql)?(\+\w+)?://", text):
@@ -97,7 +98,7 @@ def _server_url(text: str):
 def redact(url: str) -> str:
     """``url`` with any password (``USER:PASSWORD@``, or ``?password=``) replaced by ``***``."""
     text = str(url)
-    parsed = _server_url(text)
+    parsed = server_url(text)
     if parsed is not None and (parsed.password is not None or "password" in parsed.query):
         if "password" in parsed.query:
             parsed = parsed.update_query_dict({"password": "***"})
@@ -109,7 +110,7 @@ def password_free(url: str) -> str:
     """``url`` without its password (where another process takes it from its environment:
     PGPASSWORD, ~/.pgpass)."""
     text = str(url)
-    parsed = _server_url(text)
+    parsed = server_url(text)
     if parsed is None or (parsed.password is None and "password" not in parsed.query):
         return re.sub(r"(://[^/@:]*):[^@/]*@", r"\1@", text)
     return parsed._replace(password=None).difference_update_query(["password"]).render_as_string(hide_password=False)
